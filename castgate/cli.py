@@ -1,0 +1,216 @@
+"""The ``castgate`` command. Subcommands import their modules lazily so that
+``castgate verify`` does not pay for the relay or the console."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from recorder.errors import CastgateError
+
+if TYPE_CHECKING:
+    from recorder.config import Config
+    from recorder.store import Store
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CliError(CastgateError):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from castgate.initdir import init_dir
+
+    res = init_dir(Path(args.dir))
+    print(f"created {res.config_path}")
+    print(f"signing public key (give it to auditors): {res.public_key}")
+    print(f"relay SSH host key (for agents' known_hosts): {res.host_key_line}")
+    print(f"demo identity 'ci-agent' token (shown once, also in {res.token_file}):")
+    print(f"  {res.token}")
+    return 0
+
+
+def _cmd_rec(args: argparse.Namespace) -> int:
+    from castgate.rec import record_command
+    from castgate.runtime import load_runtime
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise CliError("rec: no command given (castgate rec -o FILE -- CMD...)")
+    rt = load_runtime(args.config)
+    try:
+        return record_command(rt, Path(args.output), cmd)
+    finally:
+        rt.close()
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from castgate.runtime import find_config
+    from castgate.verify import exit_code, verify_paths
+    from recorder.signing import PUBLIC_NAME, load_public
+
+    pinned = None
+    if args.key:
+        pinned = load_public(Path(args.key))
+    else:
+        cfg_path = find_config(args.config)
+        if cfg_path is not None:
+            from recorder.config import load_config
+
+            pub = load_config(cfg_path).keys_dir / PUBLIC_NAME
+            if pub.exists():
+                pinned = load_public(pub)
+    reports = verify_paths([Path(p) for p in args.files], pinned)
+    for r in reports:
+        print(r.line())
+    return exit_code(reports)
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from castgate.runtime import find_config
+    from recorder.config import load_config
+    from relay.server import run_relay
+
+    path = find_config(args.config)
+    if path is None:
+        raise CliError("relay: no config (castgate relay -c castgate.toml)")
+    return run_relay(load_config(path))
+
+
+def _store_for(args: argparse.Namespace) -> tuple[Config, Store]:
+    from castgate.runtime import find_config
+    from recorder.config import load_config
+    from recorder.store import Store
+
+    path = find_config(args.config)
+    if path is None:
+        raise CliError(f"{args.command}: no config (-c castgate.toml)")
+    cfg = load_config(path)
+    return cfg, Store.open(cfg.store_url())
+
+
+def _cmd_approvals(args: argparse.Namespace) -> int:
+    import json
+
+    _cfg, store = _store_for(args)
+    try:
+        rows = store.list_approvals(status=None if args.all else "pending")
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, default=str, indent=2))
+        return 0
+    if not rows:
+        print("no pending approvals" if not args.all else "no approvals")
+    for r in rows:
+        print(
+            f"#{r['id']:<5} {r['status']:<11} {r['identity']}@{r['target']}  "
+            f"rule {r['rule']}  expires {r['expires_at']:%H:%M:%S}  {r['command']}"
+        )
+    return 0
+
+
+def _approver(args: argparse.Namespace) -> str:
+    import os
+
+    who = args.as_identity or os.environ.get("CASTGATE_IDENTITY")
+    if not who:
+        raise CliError(f"{args.command}: name the deciding identity with --as or CASTGATE_IDENTITY")
+    return str(who)
+
+
+def _cmd_decide(args: argparse.Namespace) -> int:
+    from relay.approvals import decide
+
+    approve = args.command == "approve"
+    if not approve and not args.reason:
+        raise CliError("deny: --reason is required")
+    cfg, store = _store_for(args)
+    try:
+        row = decide(
+            cfg, store, args.id, approver=_approver(args), approve=approve, reason=args.reason
+        )
+    finally:
+        store.close()
+    print(f"approval #{row['id']}: {row['status']}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from castgate.demo import run_demo
+
+    return run_demo(Path(args.dir) if args.dir else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(
+        prog="castgate",
+        description="Access gateway that masks card data and records every session.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create a working directory with config, keys, identity")
+    s.add_argument("dir")
+    s.set_defaults(func=_cmd_init)
+
+    s = sub.add_parser("rec", help="record a local command in a PTY, masked")
+    s.add_argument("-o", "--output", required=True, help="cast file to create")
+    s.add_argument("-c", "--config", help="castgate.toml (default: ./castgate.toml if present)")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    s.set_defaults(func=_cmd_rec)
+
+    s = sub.add_parser(
+        "verify",
+        help="check casts: exit 0 intact, 1 tampered/truncated/unsealed, 2 unreadable",
+    )
+    s.add_argument("files", nargs="+", metavar="FILE|DIR")
+    s.add_argument("--key", help="relay public key (PEM) to pin the signature to")
+    s.add_argument("-c", "--config", help="take the relay public key from this config")
+    s.set_defaults(func=_cmd_verify)
+
+    s = sub.add_parser("relay", help="run the relay (SSH listener)")
+    s.add_argument("-c", "--config", help="castgate.toml (default: ./castgate.toml)")
+    s.set_defaults(func=_cmd_relay)
+
+    s = sub.add_parser("approvals", help="list pending approval requests")
+    s.add_argument("-c", "--config")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--all", action="store_true", help="decided ones too")
+    s.set_defaults(func=_cmd_approvals)
+
+    for name, text in (("approve", "approve a held command"), ("deny", "deny a held command")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("id", type=int)
+        s.add_argument("--reason", "-r")
+        s.add_argument("--as", dest="as_identity", help="deciding identity (CASTGATE_IDENTITY)")
+        s.add_argument("-c", "--config")
+        s.set_defaults(func=_cmd_decide)
+
+    s = sub.add_parser("demo", help="run the embedded default end to end")
+    s.add_argument("--dir", help="working directory (default: a new temporary one)")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a subcommand; known errors become one line on stderr."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.func
+    try:
+        return handler(args)
+    except (CastgateError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+        print(f"castgate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""The castgate configuration file (``castgate.toml``).
+
+One TOML file configures the relay, the recorder and the client commands; its shape is
+the contract in DESIGN.md. Unknown keys are errors: in a security gateway a misspelt
+``groups`` must not silently open a target to nobody or everybody.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from recorder.errors import CastgateError
+from recorder.masking import CustomPattern, MaskPolicy, PatternError, compile_check
+
+DEFAULT_CONFIG_NAME = "castgate.toml"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class ConfigError(CastgateError):
+    """A configuration problem, phrased as one line that names the file and the key."""
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Turn ``"10m"``, ``"30s"``, ``"250ms"`` or a number of seconds into seconds."""
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    m = _DURATION.match(value)
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. '30s', '10m', '1h')")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class ListenConfig(_Section):
+    ssh: str | None = "127.0.0.1:2222"
+    """host:port of the SSH listener (agents, Git, operators); empty to disable."""
+    postgres: str | None = "127.0.0.1:6432"
+    """host:port of the PostgreSQL wire listener; empty to disable."""
+    api: str | None = "127.0.0.1:8420"
+    """host:port of the HTTP control API; empty to disable."""
+
+
+class StoreConfig(_Section):
+    url: str = "sqlite:///data/castgate.db"
+    """Audit store: ``sqlite:///PATH`` (relative to the config file) or ``postgresql://...``."""
+
+
+class RecordingConfig(_Section):
+    fsync_interval: float = Field(default=1.0, gt=0)
+    """Seconds between fsyncs of open casts; a crash loses at most the events after it."""
+    on_failure: Literal["terminate", "continue"] = "terminate"
+    """What a session does when its recording cannot be written: fail closed or go on."""
+    input: Literal["none", "commands", "all"] = "commands"
+    """Which input is kept: none, the submitted command lines, or every keystroke."""
+
+
+class PatternConfig(_Section):
+    name: str = Field(min_length=1)
+    """Name used in masking counts and markers."""
+    regex: str = Field(min_length=1)
+    """RE2 syntax regular expression; every match is replaced by ``*`` of the same width."""
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            compile_check(v)
+        except PatternError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+class MaskingConfig(_Section):
+    detectors: list[Literal["pan", "track"]] = ["pan", "track"]
+    """Built-in detectors: ``pan`` (Luhn-valid 13-19 digits), ``track`` (track 1/2 data)."""
+    style: Literal["bin6-last4", "full"] = "bin6-last4"
+    """``bin6-last4`` keeps the first six and last four digits of a PAN; ``full`` none."""
+    patterns: list[PatternConfig] = []
+    """Custom secrets to mask, such as API keys."""
+    hold_deadline_ms: float = Field(default=20.0, ge=0, le=1000)
+    """How long output that could still become a match may be held back, in ms."""
+
+
+class OidcConfig(_Section):
+    issuer: str
+    """Expected ``iss`` claim of tokens."""
+    audience: str
+    """Expected ``aud`` claim of tokens."""
+    jwks: str
+    """``file:PATH`` (relative to the config file) or an https URL of the issuer's JWKS."""
+    groups_claim: str = "groups"
+    """Claim holding the list of groups."""
+    algorithms: list[str] = ["RS256", "ES256", "EdDSA"]
+    """Accepted signing algorithms; ``none`` and HMAC algorithms are never accepted."""
+    leeway: float = Field(default=30.0, ge=0, le=300)
+    """Clock skew allowed on ``exp`` and ``nbf``, in seconds."""
+
+
+class IdentityConfig(_Section):
+    name: str = Field(min_length=1)
+    """Unique identity name: the PostgreSQL user name and the name in audit records."""
+    groups: list[str] = []
+    """Groups that grant targets and roles."""
+    ssh_keys: list[str] = []
+    """OpenSSH public keys (``ssh-ed25519 AAAA... comment``) that authenticate this identity."""
+    token_sha256: str | None = None
+    """Hex SHA-256 of a static token; the token itself is never stored."""
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex64(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("must be 64 hex digits (sha256 of the token)")
+        return v.lower() if v else v
+
+
+class TargetConfig(_Section):
+    name: str = Field(min_length=1)
+    """Target name: the SSH user name or the PostgreSQL database name agents connect with."""
+    kind: Literal["ssh", "postgres"]
+    """Protocol of the target."""
+    address: str
+    """host:port of the target."""
+    user: str | None = None
+    """Account the relay logs in as on the target."""
+    key_file: str | None = None
+    """Private key for the SSH target (relative to the config file)."""
+    password_env: str | None = None
+    """Environment variable holding the target's password."""
+    host_key: str | None = None
+    """Pinned SSH host key of the target; a mismatch refuses the connection."""
+    database: str | None = None
+    """Database name on a PostgreSQL target."""
+    groups: list[str] = []
+    """Identities in any of these groups may use the target; none means nobody."""
+    mask_columns: list[str] = []
+    """``table.column`` names masked whatever their content (PostgreSQL)."""
+    allow_sftp: bool = False
+    """Let agents use the sftp/scp subsystem (recorded as metadata, not content)."""
+
+
+class RuleConfig(_Section):
+    name: str = Field(min_length=1)
+    """Rule name, quoted in refusals, markers and audit records."""
+    action: Literal["allow", "approve", "block"]
+    """What happens to a matching command."""
+    command: str | None = None
+    """Regex searched in SSH exec commands, shell lines and SQL text."""
+    sql: list[str] = []
+    """pglast node names (``DropdbStmt``, ``DeleteStmt:no-where``) found anywhere in a statement."""
+    targets: list[str] = []
+    """Limit the rule to these targets (empty: all)."""
+    groups: list[str] = []
+    """Limit the rule to identities in these groups (empty: all)."""
+    approvers: list[str] = []
+    """Groups whose members (with the approver role) may decide this rule's requests."""
+    min_approvals: int = Field(default=1, ge=1, le=10)
+    """Distinct approvers needed."""
+    timeout: Annotated[float, Field(ge=1)] = 600.0
+    """How long a request waits before it is denied (``"10m"``)."""
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("command")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regex: {exc}") from None
+        return v
+
+
+class Config(_Section):
+    """The whole configuration file."""
+
+    data_dir: str = "data"
+    """Directory of recordings/, keys/ and the SQLite store (relative to the config file)."""
+    listen: ListenConfig = ListenConfig()
+    store: StoreConfig = StoreConfig()
+    recording: RecordingConfig = RecordingConfig()
+    masking: MaskingConfig = MaskingConfig()
+    roles: dict[Literal["approver", "auditor", "admin"], list[str]] = {}
+    """API and operator roles, each a list of groups."""
+    oidc: OidcConfig | None = None
+    identities: list[IdentityConfig] = []
+    targets: list[TargetConfig] = []
+    rules: list[RuleConfig] = []
+    base_dir: Path = Path()
+    """Directory the relative paths are resolved against (set by the loader, not the file)."""
+
+    def resolve(self, path: str | Path) -> Path:
+        """Resolve a path from the file relative to the config file's directory."""
+        p = Path(path)
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def data_path(self) -> Path:
+        """Absolute data directory."""
+        return self.resolve(self.data_dir)
+
+    @property
+    def recordings_dir(self) -> Path:
+        """Where casts and their sidecars are written."""
+        return self.data_path / "recordings"
+
+    @property
+    def keys_dir(self) -> Path:
+        """Where the relay's signing and host keys live."""
+        return self.data_path / "keys"
+
+    def store_url(self) -> str:
+        """The store URL with a relative SQLite path resolved against the config file."""
+        url = self.store.url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/"):
+            return prefix + str(self.resolve(url[len(prefix) :]))
+        return url
+
+
+def _format_location(loc: tuple[int | str, ...], raw: dict[str, Any]) -> str:
+    parts: list[str] = []
+    node: Any = raw
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
+                name = node[item].get("name")
+                if isinstance(name, str):
+                    label = f"[{item}] ({name})"
+            parts.append(label)
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+        else:
+            parts.append(("." if parts else "") + item)
+            node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "(top level)"
+
+
+def parse_config(text: str, path: Path | None = None) -> Config:
+    """Parse and validate config text; errors are ConfigError naming the file and key."""
+    where = str(path) if path else "<config>"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    raw.pop("base_dir", None)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        key = _format_location(tuple(first["loc"]), raw)
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"{where}: {key}: {msg}{more}") from None
+    _check_unique(cfg, where)
+    base = path.resolve().parent if path else Path.cwd()
+    return cfg.model_copy(update={"base_dir": base})
+
+
+def _check_unique(cfg: Config, where: str) -> None:
+    for kind, items in (("identities", cfg.identities), ("targets", cfg.targets)):
+        seen: set[str] = set()
+        for item in items:
+            if item.name in seen:
+                raise ConfigError(f"{where}: {kind}: duplicate name {item.name!r}")
+            seen.add(item.name)
+    if any(t.name == "castgate" for t in cfg.targets):
+        raise ConfigError(f"{where}: targets: 'castgate' is reserved for operators")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{p}: no such config file (create one with 'castgate init DIR')"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc}") from None
+    return parse_config(text, p)
+
+
+def mask_policy(cfg: Config) -> MaskPolicy:
+    """The masking policy a config describes."""
+    return MaskPolicy(
+        detectors=tuple(cfg.masking.detectors),
+        style=cfg.masking.style,
+        patterns=tuple(CustomPattern(p.name, p.regex) for p in cfg.masking.patterns),
+    )

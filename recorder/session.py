@@ -1,0 +1,138 @@
+"""One recorded session: masks the output stream once, releases the same masked bytes to
+the client and to the cast, and keeps input per ``recording.input``.
+
+No I/O of its own beyond the CastWriter, and no clock beyond the writer's: the caller's
+event loop calls ``flush_output`` once ``hold_deadline`` has passed while ``pending``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from recorder.masking import Masker, StreamMasker
+from recorder.recording import CastWriter
+
+_ERASE = (0x7F, 0x08)
+_NEWLINES = (0x0D, 0x0A)
+HIDDEN_MARKER = "input hidden (terminal echo off)"
+
+
+class SessionRecorder:
+    """Masking and recording for one session.
+
+    Args:
+        writer: the session's cast.
+        masker: compiled masking policy shared by all sessions.
+        input_mode: ``none``, ``commands`` (submitted lines) or ``all`` (keystrokes).
+        hold_deadline: seconds a possible match may be held back.
+        on_output: called with every masked output chunk (live fan-out).
+    """
+
+    def __init__(
+        self,
+        writer: CastWriter,
+        masker: Masker,
+        *,
+        input_mode: str = "commands",
+        hold_deadline: float = 0.020,
+        on_output: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.writer = writer
+        self.masker = masker
+        self.input_mode = input_mode
+        self._streams = {"out": masker.stream(hold_deadline), "err": masker.stream(hold_deadline)}
+        self._in: StreamMasker = masker.stream(hold_deadline)
+        self.hold_deadline = hold_deadline
+        self._line = bytearray()
+        self._hidden = False
+        self._on_output = on_output
+        self.input_counts: Counter[str] = Counter()
+
+    def pending(self, stream: str = "out") -> bool:
+        """True while output of ``stream`` is held back for more bytes or the deadline."""
+        return self._streams[stream].pending > 0
+
+    @property
+    def counts(self) -> Counter[str]:
+        """What was masked, per detector, in output and recorded input."""
+        total = self._in.counts + self.input_counts
+        for s in self._streams.values():
+            total += s.counts
+        return total
+
+    def _emit(self, masked: bytes) -> bytes:
+        if masked:
+            self.writer.output(masked)
+            if self._on_output is not None:
+                self._on_output(masked)
+        return masked
+
+    def output(self, data: bytes, stream: str = "out") -> bytes:
+        """Mask an output chunk of ``stream`` (``out`` or ``err``), record it, and
+        return what to send to the client now."""
+        return self._emit(self._streams[stream].feed(data))
+
+    def flush_output(self, stream: str = "out") -> bytes:
+        """Release held output of ``stream`` (deadline passed or stream ended)."""
+        return self._emit(self._streams[stream].flush())
+
+    def input(self, data: bytes, *, echo: bool = True) -> None:
+        """Keep input per the input mode. ``echo`` false means the terminal is not
+        echoing (a password prompt): such input is never kept, only a marker."""
+        if self.input_mode == "none" or not data:
+            return
+        if not echo:
+            if not self._hidden:
+                self._hidden = True
+                self.writer.marker(HIDDEN_MARKER)
+            self._line.clear()
+            return
+        self._hidden = False
+        if self.input_mode == "all":
+            masked = self._in.feed(data)
+            if masked:
+                self.writer.input(masked)
+            return
+        for byte in data:
+            if byte in _NEWLINES:
+                if self._line:
+                    self.command_line(bytes(self._line).decode("utf-8", "replace"))
+                    self._line.clear()
+            elif byte in _ERASE:
+                if self._line:
+                    self._line.pop()
+            elif byte == 0x15:  # ^U kills the line
+                self._line.clear()
+            elif byte >= 0x20 or byte == 0x09:
+                self._line.append(byte)
+
+    def command_line(self, line: str) -> str:
+        """Record a submitted command line (masked); returns the masked text."""
+        masked = self.masker.mask(line, self.input_counts)
+        if self.input_mode != "none":
+            self.writer.input(masked + "\n")
+        return masked
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Record a terminal size change."""
+        self.writer.resize(cols, rows)
+
+    def marker(self, text: str) -> None:
+        """Record a policy marker (masked: it may quote a command)."""
+        self.writer.marker(self.masker.mask(text, self.input_counts))
+
+    def close(self, reason: str = "closed", extra: dict[str, Any] | None = None) -> bytes:
+        """Flush held output and input, seal the cast; returns the last stdout bytes
+        (flush ``err`` first if it must reach the client separately)."""
+        self.flush_output("err")
+        tail = self.flush_output()
+        rest = self._in.flush()
+        if rest and self.input_mode == "all":
+            self.writer.input(rest)
+        info = {"masking_counts": dict(self.counts)}
+        if extra:
+            info.update(extra)
+        self.manifest = self.writer.close(reason, info)
+        return tail

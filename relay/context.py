@@ -1,0 +1,111 @@
+"""What every listener of one relay process shares: config, policy, identities, the
+store, the masker and the signing key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from recorder.config import Config, mask_policy
+from recorder.masking import Masker
+from recorder.signing import SigningKey
+from recorder.store import Store
+from relay.identity import Authenticator
+from relay.policy import Policy
+
+log = logging.getLogger("castgate.relay")
+
+
+def new_session_id() -> str:
+    """Time-sortable, unguessable session id."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class RelayContext:
+    """Shared state of one relay process."""
+
+    cfg: Config
+    store: Store
+    signing_key: SigningKey
+    policy: Policy = field(init=False)
+    auth: Authenticator = field(init=False)
+    masker: Masker = field(init=False)
+    node: str = field(default_factory=socket.gethostname)
+    live: dict[str, Any] = field(default_factory=dict)
+    _pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.policy = Policy(self.cfg)
+        self.auth = Authenticator(self.cfg)
+        self.masker = Masker(mask_policy(self.cfg))
+
+    @property
+    def hold_deadline(self) -> float:
+        """Seconds output that could still become a match may be held."""
+        return self.cfg.masking.hold_deadline_ms / 1000
+
+    def emit(
+        self,
+        kind: str,
+        actor: str | None,
+        outcome: str,
+        origin: str | None,
+        resource: str | None,
+        detail: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        """``event`` from synchronous callbacks: the task is kept until it finishes, and
+        ``drain`` waits for all of them at shutdown, so no audit event is dropped."""
+        task = asyncio.ensure_future(
+            self.event(kind, actor, outcome, origin, resource, detail, session_id)
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        """Wait for audit events still being written."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    async def event(
+        self,
+        kind: str,
+        actor: str | None,
+        outcome: str,
+        origin: str | None,
+        resource: str | None,
+        detail: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        """Write an audit event (PCI DSS 10.2.2 fields) and log it; a store failure is
+        logged, never raised into the session."""
+        log.info(
+            kind,
+            extra={
+                "actor": actor,
+                "outcome": outcome,
+                "origin": origin,
+                "resource": resource,
+                "session": session_id,
+                **(detail or {}),
+            },
+        )
+        try:
+            await asyncio.to_thread(
+                self.store.add_event,
+                kind,
+                actor,
+                outcome,
+                origin,
+                resource,
+                detail,
+                session_id=session_id,
+            )
+        except Exception:
+            log.exception("store.write_failed", extra={"kind": kind})

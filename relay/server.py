@@ -1,0 +1,108 @@
+"""``castgate relay``: one asyncio process serving the SSH listener (PostgreSQL and the
+HTTP API join it on the same loop). SIGTERM or SIGINT: stop accepting, end open sessions
+cleanly, seal their casts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncssh
+
+from recorder.config import Config, ConfigError
+from recorder.signing import SigningKey
+from recorder.store import Store
+from relay.context import RelayContext
+from relay.ssh_relay import ENCRYPTION, RelayServer
+
+log = logging.getLogger("castgate.relay")
+
+HOST_KEY_NAME = "ssh_host_ed25519"
+
+
+def load_or_create_host_key(keys_dir: Path) -> asyncssh.SSHKey:
+    """The relay's SSH host key, generated on first use (mode 0600)."""
+    path = keys_dir / HOST_KEY_NAME
+    if not path.exists():
+        keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key.export_private_key())
+        (keys_dir / f"{HOST_KEY_NAME}.pub").write_bytes(key.export_public_key())
+        return key
+    return asyncssh.read_private_key(str(path))
+
+
+def split_address(value: str, what: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) to a tuple; ConfigError naming the key."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"listen.{what}: expected host:port, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an explicit ':port'
+
+
+async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None = None) -> None:
+    """Run the relay until SIGTERM/SIGINT."""
+    store = await asyncio.to_thread(Store.open, cfg.store_url())
+    cfg.recordings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ctx = RelayContext(cfg, store, SigningKey.load_or_create(cfg.keys_dir))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    listening: dict[str, str] = {}
+    ssh_server: asyncssh.SSHAcceptor | None = None
+    try:
+        if cfg.listen.ssh:
+            host, port = split_address(cfg.listen.ssh, "ssh")
+            ssh_server = await asyncssh.create_server(
+                lambda: RelayServer(ctx),
+                host,
+                port,
+                server_host_keys=[load_or_create_host_key(cfg.keys_dir)],
+                encoding=None,
+                line_editor=False,
+                encryption_algs=ENCRYPTION,
+                x11_forwarding=False,
+                agent_forwarding=False,
+                allow_pty=True,
+                login_timeout=30,
+                keepalive_interval=30,
+            )
+            sock = ssh_server.sockets[0].getsockname()
+            listening["ssh"] = f"{sock[0]}:{sock[1]}"
+        await ctx.event("relay.start", None, "success", ctx.node, "relay", {"listen": listening})
+        log.info("relay.listening", extra=listening)
+        if ready is not None:
+            ready(listening)
+        await stop.wait()
+    finally:
+        log.info("relay.stopping", extra={"live_sessions": len(ctx.live)})
+        if ssh_server is not None:
+            ssh_server.close()
+        for session in list(ctx.live.values()):
+            with contextlib.suppress(Exception):
+                await session.close("relay shutdown")
+        if ssh_server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ssh_server.wait_closed(), 5)
+        await ctx.drain()
+        await ctx.event("relay.stop", None, "success", ctx.node, "relay", None)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        store.close()
+
+
+def run_relay(cfg: Config) -> int:
+    """Blocking entry point for the CLI."""
+    from relay.log import setup_logging
+
+    setup_logging()
+    asyncio.run(serve(cfg))
+    return 0

@@ -1,0 +1,955 @@
+"""The SSH relay: agents connect with ``ssh TARGET@relay``; the relay authenticates
+them, checks the target's groups, applies the command policy, connects to the target
+with the target's own credential and moves bytes both ways, masking and recording
+what comes back.
+
+asyncssh's callback API on both hops (no stream layer) with flow control passed through:
+when the agent's channel fills, the relay stops reading from the target, and the other
+way round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncssh
+from asyncssh.auth import KbdIntChallenge, KbdIntResponse
+from asyncssh.misc import TermModes, TermSize
+
+from recorder.config import TargetConfig
+from recorder.recording import CastWriter, RecordingError
+from recorder.session import SessionRecorder
+from relay.approvals import Outcome, wait_for_approval
+from relay.context import RelayContext, new_session_id
+from relay.identity import AuthError, Identity
+from relay.policy import Decision
+from relay.shell_line import ShellLine, TypedLine
+
+log = logging.getLogger("castgate.ssh")
+
+# Fast ciphers first: AES-GCM runs on AES-NI through cryptography on both hops.
+ENCRYPTION = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+]
+# Pack data and file transfers: passed through byte for byte, recorded as metadata.
+_BINARY = re.compile(r"^\s*(git[ -](upload-pack|receive-pack|upload-archive)|scp )")
+_GIT = re.compile(r"^\s*git[ -]")
+ENV_ALLOW = re.compile(r"^(LANG|LC_[A-Z]+|GIT_PROTOCOL|TZ)$")
+_SUBMIT = re.compile(rb"[\r\n]")
+_ECHO_QUIET = 0.03
+_ECHO_MAX = 0.5
+
+
+class _Upstream(asyncssh.SSHClientSession[bytes]):
+    """The target side of one session: hands everything to the RelaySession."""
+
+    def __init__(self, owner: RelaySession) -> None:
+        self.owner = owner
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.owner.from_target(data, datatype)
+
+    def eof_received(self) -> bool:
+        self.owner.target_eof()
+        return True
+
+    def exit_status_received(self, status: int) -> None:
+        self.owner.exit_status = status
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.owner.exit_signal = (signal, core_dumped, msg, lang)
+
+    def pause_writing(self) -> None:
+        self.owner.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.owner.chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.target_closed(exc)
+
+
+class RelayServer(asyncssh.SSHServer):
+    """One agent connection: authentication and session admission."""
+
+    def __init__(self, ctx: RelayContext) -> None:
+        self.ctx = ctx
+        self.identity: Identity | None = None
+        self._last_ok: Identity | None = None
+        self.target_name = ""
+        self.peer = "?"
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
+
+    # -- connection and authentication -------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._upstream is not None:
+            task = self._upstream
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().close()
+            else:
+                task.cancel()
+
+    def begin_auth(self, username: str) -> bool:
+        self.target_name = username
+        return True
+
+    def _failed(self, method: str, reason: str, who: str | None = None) -> None:
+        self.ctx.emit(
+            "auth",
+            who,
+            "failure",
+            self.peer,
+            f"ssh:{self.target_name}",
+            {"method": method, "reason": reason},
+        )
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        ident = self.ctx.auth.by_public_key(key)
+        if ident is None:
+            self._failed("publickey", f"unknown key {key.get_fingerprint()}")
+            return False
+        self._last_ok = ident
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        return await self._token(password, "password")
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> KbdIntChallenge:
+        return ("castgate", "Give your castgate token.", "", [("Token: ", False)])
+
+    async def validate_kbdint_response(self, username: str, responses: KbdIntResponse) -> bool:
+        return len(responses) == 1 and await self._token(responses[0], "keyboard-interactive")
+
+    async def _token(self, secret: str, method: str) -> bool:
+        try:
+            # A JWKS fetched over HTTPS may block: keep it off the event loop.
+            ident = await asyncio.to_thread(self.ctx.auth.by_token, secret)
+        except AuthError as exc:
+            self._failed(method, str(exc))
+            return False
+        self._last_ok = ident
+        return True
+
+    def auth_completed(self) -> None:
+        self.identity = self._last_ok
+        ident = self.identity
+        assert ident is not None
+        self.ctx.emit(
+            "auth",
+            ident.name,
+            "success",
+            self.peer,
+            f"ssh:{self.target_name}",
+            {"method": ident.method, "groups": list(ident.groups)},
+        )
+
+    # -- admission ---------------------------------------------------------------
+
+    def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
+        ident = self.identity
+        assert ident is not None
+        target = self.ctx.policy.target(self.target_name)
+        reason = None
+        if target is None or target.kind != "ssh":
+            reason = f"no SSH target named {self.target_name!r}"
+        elif not self.ctx.policy.can_access(ident.groups, target):
+            reason = f"identity {ident.name} is not in any group of target {target.name}"
+        if reason is not None or target is None:
+            self.ctx.emit(
+                "access",
+                ident.name,
+                "failure",
+                self.peer,
+                f"ssh:{self.target_name}",
+                {"reason": reason},
+            )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"castgate: {reason}"
+            )
+        return RelaySession(self.ctx, self, ident, target)
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool:
+        who = self.identity.name if self.identity else None
+        self._refuse_forward(who, f"direct-tcpip to {dest_host}:{dest_port}")
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+            "castgate: port forwarding is not allowed through this relay",
+        )
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        who = self.identity.name if self.identity else None
+        self._refuse_forward(who, f"tcpip-forward on {listen_host}:{listen_port}")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        who = self.identity.name if self.identity else None
+        self._refuse_forward(who, f"unix socket {dest_path}")
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+            "castgate: socket forwarding is not allowed through this relay",
+        )
+
+    def _refuse_forward(self, who: str | None, what: str) -> None:
+        self.ctx.emit(
+            "forwarding",
+            who,
+            "failure",
+            self.peer,
+            f"ssh:{self.target_name}",
+            {"request": what, "reason": "forwarding disabled"},
+        )
+
+    # -- upstream ----------------------------------------------------------------
+
+    async def upstream(self, target: TargetConfig) -> asyncssh.SSHClientConnection:
+        """The connection to the target, shared by this agent connection's sessions."""
+        if self._upstream is None:
+            self._upstream = asyncio.ensure_future(connect_target(self.ctx, target))
+        return await asyncio.shield(self._upstream)
+
+
+class TargetError(Exception):
+    """The target cannot be reached; the message is shown to the agent."""
+
+
+async def connect_target(ctx: RelayContext, target: TargetConfig) -> asyncssh.SSHClientConnection:
+    """Connect to an SSH target with its own credential and its pinned host key."""
+    host, _, port = target.address.rpartition(":")
+    if not host:
+        host, port = target.address, "22"
+    kwargs: dict[str, Any] = {
+        "username": target.user,
+        "known_hosts": None,
+        "config": [],
+        "agent_path": None,
+        "encryption_algs": ENCRYPTION,
+        "client_keys": None,
+        "password": None,
+        "connect_timeout": 15,
+    }
+    if target.host_key:
+        try:
+            pinned = asyncssh.import_public_key(target.host_key)
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise TargetError(
+                f"target {target.name}: host_key is not a public key: {exc}"
+            ) from None
+        kwargs["known_hosts"] = ([pinned], [], [])
+    if target.key_file:
+        kwargs["client_keys"] = [str(ctx.cfg.resolve(target.key_file))]
+    if target.password_env:
+        import os
+
+        kwargs["password"] = os.environ.get(target.password_env)
+    try:
+        return await asyncssh.connect(host.strip("[]"), int(port), **kwargs)
+    except asyncssh.HostKeyNotVerifiable:
+        raise TargetError(
+            f"target {target.name} presented a host key that does not match the pinned "
+            "host_key; refusing to connect"
+        ) from None
+    except asyncssh.PermissionDenied:
+        raise TargetError(f"target {target.name} refused the relay's credential") from None
+    except (OSError, asyncssh.Error, TimeoutError) as exc:
+        raise TargetError(f"cannot reach target {target.name}: {exc}") from None
+
+
+class RelaySession(asyncssh.SSHServerSession[bytes]):
+    """One channel of an agent: shell, exec or subsystem, bridged to the target."""
+
+    def __init__(
+        self, ctx: RelayContext, server: RelayServer, ident: Identity, target: TargetConfig
+    ) -> None:
+        self.ctx = ctx
+        self.server = server
+        self.ident = ident
+        self.target = target
+        self.id = new_session_id()
+        self.kind = "shell"
+        self.command: str | None = None
+        self.subsystem: str | None = None
+        self.term_type: str | None = None
+        self.term_size = (80, 24)
+        self.binary = False
+        self.exit_status: int | None = None
+        self.exit_signal: tuple[str, bool, str, str] | None = None
+        self.chan: asyncssh.SSHServerChannel[bytes]
+        self.up_chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.rec: SessionRecorder | None = None
+        self._early: list[bytes | None] = []
+        self._done = asyncio.get_event_loop().create_future()
+        self._task: asyncio.Task[None] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._input: asyncio.Queue[bytes | None] | None = None
+        self._line = ShellLine(80)
+        self._typed = TypedLine()
+        self._last_output = 0.0
+        self._last_input = 0.0
+        self._echoed = False
+        self._ended = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status = "closed"
+        self._command_id: int | None = None
+
+    # -- channel requests ----------------------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self.chan = chan
+
+    def pty_requested(self, term_type: str, term_size: TermSize, term_modes: TermModes) -> bool:
+        self.term_type = term_type
+        if term_size[0] and term_size[1]:
+            self.term_size = (term_size[0], term_size[1])
+            self._line = ShellLine(term_size[0])
+        return True
+
+    def shell_requested(self) -> bool:
+        self.kind = "shell"
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self.kind = "exec"
+        self.command = command
+        self.binary = bool(_BINARY.match(command))
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem == "sftp" and self.target.allow_sftp:
+            self.kind = "subsystem"
+            self.subsystem = subsystem
+            self.binary = True
+            return True
+        self.ctx.emit(
+            "subsystem",
+            self.ident.name,
+            "failure",
+            self.server.peer,
+            f"ssh:{self.target.name}",
+            {"subsystem": subsystem, "reason": "not enabled for this target"},
+        )
+        return False
+
+    def session_started(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    # -- agent to target -----------------------------------------------------------
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.bytes_in += len(data)
+        if self.up_chan is None:
+            self._early.append(data)
+        elif self._input is not None:
+            self._input.put_nowait(data)
+        else:
+            self._record_input(data)
+            self.up_chan.write(data)
+
+    def eof_received(self) -> bool:
+        if self.up_chan is None:
+            self._early.append(None)
+        elif self._input is not None:
+            self._input.put_nowait(None)
+        else:
+            self.up_chan.write_eof()
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if not (width and height):
+            return
+        self.term_size = (width, height)
+        self._line.resize(width)
+        if self.up_chan is not None:
+            self.up_chan.change_terminal_size(width, height, pixwidth, pixheight)
+        if self.rec is not None and not self.binary:
+            self._safe(lambda rec: rec.resize(width, height))
+
+    def signal_received(self, signal: str) -> None:
+        if self.up_chan is not None:
+            self.up_chan.send_signal(signal)
+
+    def break_received(self, msec: int) -> bool:
+        if self.up_chan is not None:
+            self.up_chan.send_break(msec)
+        return True
+
+    def pause_writing(self) -> None:
+        if self.up_chan is not None:
+            self.up_chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up_chan is not None:
+            self.up_chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._ended:
+            self.status = "disconnected"
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.up_chan is not None:
+            self.up_chan.close()
+
+    def _record_input(self, data: bytes) -> None:
+        if self.rec is not None and not self.binary and self.ctx.cfg.recording.input == "all":
+            self._safe(lambda rec: rec.input(data))
+
+    # -- target to agent -----------------------------------------------------------
+
+    def from_target(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        """Output of the target: masked (unless binary), recorded, sent on."""
+        self.bytes_out += len(data)
+        if self.binary or self.rec is None:
+            self.chan.write(data, datatype)
+            return
+        stream = "err" if datatype == asyncssh.EXTENDED_DATA_STDERR else "out"
+        if self._input is not None:
+            self._line.feed(data)
+            self._last_output = time.monotonic()
+            if self._line.awaiting:
+                self._echoed = True
+        masked = self._safe(lambda rec: rec.output(data, stream))
+        if masked:
+            self.chan.write(masked, datatype)
+        self._arm(stream, datatype)
+
+    def _arm(self, stream: str, datatype: asyncssh.DataType) -> None:
+        timer = self._timers.pop(stream, None)
+        if timer is not None:
+            timer.cancel()
+        if self.rec is not None and self.rec.pending(stream):
+            loop = asyncio.get_event_loop()
+            self._timers[stream] = loop.call_later(
+                self.ctx.hold_deadline, self._deadline, stream, datatype
+            )
+
+    def _deadline(self, stream: str, datatype: asyncssh.DataType) -> None:
+        self._timers.pop(stream, None)
+        masked = self._safe(lambda rec: rec.flush_output(stream))
+        if masked:
+            self.chan.write(masked, datatype)
+
+    def _flush_all(self) -> None:
+        for stream, datatype in (("err", asyncssh.EXTENDED_DATA_STDERR), ("out", None)):
+            timer = self._timers.pop(stream, None)
+            if timer is not None:
+                timer.cancel()
+            masked = self._safe(lambda rec, s=stream: rec.flush_output(s))  # type: ignore[misc]
+            if masked:
+                self.chan.write(masked, datatype)
+
+    def target_eof(self) -> None:
+        self._flush_all()
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self.chan.write_eof()
+
+    def target_closed(self, exc: Exception | None) -> None:
+        if not self._done.done():
+            self._done.set_result(exc)
+
+    # -- recording -------------------------------------------------------------------
+
+    def _safe(self, fn: Callable[[SessionRecorder], Any]) -> Any:
+        """Run a recorder call; a recording failure applies ``recording.on_failure``."""
+        if self.rec is None:
+            return None
+        try:
+            return fn(self.rec)
+        except RecordingError as exc:
+            self._recording_failed(str(exc))
+            return None
+
+    def _recording_failed(self, message: str) -> None:
+        rec, self.rec = self.rec, None
+        if rec is not None:
+            rec.writer.abort()
+        policy = self.ctx.cfg.recording.on_failure
+        log.error("recording.failed", extra={"session": self.id, "error": message})
+        self.ctx.emit(
+            "recording.failure",
+            self.ident.name,
+            "failure",
+            self.server.peer,
+            f"ssh:{self.target.name}",
+            {"error": message, "on_failure": policy},
+            session_id=self.id,
+        )
+        if policy == "terminate":
+            self.status = "recording failed"
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.chan.write_stderr(
+                    f"\r\ncastgate: recording failed ({message}); session terminated\r\n".encode()
+                )
+                self.chan.exit(255)
+            if self.up_chan is not None:
+                self.up_chan.close()
+
+    def _open_recording(self) -> None:
+        title = self.command if self.command is not None else (self.subsystem or "shell")
+        masked_title = self.ctx.masker.mask(title)
+        writer = CastWriter(
+            self.ctx.cfg.recordings_dir / f"{self.id}.cast",
+            width=self.term_size[0],
+            height=self.term_size[1],
+            session_id=self.id,
+            signing_key=self.ctx.signing_key,
+            title=f"{self.ident.name}@{self.target.name}: {masked_title}",
+            env={"TERM": self.term_type or "dumb", "SHELL": "/bin/sh"},
+            fsync_interval=self.ctx.cfg.recording.fsync_interval,
+            on_checkpoint=self._checkpoint,
+            extra_header={
+                "identity": self.ident.name,
+                "target": self.target.name,
+                "protocol": "ssh",
+                "kind": self.kind,
+            },
+        )
+        self.rec = SessionRecorder(
+            writer,
+            self.ctx.masker,
+            input_mode=self.ctx.cfg.recording.input,
+            hold_deadline=self.ctx.hold_deadline,
+        )
+        self.masked_command = masked_title
+
+    def _checkpoint(self, lines: int, chain_hash: str) -> None:
+        try:
+            self.ctx.store.add_checkpoint(self.id, lines, chain_hash)
+        except Exception:
+            log.exception("store.checkpoint_failed", extra={"session": self.id})
+
+    def _to_agent(self, text: str) -> None:
+        """A message from the relay, shown in the agent's terminal (or stderr) and kept
+        in the recording as part of what the agent saw."""
+        data = text.encode()
+        if self.term_type is not None and self.kind == "shell":
+            data = b"\r\n" + data  # the cursor sits after the echoed command line
+            masked = self._safe(lambda rec: rec.output(data)) if self.rec else data
+            if masked:
+                self.chan.write(masked)
+            self._arm("out", None)
+        else:
+            masked = self._safe(lambda rec: rec.output(data, "err")) if self.rec else data
+            if masked:
+                self.chan.write_stderr(masked)
+            self._arm("err", asyncssh.EXTENDED_DATA_STDERR)
+
+    # -- the session -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._run_inner()
+        except asyncio.CancelledError:
+            self.status = self.status if self.status != "closed" else "disconnected"
+        except Exception as exc:
+            log.exception("session.error", extra={"session": self.id})
+            self.status = "error"
+            with contextlib.suppress(Exception):
+                self.chan.write_stderr(f"castgate: internal error: {exc}\r\n".encode())
+                self.chan.exit(255)
+        finally:
+            await self._finish()
+
+    async def _run_inner(self) -> None:
+        ctx = self.ctx
+        try:
+            self._open_recording()
+        except RecordingError as exc:
+            await ctx.event(
+                "recording.failure",
+                self.ident.name,
+                "failure",
+                self.server.peer,
+                f"ssh:{self.target.name}",
+                {"error": str(exc)},
+            )
+            if ctx.cfg.recording.on_failure == "terminate":
+                self.status = "recording failed"
+                self.chan.write_stderr(
+                    f"castgate: cannot record this session ({exc}); refused\r\n".encode()
+                )
+                self.chan.exit(255)
+                return
+        await asyncio.to_thread(
+            ctx.store.create_session,
+            self.id,
+            identity=self.ident.name,
+            target=self.target.name,
+            protocol="ssh",
+            groups=list(self.ident.groups),
+            auth_method=self.ident.method,
+            source=self.server.peer,
+            node=ctx.node,
+            cast_path=str(ctx.cfg.recordings_dir / f"{self.id}.cast"),
+            title=self.masked_command,
+        )
+        ctx.live[self.id] = self
+        await ctx.event(
+            "session.start",
+            self.ident.name,
+            "success",
+            self.server.peer,
+            f"ssh:{self.target.name}",
+            {"kind": self.kind, "command": self.masked_command},
+            session_id=self.id,
+        )
+        if self.kind == "exec" and self.command is not None:
+            if not await self._exec_allowed(self.command):
+                return
+        elif self.kind == "subsystem":
+            self._safe(lambda rec: rec.marker(f"subsystem {self.subsystem}: binary, not recorded"))
+        try:
+            conn = await self.server.upstream(self.target)
+        except TargetError as exc:
+            self.status = "target unreachable"
+            await ctx.event(
+                "target.connect",
+                self.ident.name,
+                "failure",
+                self.server.peer,
+                f"ssh:{self.target.name}",
+                {"reason": str(exc)},
+                session_id=self.id,
+            )
+            self._to_agent(f"castgate: {exc}\r\n")
+            self._flush_all()
+            self.chan.exit(255)
+            return
+        env: dict[bytes | str, bytes | str] = {
+            k: v for k, v in self.chan.get_environment().items() if ENV_ALLOW.match(k)
+        }
+        try:
+            self.up_chan, _ = await conn.create_session(
+                lambda: _Upstream(self),
+                self.command if self.kind == "exec" else None,
+                subsystem=self.subsystem,
+                env=env,
+                term_type=self.term_type,
+                term_size=(*self.term_size, 0, 0) if self.term_type else None,
+                encoding=None,
+            )
+        except (asyncssh.Error, OSError) as exc:
+            self.status = "target refused"
+            self._to_agent(f"castgate: target {self.target.name} refused the session: {exc}\r\n")
+            self._flush_all()
+            self.chan.exit(255)
+            return
+        if self.kind == "shell" and self.term_type is not None:
+            self._input = asyncio.Queue()
+            input_task = asyncio.ensure_future(self._shell_input())
+        else:
+            input_task = None
+        for item in self._early:
+            if item is None:
+                self.eof_received()
+            else:
+                self.bytes_in -= len(item)
+                self.data_received(item, None)
+        self._early.clear()
+        try:
+            lost = await self._done
+        finally:
+            if input_task is not None:
+                input_task.cancel()
+        self._flush_all()
+        if isinstance(lost, Exception) and self.exit_status is None and self.exit_signal is None:
+            self._to_agent(f"castgate: connection to target {self.target.name} lost: {lost}\r\n")
+            self._flush_all()
+            self.status = "target lost"
+        self._ended = True
+        with contextlib.suppress(OSError, asyncssh.Error):
+            if self.exit_signal is not None:
+                self.chan.exit_with_signal(*self.exit_signal)
+            else:
+                self.chan.exit(self.exit_status if self.exit_status is not None else 255)
+
+    async def _exec_allowed(self, command: str) -> bool:
+        masked = self.masked_command
+        kind = "git" if _GIT.match(command) else "exec"
+        if self.rec is not None and self.ctx.cfg.recording.input != "none" and not self.binary:
+            self._safe(lambda rec: rec.command_line(command))
+        elif self.binary:
+            self._safe(lambda rec: rec.marker(f"{kind}: {masked} (binary stream, not recorded)"))
+        decision = self.ctx.policy.decide(
+            target=self.target.name, groups=self.ident.groups, command=command
+        )
+        allowed = await self._apply(decision, masked, kind)
+        if not allowed:
+            self._flush_all()
+            self.chan.exit(126)
+        return allowed
+
+    async def _apply(self, decision: Decision, masked: str, kind: str) -> bool:
+        """Record and enforce a policy decision; True when the command may run."""
+        ctx = self.ctx
+        self._command_id = await asyncio.to_thread(
+            ctx.store.add_command,
+            self.id,
+            masked,
+            kind=kind,
+            action=decision.action,
+            rule=decision.rule_name,
+        )
+        if decision.action == "allow":
+            return True
+        rule = decision.rule
+        assert rule is not None
+        if decision.action == "block":
+            self._safe(lambda rec: rec.marker(f"blocked: {rule.name}"))
+            self._to_agent(f"castgate: blocked by rule {rule.name}: {masked}\r\n")
+            await ctx.event(
+                "command.blocked",
+                self.ident.name,
+                "failure",
+                self.server.peer,
+                f"ssh:{self.target.name}",
+                {"rule": rule.name, "command": masked},
+                session_id=self.id,
+            )
+            await self._finish_command("blocked")
+            return False
+
+        def requested(approval_id: int) -> None:
+            self._safe(
+                lambda rec: rec.marker(f"approval #{approval_id} requested (rule {rule.name})")
+            )
+            self._to_agent(
+                f"castgate: approval #{approval_id} required (rule {rule.name}), waiting\r\n"
+            )
+            self._flush_all()
+
+        outcome: Outcome = await wait_for_approval(
+            ctx.store,
+            session_id=self.id,
+            identity=self.ident.name,
+            target=self.target.name,
+            command=masked,
+            rule=rule,
+            on_requested=requested,
+        )
+        self._safe(lambda rec: rec.marker(outcome.describe()))
+        await ctx.event(
+            "command.approval",
+            self.ident.name,
+            "success" if outcome.approved else "failure",
+            self.server.peer,
+            f"ssh:{self.target.name}",
+            {"rule": rule.name, "approval": outcome.approval_id, "status": outcome.status},
+            session_id=self.id,
+        )
+        if outcome.approved:
+            self._to_agent(f"castgate: {outcome.describe()}\r\n")
+            return True
+        self._to_agent(f"castgate: {outcome.describe()}\r\n")
+        await self._finish_command(outcome.status)
+        return False
+
+    async def _finish_command(self, status: str) -> None:
+        if self._command_id is not None:
+            cid, self._command_id = self._command_id, None
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    self.ctx.store.finish_command,
+                    cid,
+                    status=status,
+                    exit_status=self.exit_status,
+                    bytes_in=self.bytes_in,
+                    bytes_out=self.bytes_out,
+                )
+
+    async def _shell_input(self) -> None:
+        """Keystrokes of an interactive shell, in order: everything goes straight to
+        the target except Enter, which first puts the echoed line through the policy."""
+        assert self._input is not None and self.up_chan is not None
+        up = self.up_chan
+        while True:
+            data = await self._input.get()
+            if data is None:
+                up.write_eof()
+                return
+            pos = 0
+            for m in _SUBMIT.finditer(data):
+                if m.start() > pos:
+                    self._keys(data[pos : m.start()])
+                await self._submit(m.group())
+                pos = m.end()
+            if pos < len(data):
+                self._keys(data[pos:])
+
+    def _keys(self, data: bytes) -> None:
+        assert self.up_chan is not None
+        if b"\x03" in data or b"\x04" in data:
+            self._line.abandon()
+            self._typed.take()
+            self._echoed = False
+        else:
+            if not self._line.awaiting:
+                self._line.mark_input_start()
+                self._echoed = False
+            self._typed.feed(data)
+        self._last_input = time.monotonic()
+        self._record_input(data)
+        self.up_chan.write(data)
+
+    async def _submit(self, key: bytes) -> None:
+        assert self.up_chan is not None
+        if not self._line.awaiting:
+            self._record_input(key)
+            self.up_chan.write(key)
+            return
+        # Let the echo of the last keystrokes arrive before reading the line.
+        deadline = self._last_input + _ECHO_MAX
+        while time.monotonic() < deadline:
+            last = max(self._last_output, self._last_input)
+            if self._echoed and time.monotonic() - last >= _ECHO_QUIET:
+                break
+            await asyncio.sleep(_ECHO_QUIET / 3)
+        echoed = self._echoed
+        line = self._line.submitted()
+        typed, reliable = self._typed.take()
+        self._echoed = False
+        command = line if echoed else (typed if reliable else None)
+        if command is None:
+            await self._unreadable_line()
+            return
+        if not command:
+            self._record_input(key)
+            self.up_chan.write(key)
+            return
+        masked = self.ctx.masker.mask(command)
+        if echoed:
+            if self.ctx.cfg.recording.input == "commands":
+                self._safe(lambda rec: rec.command_line(command))
+        else:
+            # Typed without echo (a password prompt, or `stty -echo`): the policy still
+            # sees it, the recording never keeps it.
+            self._safe(lambda rec: rec.marker("input hidden (terminal echo off)"))
+        decision = self.ctx.policy.decide(
+            target=self.target.name, groups=self.ident.groups, command=command
+        )
+        allowed = await self._apply(decision, masked, "shell")
+        if allowed:
+            self._record_input(key)
+            self.up_chan.write(key)
+        else:
+            # Discard the line at the target: the shell prints a fresh prompt.
+            self.up_chan.write(b"\x03")
+            self._line.abandon()
+        if self._command_id is not None and decision.action == "allow":
+            await self._finish_command("submitted")
+
+    async def _unreadable_line(self) -> None:
+        """Fail closed: a line the relay could not read is never submitted."""
+        assert self.up_chan is not None
+        self.up_chan.write(b"\x03")
+        self._safe(lambda rec: rec.marker("refused: unreadable command line"))
+        self._to_agent(
+            "castgate: could not read the submitted line reliably (it was redrawn across "
+            "the screen); it was not run. Type it again.\r\n"
+        )
+        self._command_id = await asyncio.to_thread(
+            self.ctx.store.add_command,
+            self.id,
+            "(unreadable command line)",
+            kind="shell",
+            action="block",
+            rule="castgate:unreadable-line",
+        )
+        await self._finish_command("blocked")
+
+    async def _finish(self) -> None:
+        self.ctx.live.pop(self.id, None)
+        for timer in self._timers.values():
+            timer.cancel()
+        manifest = None
+        rec = self.rec
+        if rec is not None:
+            try:
+                if self.binary:
+                    rec.marker(
+                        f"end: exit {self.exit_status}, {self.bytes_out} bytes from target, "
+                        f"{self.bytes_in} bytes from agent"
+                    )
+                tail = rec.close(
+                    self.status,
+                    {
+                        "exit_status": self.exit_status,
+                        "exit_signal": self.exit_signal[0] if self.exit_signal else None,
+                        "identity": self.ident.name,
+                        "target": self.target.name,
+                    },
+                )
+                if tail:
+                    with contextlib.suppress(Exception):
+                        self.chan.write(tail)
+                manifest = rec.manifest
+            except RecordingError as exc:
+                self._recording_failed(str(exc))
+        await self._finish_command("exited" if self.status == "closed" else self.status)
+        try:
+            await asyncio.to_thread(
+                self.ctx.store.end_session,
+                self.id,
+                status=self.status,
+                exit_status=self.exit_status,
+                lines=rec.writer.lines if rec else None,
+                final_hash=rec.writer.chain_hash if rec else None,
+                masking_counts=dict(rec.counts) if rec else None,
+            )
+            if manifest is not None:
+                await asyncio.to_thread(self.ctx.store.put_manifest, self.id, manifest)
+        except Exception:
+            log.exception("store.end_session_failed", extra={"session": self.id})
+        await self.ctx.event(
+            "session.end",
+            self.ident.name,
+            "success" if self.status == "closed" else "failure",
+            self.server.peer,
+            f"ssh:{self.target.name}",
+            {
+                "status": self.status,
+                "exit_status": self.exit_status,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+            },
+            session_id=self.id,
+        )
+
+    async def close(self, reason: str) -> None:
+        """End the session from the relay's side (shutdown) and wait until sealed."""
+        self.status = reason
+        if self.up_chan is not None:
+            self.up_chan.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        with contextlib.suppress(Exception):
+            self.chan.close()

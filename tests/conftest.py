@@ -1,0 +1,3 @@
+"""Shared pytest configuration."""
+
+pytest_plugins = ["tests.fix_postgres", "tests.fix_sshd", "tests.fix_relay"]

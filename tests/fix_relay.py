@@ -1,0 +1,306 @@
+"""A real ``castgate relay`` process in front of the real sshd target, with identities,
+targets and rules for the integration tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from tests.fix_sshd import SshTarget
+
+BIN = Path(sys.executable).parent
+CASTGATE = str(BIN / "castgate")
+
+TOKENS = {
+    "ci-agent": "cgt_agent_token_for_tests_only_0001",
+    "alice": "cgt_alice_token_for_tests_only_0002",
+    "bob": "cgt_bob_token_for_tests_only_0003",
+    "outsider": "cgt_outsider_token_for_tests_0004",
+}
+
+
+def _sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class Relay:
+    """A running relay process."""
+
+    workdir: Path
+    config: Path
+    port: int
+    host_key_line: str
+    agent_key: Path
+    known_hosts: Path
+    target: SshTarget
+    proc: subprocess.Popen[bytes]
+    jwt_key: bytes
+    logs: list[dict[str, object]] = field(default_factory=list)
+
+    def ssh_args(self, key: Path | None = None) -> list[str]:
+        """OpenSSH client arguments for an agent connecting to the relay with its key."""
+        return [
+            "-p",
+            str(self.port),
+            "-i",
+            str(key or self.agent_key),
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+
+    def ssh(
+        self, target: str, command: str, *, timeout: float = 30, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``ssh TARGET@relay COMMAND`` with the real OpenSSH client."""
+        return subprocess.run(
+            ["ssh", *self.ssh_args(), f"{target}@127.0.0.1", command],
+            capture_output=True,
+            timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+
+    def castgate(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run a castgate client command against this relay's config."""
+        return subprocess.run(
+            [CASTGATE, *args, "-c", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def known_hosts_obj(
+        self,
+    ) -> tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey], list[asyncssh.SSHKey]]:
+        """known_hosts for asyncssh clients, pinned to the relay's host key."""
+        return ([asyncssh.import_public_key(self.host_key_line)], [], [])
+
+    def recordings(self) -> Path:
+        """The relay's recordings directory."""
+        return self.workdir / "data" / "recordings"
+
+    def stop(self) -> int:
+        """SIGTERM, then wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+def write_jwks(workdir: Path) -> bytes:
+    """An RSA signing key for the test IdP; its JWKS goes to workdir/jwks.json."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update({"kid": "test-1", "alg": "RS256", "use": "sig"})
+    (workdir / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def write_config(workdir: Path, target: SshTarget, agent_pub: str, extra: str = "") -> Path:
+    """castgate.toml for the tests."""
+    wrong_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    cfg = f"""
+data_dir = "data"
+[listen]
+ssh = "127.0.0.1:0"
+postgres = ""
+api = ""
+[recording]
+fsync_interval = 0.2
+input = "commands"
+[masking]
+patterns = [{{ name = "stripe-key", regex = "sk_live_[A-Za-z0-9]{{24}}" }}]
+[roles]
+approver = ["sre"]
+auditor = ["sre"]
+[oidc]
+issuer = "https://idp.test"
+audience = "castgate"
+jwks = "file:jwks.json"
+groups_claim = "groups"
+[[identities]]
+name = "ci-agent"
+groups = ["agents"]
+ssh_keys = ["{agent_pub}"]
+token_sha256 = "{_sha(TOKENS["ci-agent"])}"
+[[identities]]
+name = "alice"
+groups = ["sre"]
+token_sha256 = "{_sha(TOKENS["alice"])}"
+[[identities]]
+name = "bob"
+groups = ["sre"]
+token_sha256 = "{_sha(TOKENS["bob"])}"
+[[identities]]
+name = "outsider"
+groups = ["contractors"]
+token_sha256 = "{_sha(TOKENS["outsider"])}"
+[[targets]]
+name = "web"
+kind = "ssh"
+address = "{target.host}:{target.port}"
+user = "{target.user}"
+key_file = "{target.client_key}"
+host_key = "{target.host_key_line}"
+groups = ["agents", "sre"]
+[[targets]]
+name = "gitsrv"
+kind = "ssh"
+address = "{target.host}:{target.port}"
+user = "{target.user}"
+key_file = "{target.client_key}"
+host_key = "{target.host_key_line}"
+groups = ["agents"]
+[[targets]]
+name = "moved"
+kind = "ssh"
+address = "{target.host}:{target.port}"
+user = "{target.user}"
+key_file = "{target.client_key}"
+host_key = "{wrong_key}"
+groups = ["agents"]
+[[rules]]
+name = "no-rm-rf"
+command = '^rm -rf'
+action = "block"
+[[rules]]
+name = "restart-needs-approval"
+command = '^systemctl restart'
+action = "approve"
+approvers = ["sre"]
+timeout = "20s"
+[[rules]]
+name = "push-needs-approval"
+command = '^git-receive-pack'
+targets = ["gitsrv"]
+groups = ["agents"]
+action = "approve"
+approvers = ["sre"]
+timeout = "30s"
+{extra}
+"""
+    path = workdir / "castgate.toml"
+    path.write_text(cfg)
+    return path
+
+
+def start_relay(workdir: Path, target: SshTarget, extra: str = "") -> Relay:
+    """Init keys, write the config, start ``castgate relay`` and wait until it listens."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    agent_key = workdir / "agent_ed25519"
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    agent_key.write_bytes(key.export_private_key())
+    agent_key.chmod(0o600)
+    agent_pub = key.export_public_key().decode().strip()
+    jwt_key = write_jwks(workdir)
+    config = write_config(workdir, target, agent_pub, extra)
+    proc = subprocess.Popen(
+        [CASTGATE, "relay", "-c", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    logs: list[dict[str, object]] = []
+    ready = threading.Event()
+    assert proc.stderr is not None
+    stderr = proc.stderr
+
+    def pump() -> None:
+        for raw in stderr:
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                entry = {"raw": raw.decode(errors="replace")}
+            logs.append(entry)
+            if entry.get("msg") == "relay.listening":
+                ready.set()
+        stderr.close()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(30):
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"relay did not start: {logs[-10:]}")
+    port = int(
+        str(next(e for e in logs if e.get("msg") == "relay.listening")["ssh"]).rsplit(":", 1)[1]
+    )
+    host_pub = (workdir / "data" / "keys" / "ssh_host_ed25519.pub").read_text().split()
+    host_key_line = f"{host_pub[0]} {host_pub[1]}"
+    known_hosts = workdir / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key_line}\n")
+    return Relay(
+        workdir, config, port, host_key_line, agent_key, known_hosts, target, proc, jwt_key, logs
+    )
+
+
+@pytest.fixture(scope="module")
+def relay(sshd_target: SshTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    """A relay shared by the tests of a module."""
+    r = start_relay(tmp_path_factory.mktemp("relay"), sshd_target)
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def mint_jwt(relay: Relay, **claims: object) -> str:
+    """A token from the test IdP; claims override sane defaults."""
+    import jwt
+
+    now = int(time.time())
+    body: dict[str, object] = {
+        "iss": "https://idp.test",
+        "aud": "castgate",
+        "sub": "agent-7",
+        "preferred_username": "oidc-agent",
+        "groups": ["agents"],
+        "iat": now,
+        "exp": now + 300,
+    }
+    body.update(claims)
+    return jwt.encode(body, relay.jwt_key, algorithm="RS256", headers={"kid": "test-1"})
+
+
+def wait_for(predicate: object, timeout: float = 10, interval: float = 0.05) -> None:
+    """Poll ``predicate()`` until true or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(interval)
+    pytest.fail("condition not met in time")

@@ -1,0 +1,283 @@
+"""The SSH relay with real clients (OpenSSH ssh, paramiko, asyncssh, git) in front of a
+real OpenSSH sshd."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import threading
+from pathlib import Path
+
+import asyncssh
+import paramiko
+import pytest
+
+from recorder.integrity import Verdict, verify_cast
+from recorder.masking import luhn_complete
+from recorder.signing import PUBLIC_NAME, load_public
+from tests.fix_relay import TOKENS, Relay, wait_for
+
+VISA = luhn_complete("411111111111111")
+
+
+def casts_with(relay: Relay, text: str) -> list[Path]:
+    return [p for p in relay.recordings().glob("*.cast") if text in p.read_text()]
+
+
+def verify(relay: Relay, cast: Path) -> Verdict:
+    pub = load_public(relay.workdir / "data" / "keys" / PUBLIC_NAME)
+    return verify_cast(cast, pub).verdict
+
+
+@pytest.mark.parametrize("code", [0, 1, 42])
+def test_exec_exit_status_comes_back_exactly(relay: Relay, code: int) -> None:
+    res = relay.ssh("web", f"echo hello-{code}; exit {code}")
+    assert res.returncode == code, res.stderr
+    assert res.stdout == f"hello-{code}\n".encode()
+
+
+def test_exit_signal_comes_back(relay: Relay) -> None:
+    async def main() -> asyncssh.SSHCompletedProcess:
+        async with asyncssh.connect(
+            "127.0.0.1",
+            relay.port,
+            username="web",
+            client_keys=[str(relay.agent_key)],
+            known_hosts=relay.known_hosts_obj(),
+            config=[],
+        ) as conn:
+            return await conn.run("kill -KILL $$", check=False)
+
+    result = asyncio.run(main())
+    assert result.exit_signal is not None and result.exit_signal[0] == "KILL"
+
+
+def test_card_numbers_masked_for_agent_and_cast(relay: Relay) -> None:
+    spaced = " ".join(VISA[i : i + 4] for i in range(0, 16, 4))
+    res = relay.ssh("web", f"echo 'card {VISA}'; echo 'again {spaced}' >&2; echo done-pan")
+    assert res.returncode == 0
+    masked = f"{VISA[:6]}******{VISA[-4:]}"
+    assert res.stdout == f"card {masked}\ndone-pan\n".encode()
+    assert res.stderr == f"again {VISA[:4]} {VISA[4:6]}** **** {VISA[-4:]}\n".encode()
+    wait_for(
+        lambda: (
+            casts_with(relay, "done-pan")
+            and all(Path(str(c) + ".manifest.json").exists() for c in casts_with(relay, "done-pan"))
+        )
+    )
+    (cast,) = casts_with(relay, "done-pan")
+    text = cast.read_text()
+    assert VISA not in text and VISA[6:12] not in text.replace(" ", "")
+    assert masked in text
+    assert verify(relay, cast) is Verdict.INTACT
+
+
+def test_token_auth_with_paramiko(relay: Relay) -> None:
+    client = paramiko.SSHClient()
+    client.get_host_keys().add(
+        f"[127.0.0.1]:{relay.port}",
+        relay.host_key_line.split()[0],
+        paramiko.PKey.from_type_string(
+            relay.host_key_line.split()[0],
+            __import__("base64").b64decode(relay.host_key_line.split()[1]),
+        ),
+    )
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(
+        "127.0.0.1",
+        relay.port,
+        username="web",
+        password=TOKENS["ci-agent"],
+        look_for_keys=False,
+        allow_agent=False,
+    )
+    try:
+        _, stdout, _ = client.exec_command("echo via-paramiko; exit 7")
+        assert stdout.read() == b"via-paramiko\n"
+        assert stdout.channel.recv_exit_status() == 7
+    finally:
+        client.close()
+
+
+def _asyncssh_connect(relay: Relay, **kw: object) -> asyncssh.SSHClientConnection:
+    return asyncssh.connect(  # type: ignore[return-value]
+        "127.0.0.1",
+        relay.port,
+        known_hosts=relay.known_hosts_obj(),
+        config=[],
+        agent_path=None,
+        **kw,
+    )
+
+
+def test_wrong_token_and_unknown_key_are_refused_and_logged(relay: Relay, tmp_path: Path) -> None:
+    async def attempt(**kw: object) -> None:
+        async with _asyncssh_connect(relay, username="web", **kw):
+            pass
+
+    with pytest.raises(asyncssh.PermissionDenied):
+        asyncio.run(attempt(password="not-a-token", client_keys=None))
+    stranger = asyncssh.generate_private_key("ssh-ed25519")
+    with pytest.raises(asyncssh.PermissionDenied):
+        asyncio.run(attempt(client_keys=[stranger], password=None))
+    wait_for(
+        lambda: any(
+            e.get("msg") == "auth" and e.get("outcome") == "failure" and "unknown token" in str(e)
+            for e in relay.logs
+        )
+    )
+    assert any("unknown key" in str(e) for e in relay.logs if e.get("msg") == "auth")
+    # The relay keeps serving.
+    assert relay.ssh("web", "echo still-up").stdout == b"still-up\n"
+
+
+def test_identity_outside_target_groups_is_refused(relay: Relay) -> None:
+    async def attempt() -> None:
+        async with _asyncssh_connect(relay, username="gitsrv", password=TOKENS["alice"]) as conn:
+            await conn.run("echo should-not-run")
+
+    with pytest.raises(asyncssh.ChannelOpenError, match="not in any group of target gitsrv"):
+        asyncio.run(attempt())
+    # OpenSSH shows a refused channel at its default log level.
+    args = [a for a in relay.ssh_args() if a != "LogLevel=ERROR"]
+    args[args.index("-o", len(args) - 2) :] = []
+    res = subprocess.run(
+        ["ssh", *args, "nosuchtarget@127.0.0.1", "true"],
+        capture_output=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 255 and b"no SSH target named" in res.stderr
+
+
+def test_changed_target_host_key_is_refused(relay: Relay) -> None:
+    res = relay.ssh("moved", "echo should-not-run")
+    assert res.returncode == 255
+    assert b"does not match the pinned host_key" in res.stderr
+    assert b"should-not-run" not in res.stdout
+
+
+def test_blocked_command_never_reaches_target(relay: Relay, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    res = relay.ssh("web", f"rm -rf {victim}")
+    assert res.returncode == 126
+    assert b"blocked by rule no-rm-rf" in res.stderr
+    assert victim.exists()
+    wait_for(lambda: bool(casts_with(relay, "blocked: no-rm-rf")))
+
+
+def test_port_forwarding_is_refused(relay: Relay) -> None:
+    async def attempt() -> None:
+        async with _asyncssh_connect(
+            relay, username="web", client_keys=[str(relay.agent_key)]
+        ) as conn:
+            await conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", relay.target.port)
+
+    with pytest.raises(asyncssh.ChannelOpenError, match="port forwarding is not allowed"):
+        asyncio.run(attempt())
+    assert relay.ssh("web", "echo after-forward").stdout == b"after-forward\n"
+
+
+results_join: list[threading.Thread] = []
+
+
+def _decided(results: list[subprocess.CompletedProcess[str]]) -> bool:
+    for t in results_join:
+        t.join(30)
+    results_join.clear()
+    return bool(results) and results[0].returncode == 0
+
+
+def _approve_when_asked(
+    relay: Relay, stderr_chunks: list[bytes], approver: str, deny: bool
+) -> list[subprocess.CompletedProcess[str]]:
+    results: list[subprocess.CompletedProcess[str]] = []
+
+    def run() -> None:
+        wait_for(
+            lambda: re.search(rb"approval #(\d+) required", b"".join(stderr_chunks)) is not None, 20
+        )
+        m = re.search(rb"approval #(\d+) required", b"".join(stderr_chunks))
+        assert m is not None
+        args = (
+            ["deny", m.group(1).decode(), "--reason", "not during peak"]
+            if deny
+            else [
+                "approve",
+                m.group(1).decode(),
+            ]
+        )
+        results.append(relay.castgate(*args, "--as", approver))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    results_join.append(thread)
+    return results
+
+
+class Streaming:
+    """An ``ssh`` client whose stderr is collected as it arrives."""
+
+    def __init__(self, relay: Relay, target: str, command: str) -> None:
+        self.proc = subprocess.Popen(
+            ["ssh", *relay.ssh_args(), f"{target}@127.0.0.1", command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.chunks: list[bytes] = []
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        while chunk := self.proc.stderr.read1(4096):
+            self.chunks.append(chunk)
+
+    @property
+    def stderr(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def finish(self, timeout: float = 40) -> bytes:
+        """Wait for the client to exit; returns its stdout."""
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout=timeout)
+        self._pump.join(timeout)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return out
+
+
+def test_approval_releases_held_command(relay: Relay) -> None:
+    client = Streaming(relay, "web", "systemctl restart app 2>/dev/null; echo restarted")
+    decided = _approve_when_asked(relay, client.chunks, "alice", deny=False)
+    out = client.finish()
+    assert _decided(decided), decided
+    assert b"restarted" in out
+    assert b"granted by alice" in client.stderr
+
+
+def test_denial_returns_reason(relay: Relay) -> None:
+    client = Streaming(relay, "web", "systemctl restart app; echo restarted")
+    decided = _approve_when_asked(relay, client.chunks, "bob", deny=True)
+    out = client.finish()
+    assert _decided(decided), decided
+    assert client.proc.returncode == 126
+    assert b"restarted" not in out
+    assert b"denied by bob: not during peak" in client.stderr
+
+
+def test_approver_role_is_required(relay: Relay) -> None:
+    client = Streaming(relay, "web", "systemctl restart self")
+    wait_for(lambda: b"required" in client.stderr, 20)
+    m = re.search(rb"approval #(\d+)", client.stderr)
+    assert m is not None
+    res = relay.castgate("approve", m.group(1).decode(), "--as", "ci-agent")
+    assert res.returncode == 2 and "approver role" in res.stderr
+    res = relay.castgate("deny", m.group(1).decode(), "--reason", "cleanup", "--as", "alice")
+    assert res.returncode == 0
+    client.finish()
+    assert client.proc.returncode == 126

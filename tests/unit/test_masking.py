@@ -1,0 +1,248 @@
+"""The streaming masker: property tests over PANs, separators, ANSI and chunking."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from recorder.masking import CustomPattern, Masker, MaskPolicy, luhn_complete, luhn_valid
+
+MASKER = Masker()
+FULL = Masker(MaskPolicy(style="full"))
+ANSI = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]")
+SGR = st.sampled_from(
+    [b"\x1b[0m", b"\x1b[1m", b"\x1b[31m", b"\x1b[38;5;196m", b"\x1b[48;2;10;20;30m", b"\x1b[2;4m"]
+)
+CONTEXT = st.text(
+    alphabet=st.characters(
+        blacklist_categories=("Cs", "Nd"), blacklist_characters="\x1b", max_codepoint=0x1F600
+    ),
+    max_size=30,
+).map(lambda s: s.encode())
+
+
+def stream_mask(masker: Masker, data: bytes, cuts: list[int]) -> bytes:
+    s = masker.stream()
+    out = bytearray()
+    prev = 0
+    for cut in [*sorted(set(cuts)), len(data)]:
+        out += s.feed(data[prev:cut])
+        prev = cut
+    out += s.flush()
+    return bytes(out)
+
+
+@st.composite
+def pans(draw: st.DrawFn) -> str:
+    length = draw(st.integers(13, 19))
+    body = draw(st.text(alphabet="0123456789", min_size=length - 1, max_size=length - 1))
+    return luhn_complete(body)
+
+
+@st.composite
+def formatted(draw: st.DrawFn, pan: str) -> bytes:
+    """The PAN with a separator style and SGR sequences between any digits."""
+    style = draw(st.sampled_from(["none", "space4", "dash4", "random"]))
+    out = bytearray()
+    for i, d in enumerate(pan):
+        if i:
+            if style == "space4" and i % 4 == 0:
+                out += b" "
+            elif style == "dash4" and i % 4 == 0:
+                out += b"-"
+            elif style == "random" and draw(st.booleans()):
+                out += draw(st.sampled_from([b" ", b"-"]))
+            if draw(st.integers(0, 4)) == 0:
+                out += draw(SGR)
+        out += d.encode()
+    return bytes(out)
+
+
+def visible_digits(data: bytes) -> bytes:
+    return re.sub(rb"[ \-]", b"", ANSI.sub(b"", data))
+
+
+def assert_no_raw_run(pan: str, output: bytes) -> None:
+    flat = visible_digits(output)
+    for i in range(len(pan) - 12):
+        assert pan[i : i + 13].encode() not in flat, (pan, output)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_pan_any_format_any_chunking_is_masked(data: st.DataObject) -> None:
+    pan = data.draw(pans())
+    body = data.draw(formatted(pan))
+    before, after = data.draw(CONTEXT), data.draw(CONTEXT)
+    stream = before + body + after
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+    out = stream_mask(MASKER, stream, cuts)
+    assert_no_raw_run(pan, out)
+    # Same length and only digits turned into '*': the display width cannot change.
+    assert len(out) == len(stream)
+    for a, b in zip(stream, out, strict=True):
+        assert a == b or (chr(a).isdigit() and b == ord("*"))
+    # bin6-last4 exactly: the first six and last four digits stay.
+    flat = visible_digits(out[len(before) : len(before) + len(body)])
+    assert flat == (pan[:6] + "*" * (len(pan) - 10) + pan[-4:]).encode()
+
+
+@settings(max_examples=150)
+@given(data=st.data())
+def test_full_style_hides_every_digit(data: st.DataObject) -> None:
+    pan = data.draw(pans())
+    body = data.draw(formatted(pan))
+    out = stream_mask(FULL, b"x " + body + b" y", data.draw(st.lists(st.integers(0, 40))))
+    assert visible_digits(out) == b"x" + b"*" * len(pan) + b"y"
+
+
+@settings(max_examples=300)
+@given(
+    digits=st.text(alphabet="0123456789", min_size=13, max_size=19),
+    sep=st.sampled_from(["", " ", "-"]),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+)
+def test_luhn_invalid_numbers_pass_byte_identical(digits: str, sep: str, cuts: list[int]) -> None:
+    if luhn_valid(digits):
+        digits = digits[:-1] + str((int(digits[-1]) + 1) % 10)
+    assert not luhn_valid(digits)
+    grouped = sep.join(digits[i : i + 4] for i in range(0, len(digits), 4)) if sep else digits
+    if sep and len(digits) > 16:
+        grouped = digits  # sub-ranges of 4-digit groups could be valid by themselves
+    data = f"id {grouped} end\r\n".encode()
+    assert stream_mask(MASKER, data, cuts) == data
+
+
+ORDINARY = [
+    b"2026-11-27T11:56:01.123456Z INFO started pid=4242\n",
+    b"Fri Nov 27 11:56:01 UTC 2026\n",
+    b"550e8400-e29b-41d4-a716-446655440000 9f1c2d3e-0000-4000-8000-123456789abc\n",
+    b"inet 192.168.100.200/24 brd 192.168.100.255 scope global eth0\n",
+    b"inet6 fe80::1c2d:3eff:fe4f:5a6b/64 scope link\n",
+    b"\x1b[01;34mdrwxr-xr-x\x1b[0m  2 root root  4096 Nov 27 11:55 \x1b[01;34mbin\x1b[0m\n",
+    b"-rw-r--r--  1 root root 12345678 Nov 27 11:55 data.bin\n",
+    b"root      1234  0.0  0.1 167000 12000 ?  Ss   11:55   0:01 /sbin/init\n",
+    b"\x1b[33mcommit 3f9c21a7b0e4d5c6f7a8b9c0d1e2f3a4b5c6d7e8\x1b[m\nDate:   Fri Nov 27 11:56:01 2026 +0000\n",
+    b"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\n",
+    b"1732712345 1732712346 rows=100000 bytes=1048576\n",
+    "naïve café 日本語 ✓ 🚀 — 12:34\n".encode(),
+]
+
+
+@pytest.mark.parametrize("line", ORDINARY)
+def test_ordinary_output_is_byte_identical(line: bytes) -> None:
+    for size in (1, 3, 7, len(line)):
+        cuts = list(range(size, len(line), size))
+        assert stream_mask(MASKER, line, cuts) == line
+
+
+def test_real_ls_ps_git_log_output_is_byte_identical(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t"}
+    env |= {"GIT_COMMITTER_EMAIL": "t@e", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, env=env)
+    for i in range(5):
+        (repo / f"f{i}.txt").write_text(f"line {i}\n" * (i + 1))
+        subprocess.run(["git", "-C", str(repo), "add", "."], check=True, env=env)
+        subprocess.run(["git", "-C", str(repo), "commit", "-qm", f"c{i}"], check=True, env=env)
+    outputs = [
+        subprocess.run(["ls", "-la", "--color=always", "/usr/bin"], capture_output=True).stdout,
+        subprocess.run(["ps", "aux"], capture_output=True).stdout,
+        subprocess.run(
+            ["git", "-C", str(repo), "log", "--stat", "--color=always"],
+            capture_output=True,
+            env=env,
+        ).stdout,
+    ]
+    for out in outputs:
+        assert len(out) > 200
+        assert stream_mask(MASKER, out, list(range(0, len(out), 1000))) == out
+
+
+def test_track_data_is_masked_whole() -> None:
+    visa = luhn_complete("411111111111111")
+    t2 = f";{visa}=25121010000000000000?".encode()
+    t1 = f"%B{visa}^DOE/JOHN^2512101000000000000000?".encode()
+    counts: Counter[str] = Counter()
+    for data in (t2, t1):
+        out = stream_mask(MASKER, b"reader: " + data + b"\r\n", list(range(0, 80, 5)))
+        assert b"2512" not in out and b"DOE" not in out
+        assert visa[:6].encode() in out and visa[-4:].encode() in out
+    MASKER.mask_bytes(t2 + b" " + t1, counts)
+    assert counts == Counter(track=2)
+
+
+def test_custom_pattern_and_counts() -> None:
+    m = Masker(MaskPolicy(patterns=[CustomPattern("stripe-key", "sk_live_[A-Za-z0-9]{24}")]))
+    key = b"sk_" + b"live_" + b"A" * 24
+    data = b"key=" + key + b" pan " + luhn_complete("555555555555444").encode() + b"\n"
+    s = m.stream()
+    out = b"".join(s.feed(data[i : i + 2]) for i in range(0, len(data), 2)) + s.flush()
+    assert key not in out and out.count(b"*") == len(key) + 6
+    assert s.counts == Counter({"stripe-key": 1, "pan": 1})
+
+
+def test_only_a_possible_match_is_held_back() -> None:
+    s = MASKER.stream()
+    assert s.feed(b"$ ls\r\nfile.txt\r\n") == b"$ ls\r\nfile.txt\r\n"
+    assert s.pending == 0
+    # Digits at the end could be the start of a PAN: held until more data or flush.
+    assert s.feed(b"order 4111 1111") == b"order "
+    assert s.pending == len(b"4111 1111")
+    assert s.flush() == b"4111 1111"
+    assert s.pending == 0
+
+
+def test_pan_cut_inside_multibyte_neighbours() -> None:
+    pan = luhn_complete("510510510510510")
+    data = f"é{pan}€".encode()
+    for cut in range(1, len(data)):
+        out = stream_mask(MASKER, data, [cut])
+        assert out.decode() == f"é{pan[:6]}******{pan[-4:]}€"
+
+
+def test_long_digit_runs_are_not_windows_of_pans() -> None:
+    pan = luhn_complete("411111111111111")
+    data = f"id=9{pan}9 tx 12345678901234567890123456789\n".encode()
+    assert MASKER.mask_bytes(data) == data
+
+
+def test_pan_followed_by_more_numbers_is_still_found() -> None:
+    pan = luhn_complete("411111111111111")
+    spaced = " ".join(pan[i : i + 4] for i in range(0, 16, 4))
+    out = MASKER.mask_bytes(f"card {spaced} 12/26 cvv 123".encode())
+    assert out == f"card {pan[:4]} {pan[4:6]}** **** {pan[-4:]} 12/26 cvv 123".encode()
+
+
+def test_mask_text_for_plain_strings() -> None:
+    pan = luhn_complete("37828224631000")
+    assert MASKER.mask(f"SELECT * FROM cards WHERE pan = '{pan}'") == (
+        f"SELECT * FROM cards WHERE pan = '{pan[:6]}*****{pan[-4:]}'"
+    )
+    assert MASKER.mask("no secrets here") == "no secrets here"
+
+
+def test_bad_custom_pattern_is_one_line_error() -> None:
+    with pytest.raises(ValueError, match="pattern"):
+        Masker(MaskPolicy(patterns=[CustomPattern("x", "(unclosed")]))
+
+
+def test_hashes_and_uuids_holding_luhn_valid_runs_pass() -> None:
+    run = luhn_complete("346009123924073654")  # 19 digits, Luhn-valid
+    sha = f"fbb2b305b34ad38bc8fc{run}a".encode()
+    assert len(sha) == 40
+    block = luhn_complete("71630615141066")[3:]  # 'a716-' + 12 digits: 15 Luhn-valid digits
+    uuid = f"550e8400-e29b-41d4-a{luhn_complete('71630615141066')[:3]}-{block}".encode()
+    data = b"commit " + sha + b"\r\nrequest id=" + uuid + b" ok\r\n"
+    assert MASKER.mask_bytes(data) == data
+    for cut in range(0, len(data), 3):
+        assert stream_mask(MASKER, data, [cut]) == data
+    # The same digits standing alone are a card number.
+    assert MASKER.mask_bytes(f"pan {run}".encode()) != f"pan {run}".encode()

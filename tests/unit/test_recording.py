@@ -1,0 +1,207 @@
+"""asciicast writer, hash chain, signed manifest and verification."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recorder.asciicast import EventEncoder
+from recorder.integrity import Verdict, chain_path, manifest_path, verify_cast
+from recorder.masking import Masker, luhn_complete
+from recorder.recording import CastWriter, RecordingError
+from recorder.session import HIDDEN_MARKER, SessionRecorder
+from recorder.signing import SigningKey
+
+KEY = SigningKey.generate()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def write_cast(path: Path, events: int = 20, **kw: object) -> CastWriter:
+    clock = FakeClock()
+    w = CastWriter(path, width=80, height=24, session_id="s1", signing_key=KEY, clock=clock, **kw)  # type: ignore[arg-type]
+    for i in range(events):
+        clock.t += 0.25
+        w.output(f"line {i}\r\n".encode())
+    return w
+
+
+def read_lines(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def test_sealed_cast_verifies_and_is_asciicast_v2(tmp_path: Path) -> None:
+    cast = tmp_path / "a.cast"
+    w = write_cast(cast)
+    w.resize(100, 30)
+    w.marker("blocked: no-drop-database")
+    w.input("ls\n")
+    manifest = w.close()
+    header = json.loads(read_lines(cast)[0])
+    assert header["version"] == 2 and header["width"] == 80 and header["height"] == 24
+    events = [json.loads(line) for line in read_lines(cast)[1:]]
+    assert [e[1] for e in events[-3:]] == ["r", "m", "i"]
+    assert events[-3][2] == "100x30"
+    times = [e[0] for e in events]
+    assert times == sorted(times)
+    assert manifest["lines"] == 24
+    report = verify_cast(cast, KEY.public)
+    assert report.verdict is Verdict.INTACT, report.line()
+    assert cast.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("tamper", "verdict", "line"),
+    [
+        ("change_byte", Verdict.TAMPERED, 6),
+        ("delete_line", Verdict.TAMPERED, 6),
+        ("swap_lines", Verdict.TAMPERED, 6),
+        ("truncate", Verdict.TRUNCATED, None),
+        ("truncate_mid_line", Verdict.TRUNCATED, None),
+        ("append", Verdict.TAMPERED, 22),
+    ],
+)
+def test_verify_names_first_bad_line(
+    tmp_path: Path, tamper: str, verdict: Verdict, line: int | None
+) -> None:
+    cast = tmp_path / "a.cast"
+    write_cast(cast).close()
+    lines = read_lines(cast)
+    if tamper == "change_byte":
+        lines[5] = lines[5].replace(b"line 4", b"line 5")
+    elif tamper == "delete_line":
+        del lines[5]
+    elif tamper == "swap_lines":
+        lines[5], lines[6] = lines[6], lines[5]
+    elif tamper == "truncate":
+        lines = lines[:10]
+    elif tamper == "append":
+        lines.append(lines[-1])
+    data = b"\n".join(lines) + b"\n"
+    if tamper == "truncate_mid_line":
+        data = data[:-7]
+    cast.write_bytes(data)
+    report = verify_cast(cast, KEY.public)
+    assert report.verdict is verdict, report.line()
+    if line is not None:
+        assert report.first_bad_line == line
+        assert f"line {line}" in report.message
+    assert report.verdict.exit_code == 1
+
+
+def test_wrong_signature_and_wrong_key(tmp_path: Path) -> None:
+    cast = tmp_path / "a.cast"
+    write_cast(cast).close()
+    other = SigningKey.generate()
+    assert verify_cast(cast, other.public).verdict is Verdict.TAMPERED
+    man = json.loads(manifest_path(cast).read_text())
+    man["session_id"] = "someone-else"
+    manifest_path(cast).write_text(json.dumps(man))
+    report = verify_cast(cast, KEY.public)
+    assert report.verdict is Verdict.TAMPERED and "signature" in report.message
+
+
+def test_rewritten_chain_file_is_caught(tmp_path: Path) -> None:
+    cast = tmp_path / "a.cast"
+    write_cast(cast).close()
+    chain = bytearray(chain_path(cast).read_bytes())
+    chain[-1] ^= 1
+    chain_path(cast).write_bytes(bytes(chain))
+    assert verify_cast(cast, KEY.public).verdict is Verdict.TAMPERED
+
+
+def test_unsealed_cast_is_reported_not_garbage(tmp_path: Path) -> None:
+    cast = tmp_path / "a.cast"
+    w = write_cast(cast)
+    w.sync()
+    w.abort()
+    report = verify_cast(cast, KEY.public)
+    assert report.verdict is Verdict.UNSEALED
+    assert report.lines == 21
+    # A torn last line, as a kill in the middle of a write leaves it.
+    cast.write_bytes(cast.read_bytes() + b'[5.0, "o", "par')
+    report = verify_cast(cast, KEY.public)
+    assert report.verdict is Verdict.TRUNCATED and "torn" in report.message
+
+
+def test_unreadable(tmp_path: Path) -> None:
+    assert verify_cast(tmp_path / "missing.cast").verdict is Verdict.UNREADABLE
+    (tmp_path / "x.cast").write_text("hello\n")
+    assert verify_cast(tmp_path / "x.cast").verdict.exit_code == 2
+
+
+def test_checkpoints_at_fsync(tmp_path: Path) -> None:
+    seen: list[tuple[int, str]] = []
+    clock = FakeClock()
+    w = CastWriter(
+        tmp_path / "a.cast",
+        width=80,
+        height=24,
+        session_id="s",
+        signing_key=KEY,
+        fsync_interval=1.0,
+        on_checkpoint=lambda n, h: seen.append((n, h)),
+        clock=clock,
+    )
+    for _ in range(10):
+        clock.t += 0.3
+        w.output(b"x")
+    # Header + 10 events, 0.3 s apart: fsyncs at 1.2 s (line 5) and 2.4 s (line 9).
+    assert [n for n, _ in seen] == [5, 9]
+    w.close()
+    assert [n for n, _ in seen] == [5, 9, 11]
+    assert seen[-1][1] == w.chain_hash
+
+
+def test_invalid_utf8_and_cut_characters_become_valid_events(tmp_path: Path) -> None:
+    enc = EventEncoder()
+    snow = "☃".encode()
+    line = enc.encode(1.0, "o", b"a" + snow[:1])
+    assert line is not None and json.loads(line) == [1.0, "o", "a"]
+    line = enc.encode(2.0, "o", snow[1:] + b"\xff")
+    assert line is not None and json.loads(line) == [2.0, "o", "☃\ufffd"]
+    # Timestamps never go backwards.
+    line = enc.encode(1.5, "o", b"z")
+    assert line is not None and json.loads(line) == [2.0, "o", "z"]
+
+
+def test_closed_writer_refuses(tmp_path: Path) -> None:
+    w = write_cast(tmp_path / "a.cast", events=1)
+    w.close()
+    with pytest.raises(RecordingError):
+        w.output(b"late")
+
+
+def test_existing_cast_is_never_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "a.cast").write_text("keep")
+    with pytest.raises(RecordingError, match="cannot create"):
+        write_cast(tmp_path / "a.cast")
+    assert (tmp_path / "a.cast").read_text() == "keep"
+
+
+def test_session_recorder_masks_output_and_input(tmp_path: Path) -> None:
+    pan = luhn_complete("411111111111111")
+    w = write_cast(tmp_path / "a.cast", events=0)
+    seen: list[bytes] = []
+    rec = SessionRecorder(w, Masker(), input_mode="commands", on_output=seen.append)
+    sent = rec.output(f"card {pan}\r\n".encode())
+    rec.input(f"echo {pan}\r".encode())
+    rec.input(b"secret\r", echo=False)
+    rec.input(b"lsx\x7f\r")
+    rec.close()
+    masked = f"{pan[:6]}******{pan[-4:]}"
+    assert sent == f"card {masked}\r\n".encode() and seen == [sent]
+    events = [json.loads(x) for x in read_lines(tmp_path / "a.cast")[1:]]
+    assert ["i", f"echo {masked}\n"] in [e[1:] for e in events]
+    assert ["m", HIDDEN_MARKER] in [e[1:] for e in events]
+    assert ["i", "ls\n"] in [e[1:] for e in events]
+    assert pan not in (tmp_path / "a.cast").read_text()
+    assert rec.counts["pan"] == 2
