@@ -183,9 +183,9 @@ class ShellLine:
             self._cells[self._pos : end] = seg[k:] + [" "] * min(k, len(seg))
         elif final == "@":
             end = min(row + self.width, len(self._cells))
-            k = _num(params)
-            seg = [" "] * k + self._cells[self._pos : end]
-            self._cells[self._pos : end] = seg[: end - self._pos]
+            seg = [" "] * _num(params) + self._cells[self._pos : end]
+            # Characters pushed past the right margin are lost, as on a terminal.
+            self._cells[self._pos : end] = seg[: row + self.width - self._pos]
         elif final in "Hf" and self._base is not None:
             self._unsure = True  # absolute positioning: the model loses the line
 
