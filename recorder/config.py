@@ -50,6 +50,13 @@ class ListenConfig(_Section):
     """host:port of the PostgreSQL wire listener; empty to disable."""
     api: str | None = "127.0.0.1:8420"
     """host:port of the HTTP control API; empty to disable."""
+    postgres_tls_cert: str | None = None
+    """PEM certificate for the PostgreSQL listener (default: generated in keys/)."""
+    postgres_tls_key: str | None = None
+    """PEM private key for ``postgres_tls_cert``."""
+    postgres_require_tls: bool | None = None
+    """Refuse passwords (tokens) sent without TLS; default: required unless the
+    PostgreSQL listener is on a loopback address."""
 
 
 class StoreConfig(_Section):
@@ -64,6 +71,9 @@ class RecordingConfig(_Section):
     """What a session does when its recording cannot be written: fail closed or go on."""
     input: Literal["none", "commands", "all"] = "commands"
     """Which input is kept: none, the submitted command lines, or every keystroke."""
+    max_result_rows: int = Field(default=100, ge=0, le=100_000)
+    """Rows of each SQL result drawn in a PostgreSQL session's transcript (the row
+    count and the query log are always complete)."""
 
 
 class PatternConfig(_Section):
@@ -147,6 +157,8 @@ class TargetConfig(_Section):
     """Identities in any of these groups may use the target; none means nobody."""
     mask_columns: list[str] = []
     """``table.column`` names masked whatever their content (PostgreSQL)."""
+    tls: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
+    """TLS from the relay to a PostgreSQL target."""
     allow_sftp: bool = False
     """Let agents use the sftp/scp subsystem (recorded as metadata, not content)."""
 

@@ -18,6 +18,8 @@ from recorder.config import Config, ConfigError
 from recorder.signing import SigningKey
 from recorder.store import Store
 from relay.context import RelayContext
+from relay.pg.relay import PgListener
+from relay.pg.tls import server_context
 from relay.ssh_relay import ENCRYPTION, RelayServer
 
 log = logging.getLogger("castgate.relay")
@@ -58,6 +60,7 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
         loop.add_signal_handler(sig, stop.set)
     listening: dict[str, str] = {}
     ssh_server: asyncssh.SSHAcceptor | None = None
+    pg_server: asyncio.Server | None = None
     try:
         if cfg.listen.ssh:
             host, port = split_address(cfg.listen.ssh, "ssh")
@@ -77,6 +80,12 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
             )
             sock = ssh_server.sockets[0].getsockname()
             listening["ssh"] = f"{sock[0]}:{sock[1]}"
+        if cfg.listen.postgres:
+            host, port = split_address(cfg.listen.postgres, "postgres")
+            pg = PgListener(ctx, host, server_context(cfg))
+            pg_server = await asyncio.start_server(pg.handle, host, port, limit=1 << 20)
+            sock = pg_server.sockets[0].getsockname()
+            listening["postgres"] = f"{sock[0]}:{sock[1]}"
         await ctx.event("relay.start", None, "success", ctx.node, "relay", {"listen": listening})
         log.info("relay.listening", extra=listening)
         if ready is not None:
@@ -86,6 +95,8 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
         log.info("relay.stopping", extra={"live_sessions": len(ctx.live)})
         if ssh_server is not None:
             ssh_server.close()
+        if pg_server is not None:
+            pg_server.close()
         for session in list(ctx.live.values()):
             with contextlib.suppress(Exception):
                 await session.close("relay shutdown")

@@ -49,6 +49,17 @@ class Relay:
     proc: subprocess.Popen[bytes]
     jwt_key: bytes
     logs: list[dict[str, object]] = field(default_factory=list)
+    pg_port: int = 0
+
+    def pg_dsn(
+        self, target: str = "appdb", user: str = "ci-agent", token: str | None = None
+    ) -> str:
+        """libpq connection string through the relay's PostgreSQL listener."""
+        secret = TOKENS.get(user, "") if token is None else token
+        return (
+            f"host=127.0.0.1 port={self.pg_port} dbname={target} user={user} "
+            f"password={secret} sslmode=disable connect_timeout=10"
+        )
 
     def ssh_args(self, key: Path | None = None) -> list[str]:
         """OpenSSH client arguments for an agent connecting to the relay with its key."""
@@ -137,7 +148,7 @@ def write_config(workdir: Path, target: SshTarget, agent_pub: str, extra: str = 
 data_dir = "data"
 [listen]
 ssh = "127.0.0.1:0"
-postgres = ""
+postgres = "127.0.0.1:0"
 api = ""
 [recording]
 fsync_interval = 0.2
@@ -218,7 +229,9 @@ timeout = "30s"
     return path
 
 
-def start_relay(workdir: Path, target: SshTarget, extra: str = "") -> Relay:
+def start_relay(
+    workdir: Path, target: SshTarget, extra: str = "", env: dict[str, str] | None = None
+) -> Relay:
     """Init keys, write the config, start ``castgate relay`` and wait until it listens."""
     workdir.mkdir(parents=True, exist_ok=True)
     agent_key = workdir / "agent_ed25519"
@@ -233,7 +246,7 @@ def start_relay(workdir: Path, target: SshTarget, extra: str = "") -> Relay:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     logs: list[dict[str, object]] = []
     ready = threading.Event()
@@ -256,16 +269,18 @@ def start_relay(workdir: Path, target: SshTarget, extra: str = "") -> Relay:
         proc.kill()
         proc.wait()
         pytest.fail(f"relay did not start: {logs[-10:]}")
-    port = int(
-        str(next(e for e in logs if e.get("msg") == "relay.listening")["ssh"]).rsplit(":", 1)[1]
-    )
+    listening = next(e for e in logs if e.get("msg") == "relay.listening")
+    port = int(str(listening["ssh"]).rsplit(":", 1)[1])
+    pg_port = int(str(listening.get("postgres", ":0")).rsplit(":", 1)[1])
     host_pub = (workdir / "data" / "keys" / "ssh_host_ed25519.pub").read_text().split()
     host_key_line = f"{host_pub[0]} {host_pub[1]}"
     known_hosts = workdir / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{port} {host_key_line}\n")
-    return Relay(
+    relay = Relay(
         workdir, config, port, host_key_line, agent_key, known_hosts, target, proc, jwt_key, logs
     )
+    relay.pg_port = pg_port
+    return relay
 
 
 @pytest.fixture(scope="module")

@@ -552,6 +552,27 @@ class Store:
                     raise StoreError(f"no command {id}")
                 raise StoreError(f"command {id} has already finished")
 
+    def add_finished_commands(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Record many finished commands in one transaction (the PostgreSQL relay logs
+        every statement; one transaction per statement would cap its throughput).
+
+        Each row has the keys of :meth:`add_command` and :meth:`finish_command`
+        (``session_id``, ``text``, ``kind``, ``action``, ``at`` and optionally ``rule``,
+        ``approval_id``, ``status``, ``rows``, ``duration_ms``, ``finished_at``...).
+        """
+        if not rows:
+            return
+        values = []
+        for row in rows:
+            v = dict(row)
+            v["at"] = _when(v.get("at"), "at")
+            v["finished_at"] = _when(v.get("finished_at"), "finished_at")
+            _choice(v["kind"], _COMMAND_KINDS, "kind")
+            _choice(v["action"], _COMMAND_ACTIONS, "action")
+            values.append(v)
+        with self._tx(write=True) as conn:
+            conn.execute(commands.insert(), values)
+
     def list_commands(self, session_id: str) -> list[dict[str, Any]]:
         """Return the commands of a session in the order they were recorded."""
         query = (

@@ -1,0 +1,374 @@
+"""PostgreSQL wire protocol v3: framing and the message bodies the relay reads or
+writes. No I/O: decoders take bytes and yield messages; builders return bytes.
+
+Frontend and backend messages share type bytes with different meanings ('D' is
+Describe one way and DataRow the other), so each direction has its own decoder.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+PROTOCOL_3_0 = 196608
+PROTOCOL_3_2 = 196610
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+
+# Size caps: a startup packet is small; a message may carry a large COPY row or query
+# but never more than the server itself accepts (1 GB) and, here, far less.
+MAX_STARTUP = 10_000
+MAX_MESSAGE = 256 * 1024 * 1024
+
+_I32 = struct.Struct("!i")
+_HDR = struct.Struct("!ci")
+_I16 = struct.Struct("!h")
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the message is fit to send back in an ErrorResponse."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One typed message: its type byte and body (without type and length)."""
+
+    type: bytes
+    body: bytes
+
+    def raw(self) -> bytes:
+        """The message as it travels on the wire."""
+        return _HDR.pack(self.type, len(self.body) + 4) + self.body
+
+
+@dataclass(frozen=True)
+class Startup:
+    """An untyped startup-phase packet: StartupMessage, SSLRequest, GSSENCRequest or
+    CancelRequest."""
+
+    code: int
+    body: bytes
+
+    @property
+    def params(self) -> dict[str, str]:
+        """Parameters of a StartupMessage."""
+        parts = self.body.split(b"\0")
+        out: dict[str, str] = {}
+        for i in range(0, len(parts) - 1, 2):
+            if not parts[i]:
+                break
+            out[parts[i].decode("utf-8", "replace")] = parts[i + 1].decode("utf-8", "replace")
+        return out
+
+
+class StartupDecoder:
+    """Reads the untyped packets a client sends before its StartupMessage is accepted."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Startup | None:
+        """Add bytes; returns a complete packet (the rest stays buffered) or None."""
+        self._buf += data
+        if len(self._buf) < 8:
+            return None
+        (length,) = _I32.unpack_from(self._buf, 0)
+        if length < 8 or length > MAX_STARTUP:
+            raise ProtocolError(f"invalid startup packet length {length}")
+        if len(self._buf) < length:
+            return None
+        (code,) = _I32.unpack_from(self._buf, 4)
+        body = bytes(self._buf[8:length])
+        del self._buf[:length]
+        return Startup(code, body)
+
+    def rest(self) -> bytes:
+        """Bytes received after the last packet (the client pipelined ahead)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+
+class MessageDecoder:
+    """Splits a byte stream into typed messages; one instance per direction."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self._buf = bytearray()
+        self._max = max_message
+
+    def feed(self, data: bytes) -> Iterator[Message]:
+        """Add bytes and yield every complete message."""
+        buf = self._buf
+        buf += data
+        pos = 0
+        n = len(buf)
+        while n - pos >= 5:
+            typ, length = _HDR.unpack_from(buf, pos)
+            if length < 4 or length > self._max:
+                raise ProtocolError(f"invalid length {length} for message type {typ!r}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            yield Message(typ, bytes(buf[pos + 5 : end]))
+            pos = end
+        if pos:
+            del buf[:pos]
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete message held."""
+        return len(self._buf)
+
+
+# -- reading bodies -------------------------------------------------------------------
+
+
+def cstring(body: bytes, pos: int) -> tuple[str, int]:
+    """A NUL-terminated string at ``pos``; returns it and the position after it."""
+    end = body.index(b"\0", pos)
+    return body[pos:end].decode("utf-8", "replace"), end + 1
+
+
+def parse_query(body: bytes) -> str:
+    """The SQL text of a Query message."""
+    return body[: body.index(b"\0")].decode("utf-8", "replace") if b"\0" in body else ""
+
+
+@dataclass(frozen=True)
+class Parse:
+    """A Parse message."""
+
+    name: str
+    query: str
+    param_types: tuple[int, ...]
+
+
+def parse_parse(body: bytes) -> Parse:
+    """Decode Parse."""
+    name, pos = cstring(body, 0)
+    query, pos = cstring(body, pos)
+    (n,) = _I16.unpack_from(body, pos)
+    types = struct.unpack_from(f"!{n}i", body, pos + 2) if n > 0 else ()
+    return Parse(name, query, tuple(types))
+
+
+@dataclass(frozen=True)
+class Bind:
+    """What the relay needs of a Bind: names and result formats."""
+
+    portal: str
+    statement: str
+    result_formats: tuple[int, ...]
+
+
+def parse_bind(body: bytes) -> Bind:
+    """Decode Bind (parameter values are skipped, not copied)."""
+    portal, pos = cstring(body, 0)
+    stmt, pos = cstring(body, pos)
+    (nfmt,) = _I16.unpack_from(body, pos)
+    pos += 2 + 2 * nfmt
+    (nparams,) = _I16.unpack_from(body, pos)
+    pos += 2
+    for _ in range(nparams):
+        (length,) = _I32.unpack_from(body, pos)
+        pos += 4 + max(length, 0)
+    (nres,) = _I16.unpack_from(body, pos)
+    res = struct.unpack_from(f"!{nres}h", body, pos + 2) if nres > 0 else ()
+    return Bind(portal, stmt, tuple(res))
+
+
+def parse_describe(body: bytes) -> tuple[str, str]:
+    """(``S`` or ``P``, name) of a Describe or Close."""
+    return chr(body[0]), cstring(body, 1)[0]
+
+
+def parse_execute(body: bytes) -> tuple[str, int]:
+    """(portal, max rows) of an Execute."""
+    portal, pos = cstring(body, 0)
+    return portal, _I32.unpack_from(body, pos)[0]
+
+
+@dataclass(frozen=True)
+class Field:
+    """A column of a RowDescription."""
+
+    name: str
+    table_oid: int
+    attnum: int
+    type_oid: int
+    format: int
+
+
+_FIELD = struct.Struct("!ihihih")
+
+
+def parse_row_description(body: bytes) -> list[Field]:
+    """Decode RowDescription."""
+    (n,) = _I16.unpack_from(body, 0)
+    pos = 2
+    fields = []
+    for _ in range(n):
+        name, pos = cstring(body, pos)
+        table, attnum, typ, _len, _mod, fmt = _FIELD.unpack_from(body, pos)
+        pos += _FIELD.size
+        fields.append(Field(name, table, attnum, typ, fmt))
+    return fields
+
+
+def with_formats(fields: Sequence[Field], formats: Sequence[int]) -> list[Field]:
+    """Fields with the result formats a Bind asked for (none: text; one: all)."""
+    if not formats:
+        return [
+            f if f.format == 0 else Field(f.name, f.table_oid, f.attnum, f.type_oid, 0)
+            for f in fields
+        ]
+    out = []
+    for i, f in enumerate(fields):
+        fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+        out.append(Field(f.name, f.table_oid, f.attnum, f.type_oid, fmt))
+    return out
+
+
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    """Decode DataRow values (None is SQL NULL)."""
+    (n,) = _I16.unpack_from(body, 0)
+    pos = 2
+    values: list[bytes | None] = []
+    for _ in range(n):
+        (length,) = _I32.unpack_from(body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + length])
+            pos += length
+    return values
+
+
+def parse_fields(body: bytes) -> list[tuple[str, str]]:
+    """The (code, value) fields of an ErrorResponse or NoticeResponse."""
+    out = []
+    pos = 0
+    while pos < len(body) and body[pos] != 0:
+        code = chr(body[pos])
+        value, pos = cstring(body, pos + 1)
+        out.append((code, value))
+    return out
+
+
+def parse_command_complete(body: bytes) -> tuple[str, int | None]:
+    """(tag, row count) of CommandComplete, e.g. ('SELECT 3', 3)."""
+    tag = body[: body.index(b"\0")].decode() if b"\0" in body else body.decode()
+    last = tag.rsplit(" ", 1)[-1]
+    return tag, int(last) if last.isdigit() else None
+
+
+# -- building messages ------------------------------------------------------------------
+
+
+def message(typ: bytes, body: bytes = b"") -> bytes:
+    """Frame a message."""
+    return _HDR.pack(typ, len(body) + 4) + body
+
+
+def data_row(values: Sequence[bytes | None]) -> bytes:
+    """A DataRow message."""
+    parts = [_I16.pack(len(values))]
+    for v in values:
+        if v is None:
+            parts.append(_I32.pack(-1))
+        else:
+            parts.append(_I32.pack(len(v)))
+            parts.append(v)
+    return message(b"D", b"".join(parts))
+
+
+def fields_body(fields: Sequence[tuple[str, str]]) -> bytes:
+    """Body of an ErrorResponse/NoticeResponse."""
+    return b"".join(c.encode() + v.encode() + b"\0" for c, v in fields) + b"\0"
+
+
+def error_response(
+    sqlstate: str, text: str, *, severity: str = "ERROR", detail: str | None = None
+) -> bytes:
+    """An ErrorResponse."""
+    fields = [("S", severity), ("V", severity), ("C", sqlstate), ("M", text)]
+    if detail:
+        fields.append(("D", detail))
+    return message(b"E", fields_body(fields))
+
+
+def notice_response(text: str, *, severity: str = "NOTICE") -> bytes:
+    """A NoticeResponse."""
+    return message(
+        b"N", fields_body([("S", severity), ("V", severity), ("C", "00000"), ("M", text)])
+    )
+
+
+def ready_for_query(status: bytes) -> bytes:
+    """ReadyForQuery with transaction status I, T or E."""
+    return message(b"Z", status)
+
+
+def startup_message(params: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
+    """A StartupMessage."""
+    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    return _I32.pack(len(body) + 8) + _I32.pack(version) + body
+
+
+def auth_request(code: int, extra: bytes = b"") -> bytes:
+    """An Authentication* message (0 ok, 3 cleartext, 5 md5, 10 SASL, 11/12 SASL steps)."""
+    return message(b"R", _I32.pack(code) + extra)
+
+
+def password_message(secret: bytes) -> bytes:
+    """PasswordMessage / SASLResponse (the caller adds the NUL for cleartext)."""
+    return message(b"p", secret)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    """SASLInitialResponse."""
+    return message(b"p", mechanism.encode() + b"\0" + _I32.pack(len(data)) + data)
+
+
+def negotiate_protocol_version(minor: int, unsupported: Sequence[str]) -> bytes:
+    """NegotiateProtocolVersion: the newest minor version we speak and the options we
+    do not recognise."""
+    body = _I32.pack(minor) + _I32.pack(len(unsupported))
+    body += b"".join(o.encode() + b"\0" for o in unsupported)
+    return message(b"v", body)
+
+
+def backend_key_data(pid: int, key: int) -> bytes:
+    """BackendKeyData with a 4-byte key (protocol 3.0)."""
+    return message(b"K", struct.pack("!ii", pid, key))
+
+
+def cancel_request(pid: int, key: bytes) -> bytes:
+    """A CancelRequest packet for the upstream server."""
+    body = struct.pack("!ii", CANCEL_REQUEST, pid) + key
+    return _I32.pack(len(body) + 4) + body
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    """ParameterStatus."""
+    return message(b"S", name.encode() + b"\0" + value.encode() + b"\0")
+
+
+def query(text: str) -> bytes:
+    """A simple Query."""
+    return message(b"Q", text.encode() + b"\0")
+
+
+def parse_msg(name: str, text: str, param_types: Sequence[int] = ()) -> bytes:
+    """A Parse message."""
+    body = name.encode() + b"\0" + text.encode() + b"\0" + _I16.pack(len(param_types))
+    body += b"".join(_I32.pack(t) for t in param_types)
+    return message(b"P", body)
+
+
+def describe(kind: str, name: str) -> bytes:
+    """A Describe message (kind ``S`` or ``P``)."""
+    return message(b"D", kind.encode() + name.encode() + b"\0")

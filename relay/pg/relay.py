@@ -1,0 +1,1022 @@
+"""The PostgreSQL wire relay: agents connect with ``dbname=TARGET user=IDENTITY
+password=TOKEN``; the relay authenticates the token, checks the target's groups,
+connects to the target with the target's own credential, and then moves messages both
+ways: every statement through the policy, every result row and error through the
+masker, every statement into the query log and the psql-like transcript.
+
+Two tasks per session, one per direction. Responses come back in request order, so the
+client side queues what it sent (a deque of pending requests) and the server side
+consumes it as responses arrive: that is how a DataRow knows its columns and an error
+knows which statement failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import ssl
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from recorder.config import TargetConfig
+from recorder.recording import CastWriter, RecordingError
+from recorder.session import SessionRecorder
+from relay.approvals import wait_for_approval
+from relay.context import RelayContext, new_session_id
+from relay.identity import AuthError, Identity
+from relay.pg import protocol as p
+from relay.pg.sql import SqlGate
+from relay.pg.transcript import Transcript
+from relay.pg.upstream import Upstream, UpstreamError, connect, resolve_mask_columns
+from relay.policy import Decision
+
+log = logging.getLogger("castgate.pg")
+
+_DIGITS = b"0123456789"
+# mask_columns: every ASCII letter and digit becomes '*', the rest (separators) stays.
+_ALNUM_STAR = bytes(
+    0x2A if (0x30 <= b <= 0x39 or 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A) else b for b in range(256)
+)
+# Binary formats that are plain UTF-8 text: masked like text.
+_TEXT_OIDS = {25, 1043, 1042, 19, 114, 142, 705}
+_JSONB_OID = 3802
+_INT8_OID = 20
+_PASS_PARAMS = {
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "extra_float_digits",
+    "IntervalStyle",
+    "search_path",
+}
+_FLUSH_INTERVAL = 0.25
+
+
+def _digit_count(data: bytes) -> int:
+    return len(data) - len(data.translate(None, _DIGITS))
+
+
+def is_loopback(host: str) -> bool:
+    """True for a listener address on the loopback interface."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class CancelMap:
+    """Our (pid, key) handed to each client, mapped to the target's, so a CancelRequest
+    reaches only the session it names."""
+
+    def __init__(self) -> None:
+        self._map: dict[tuple[int, int], tuple[TargetConfig, int, bytes]] = {}
+
+    def issue(self, target: TargetConfig, up_pid: int, up_key: bytes) -> tuple[int, int]:
+        while True:
+            pid, key = secrets.randbits(31) or 1, secrets.randbits(31)
+            if (pid, key) not in self._map:
+                self._map[(pid, key)] = (target, up_pid, up_key)
+                return pid, key
+
+    def get(self, pid: int, key: int) -> tuple[TargetConfig, int, bytes] | None:
+        return self._map.get((pid, key))
+
+    def drop(self, pid: int, key: int) -> None:
+        self._map.pop((pid, key), None)
+
+
+# -- requests awaiting responses ---------------------------------------------------------
+
+
+@dataclass
+class _Query:
+    text: str  # masked
+    started: float
+    rows: int = 0
+    error: bool = False
+    log: bool = True
+
+
+@dataclass
+class _Parse:
+    name: str
+
+
+@dataclass
+class _Bind:
+    pass
+
+
+@dataclass
+class _Describe:
+    kind: str
+    name: str
+    hidden: bool
+    got_params: bool = False
+
+
+@dataclass
+class _Execute:
+    portal: str
+    statement: str
+    formats: tuple[int, ...]
+    text: str  # masked
+    started: float
+    rows: int = 0
+
+
+@dataclass
+class _Close:
+    pass
+
+
+@dataclass
+class _Sync:
+    pass
+
+
+_Pending = _Query | _Parse | _Bind | _Describe | _Execute | _Close | _Sync
+
+
+@dataclass
+class _Columns:
+    fields: list[p.Field]
+    masked: list[bool]
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def any_masked(self) -> bool:
+        return any(self.masked)
+
+
+class PgSession:
+    """One client connection through the relay."""
+
+    def __init__(
+        self,
+        ctx: RelayContext,
+        listener: PgListener,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self.cr = reader
+        self.cw = writer
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.id = new_session_id()
+        self.tls = False
+        self.ident: Identity | None = None
+        self.target: TargetConfig | None = None
+        self.up: Upstream | None = None
+        self.rec: SessionRecorder | None = None
+        self.transcript: Transcript | None = None
+        self.pending: deque[_Pending] = deque()
+        self.stmt_text: dict[str, str] = {}
+        self.stmt_desc: dict[str, list[p.Field] | None] = {}
+        self.portal_desc: dict[str, list[p.Field] | None] = {}
+        self.portal_stmt: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.described: set[str] = set()
+        self.mask_keys: set[tuple[int, int]] = set()
+        self.sentinels: dict[str, str] = {}
+        self.columns: _Columns | None = None
+        self.status = "closed"
+        self.cancel_key: tuple[int, int] | None = None
+        self._log_rows: list[dict[str, Any]] = []
+        self._last_flush = time.monotonic()
+        self.statements = 0
+
+    # -- setup ---------------------------------------------------------------------------
+
+    async def _send(self, data: bytes) -> None:
+        self.cw.write(data)
+        await self.cw.drain()
+
+    async def _fatal(self, sqlstate: str, text: str) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            await self._send(p.error_response(sqlstate, text, severity="FATAL"))
+
+    async def run(self) -> None:
+        try:
+            if await self._startup():
+                await self._relay()
+        except p.ProtocolError as exc:
+            self.status = "protocol error"
+            await self._fatal("08P01", f"castgate: {exc}")
+            self.ctx.emit(
+                "pg.protocol",
+                self.ident.name if self.ident else None,
+                "failure",
+                self.peer,
+                "postgres",
+                {"error": str(exc)},
+            )
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+            self.status = "disconnected"
+        except Exception as exc:
+            log.exception("pg.session_error", extra={"session": self.id})
+            self.status = "error"
+            await self._fatal("XX000", f"castgate: internal error: {exc}")
+        finally:
+            await self._close()
+
+    async def _read_startup(self, dec: p.StartupDecoder) -> p.Startup:
+        while True:
+            pkt = dec.feed(b"")
+            if pkt is not None:
+                return pkt
+            data = await asyncio.wait_for(self.cr.read(8192), 30)
+            if not data:
+                raise ConnectionError("client closed during startup")
+            pkt = dec.feed(data)
+            if pkt is not None:
+                return pkt
+
+    async def _startup(self) -> bool:
+        dec = p.StartupDecoder()
+        while True:
+            try:
+                pkt = await self._read_startup(dec)
+            except TimeoutError:
+                raise p.ProtocolError("startup timed out") from None
+            if pkt.code == p.SSL_REQUEST:
+                if dec.rest():
+                    raise p.ProtocolError("data after SSLRequest before the TLS handshake")
+                if self.listener.tls is not None and not self.tls:
+                    await self._send(b"S")
+                    await self.cw.start_tls(self.listener.tls)
+                    self.tls = True
+                else:
+                    await self._send(b"N")
+                continue
+            if pkt.code == p.GSSENC_REQUEST:
+                await self._send(b"N")
+                continue
+            if pkt.code == p.CANCEL_REQUEST:
+                await self._cancel(pkt.body)
+                return False
+            break
+        major = pkt.code >> 16
+        if major != 3:
+            await self._fatal(
+                "0A000", f"castgate: unsupported protocol version {major}.{pkt.code & 0xFFFF}"
+            )
+            return False
+        params = pkt.params
+        unsupported = [k for k in params if k.startswith("_pq_.")]
+        if (pkt.code & 0xFFFF) > 0 or unsupported:
+            # We speak 3.0; libpq 18 asks for 3.2 and falls back when told.
+            self.cw.write(p.negotiate_protocol_version(0, unsupported))
+        user = params.get("user", "")
+        database = params.get("database", user)
+        if params.get("replication"):
+            await self._fatal("28000", "castgate: replication connections are not relayed")
+            return False
+        if self.listener.require_tls and not self.tls:
+            self.ctx.emit(
+                "auth",
+                user or None,
+                "failure",
+                self.peer,
+                f"postgres:{database}",
+                {"method": "token", "reason": "password without TLS"},
+            )
+            await self._fatal(
+                "28000",
+                "castgate: this listener requires TLS (sslmode=require) before a token is sent",
+            )
+            return False
+        await self._send(p.auth_request(3))
+        msgs = p.MessageDecoder(max_message=65536)
+        password: bytes | None = None
+        while password is None:
+            data = await asyncio.wait_for(self.cr.read(8192), 60)
+            if not data:
+                raise ConnectionError("client closed during authentication")
+            for msg in msgs.feed(data):
+                if msg.type != b"p":
+                    raise p.ProtocolError(f"expected a password message, got {msg.type!r}")
+                password = msg.body.rstrip(b"\0")
+                break
+        try:
+            ident = await asyncio.to_thread(
+                self.ctx.auth.by_token, password.decode("utf-8", "replace")
+            )
+        except AuthError as exc:
+            self.ctx.emit(
+                "auth",
+                user or None,
+                "failure",
+                self.peer,
+                f"postgres:{database}",
+                {"method": "token", "reason": str(exc)},
+            )
+            await self._fatal("28P01", f"castgate: authentication failed for {user!r}: {exc}")
+            return False
+        if ident.name != user:
+            self.ctx.emit(
+                "auth",
+                user or None,
+                "failure",
+                self.peer,
+                f"postgres:{database}",
+                {"method": ident.method, "reason": f"token belongs to {ident.name}"},
+            )
+            await self._fatal(
+                "28P01", f"castgate: the token is not {user!r}'s (user must be the identity name)"
+            )
+            return False
+        self.ident = ident
+        self.ctx.emit(
+            "auth",
+            ident.name,
+            "success",
+            self.peer,
+            f"postgres:{database}",
+            {"method": ident.method, "groups": list(ident.groups)},
+        )
+        target = self.ctx.policy.target(database)
+        if target is None or target.kind != "postgres":
+            reason = f"no PostgreSQL target named {database!r}"
+        elif not self.ctx.policy.can_access(ident.groups, target):
+            reason = f"identity {ident.name} is not in any group of target {target.name}"
+        else:
+            reason = None
+        if reason is not None or target is None:
+            self.ctx.emit(
+                "access",
+                ident.name,
+                "failure",
+                self.peer,
+                f"postgres:{database}",
+                {"reason": reason},
+            )
+            await self._fatal("42501", f"castgate: {reason}")
+            return False
+        self.target = target
+        forwarded = {k: v for k, v in params.items() if k in _PASS_PARAMS}
+        forwarded.setdefault("application_name", "")
+        forwarded["application_name"] = f"castgate:{ident.name}" + (
+            f" {forwarded['application_name']}" if forwarded["application_name"] else ""
+        )
+        try:
+            self.up = await connect(target, forwarded)
+            if target.mask_columns:
+                self.mask_keys = await resolve_mask_columns(self.up, target.mask_columns)
+        except UpstreamError as exc:
+            self.status = "target unreachable"
+            self.ctx.emit(
+                "target.connect",
+                ident.name,
+                "failure",
+                self.peer,
+                f"postgres:{target.name}",
+                {"reason": str(exc)},
+            )
+            await self._fatal("08006", f"castgate: {exc}")
+            return False
+        self._open_recording()
+        await asyncio.to_thread(
+            self.ctx.store.create_session,
+            self.id,
+            identity=ident.name,
+            target=target.name,
+            protocol="postgres",
+            groups=list(ident.groups),
+            auth_method=ident.method,
+            source=self.peer,
+            node=self.ctx.node,
+            cast_path=str(self.ctx.cfg.recordings_dir / f"{self.id}.cast"),
+            title=f"{ident.name}@{target.name}",
+        )
+        self.ctx.live[self.id] = self
+        self.ctx.emit(
+            "session.start",
+            ident.name,
+            "success",
+            self.peer,
+            f"postgres:{target.name}",
+            {"tls": self.tls},
+            session_id=self.id,
+        )
+        out = bytearray(p.auth_request(0))
+        for k, v in self.up.params.items():
+            out += p.parameter_status(k, v)
+        self.cancel_key = self.listener.cancels.issue(target, self.up.pid, self.up.key)
+        out += p.backend_key_data(*self.cancel_key)
+        out += p.ready_for_query(self.up.status)
+        await self._send(bytes(out))
+        return True
+
+    async def _cancel(self, body: bytes) -> None:
+        if len(body) < 8:
+            return
+        pid, key = struct.unpack_from("!ii", body, 0)
+        found = self.listener.cancels.get(pid, key)
+        if found is None:
+            self.ctx.emit(
+                "pg.cancel", None, "failure", self.peer, "postgres", {"reason": "unknown key"}
+            )
+            return
+        target, up_pid, up_key = found
+        host, _, port = target.address.rpartition(":")
+        with contextlib.suppress(OSError, TimeoutError):
+            _r, w = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 10)
+            w.write(p.cancel_request(up_pid, up_key))
+            await w.drain()
+            w.close()
+        self.ctx.emit("pg.cancel", None, "success", self.peer, f"postgres:{target.name}", None)
+
+    def _open_recording(self) -> None:
+        assert self.ident is not None and self.target is not None
+        cfg = self.ctx.cfg
+        try:
+            writer = CastWriter(
+                cfg.recordings_dir / f"{self.id}.cast",
+                width=120,
+                height=40,
+                session_id=self.id,
+                signing_key=self.ctx.signing_key,
+                title=f"{self.ident.name}@{self.target.name}: psql",
+                env={"TERM": "xterm-256color", "SHELL": "/bin/sh"},
+                fsync_interval=cfg.recording.fsync_interval,
+                on_checkpoint=self._checkpoint,
+                extra_header={
+                    "identity": self.ident.name,
+                    "target": self.target.name,
+                    "protocol": "postgres",
+                },
+            )
+        except RecordingError:
+            if cfg.recording.on_failure == "terminate":
+                raise
+            return
+        self.rec = SessionRecorder(writer, self.ctx.masker, input_mode="none", hold_deadline=0)
+        self.transcript = Transcript(self.target.name, cfg.recording.max_result_rows)
+        self._write_cast(
+            self.transcript.banner(self.ident.name, self.target.database or self.target.name)
+        )
+
+    def _checkpoint(self, lines: int, chain_hash: str) -> None:
+        try:
+            self.ctx.store.add_checkpoint(self.id, lines, chain_hash)
+        except Exception:
+            log.exception("store.checkpoint_failed", extra={"session": self.id})
+
+    def _write_cast(self, text: str) -> None:
+        if self.rec is None:
+            return
+        try:
+            self.rec.output(text.encode())
+            self.rec.flush_output()
+        except RecordingError as exc:
+            rec, self.rec = self.rec, None
+            rec.writer.abort()
+            self.ctx.emit(
+                "recording.failure",
+                self.ident.name if self.ident else None,
+                "failure",
+                self.peer,
+                "postgres",
+                {"error": str(exc)},
+                session_id=self.id,
+            )
+            if self.ctx.cfg.recording.on_failure == "terminate":
+                self.status = "recording failed"
+                self.cw.write(
+                    p.error_response(
+                        "58030",
+                        f"castgate: recording failed ({exc}); session terminated",
+                        severity="FATAL",
+                    )
+                )
+                self.cw.close()
+                if self.up is not None:
+                    self.up.writer.close()
+
+    def _marker(self, text: str) -> None:
+        if self.rec is not None:
+            with contextlib.suppress(RecordingError):
+                self.rec.marker(text)
+
+    # -- the relay loops ----------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        assert self.up is not None
+        tasks = [
+            asyncio.ensure_future(self._client_loop()),
+            asyncio.ensure_future(self._server_loop()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+
+    def _decide(self, text: str) -> Decision:
+        assert self.ident is not None and self.target is not None
+        nodes = self.listener.gate.nodes(text)
+        return self.ctx.policy.decide(
+            target=self.target.name, groups=self.ident.groups, command=text, sql_nodes=nodes
+        )
+
+    async def _enforce(self, decision: Decision, masked: str) -> tuple[bool, str]:
+        """Carry out a block or approve decision: (allowed, message if refused)."""
+        assert self.ident is not None and self.target is not None and decision.rule is not None
+        rule = decision.rule
+        if decision.action == "block":
+            self._marker(f"blocked: {rule.name}")
+            self._log(masked, "block", rule.name, "blocked")
+            self.ctx.emit(
+                "command.blocked",
+                self.ident.name,
+                "failure",
+                self.peer,
+                f"postgres:{self.target.name}",
+                {"rule": rule.name, "command": masked},
+                session_id=self.id,
+            )
+            return False, f"castgate: blocked by rule {rule.name}"
+
+        def requested(approval_id: int) -> None:
+            self._marker(f"approval #{approval_id} requested (rule {rule.name})")
+            self.cw.write(
+                p.notice_response(
+                    f"castgate: approval #{approval_id} required (rule {rule.name}), waiting"
+                )
+            )
+
+        outcome = await wait_for_approval(
+            self.ctx.store,
+            session_id=self.id,
+            identity=self.ident.name,
+            target=self.target.name,
+            command=masked,
+            rule=rule,
+            on_requested=requested,
+        )
+        self._marker(outcome.describe())
+        self.ctx.emit(
+            "command.approval",
+            self.ident.name,
+            "success" if outcome.approved else "failure",
+            self.peer,
+            f"postgres:{self.target.name}",
+            {"rule": rule.name, "approval": outcome.approval_id, "status": outcome.status},
+            session_id=self.id,
+        )
+        if outcome.approved:
+            self.cw.write(p.notice_response(f"castgate: {outcome.describe()}"))
+            return True, ""
+        self._log(masked, "approve", rule.name, outcome.status)
+        return False, f"castgate: {outcome.describe()}"
+
+    def _sentinel(self, message: str) -> str:
+        """A statement the server rejects during analysis, leaving its transaction and
+        pipeline state exactly as a real error would; its error is rewritten."""
+        nonce = secrets.token_hex(8)
+        self.sentinels[nonce] = message
+        return f'SELECT * FROM pg_catalog."castgate-refused-{nonce}"'  # noqa: S608 - hex nonce
+
+    async def _client_loop(self) -> None:
+        assert self.up is not None
+        up = self.up.writer
+        dec = p.MessageDecoder()
+        masker = self.ctx.masker
+        while True:
+            data = await self.cr.read(65536)
+            if not data:
+                return
+            out = bytearray()
+            for msg in dec.feed(data):
+                t = msg.type
+                if t == b"Q":
+                    text = p.parse_query(msg.body)
+                    masked = masker.mask(text)
+                    self.statements += 1
+                    decision = self._decide(text)
+                    if decision.action != "allow":
+                        if out:
+                            up.write(out)
+                            out = bytearray()
+                        ok, why = await self._enforce(decision, masked)
+                        if not ok:
+                            self.pending.append(_Query(masked, time.monotonic(), log=False))
+                            out += p.query(self._sentinel(why))
+                            if self.transcript is not None:
+                                self._write_cast(self.transcript.query(masked))
+                            continue
+                    self.pending.append(_Query(masked, time.monotonic()))
+                    if self.transcript is not None:
+                        self._write_cast(self.transcript.query(masked))
+                    out += msg.raw()
+                elif t == b"P":
+                    parse = p.parse_parse(msg.body)
+                    masked = masker.mask(parse.query)
+                    self.stmt_text[parse.name] = masked
+                    self.pending.append(_Parse(parse.name))
+                    decision = self._decide(parse.query)
+                    if decision.action != "allow":
+                        if out:
+                            up.write(out)
+                            out = bytearray()
+                        ok, why = await self._enforce(decision, masked)
+                        if not ok:
+                            out += p.parse_msg(parse.name, self._sentinel(why), parse.param_types)
+                            continue
+                    out += msg.raw()
+                elif t == b"B":
+                    bind = p.parse_bind(msg.body)
+                    self.portal_stmt[bind.portal] = (bind.statement, bind.result_formats)
+                    self.described.discard(bind.portal)
+                    self.pending.append(_Bind())
+                    out += msg.raw()
+                elif t == b"D":
+                    kind, name = p.parse_describe(msg.body)
+                    if kind == "P":
+                        self.described.add(name)
+                    self.pending.append(_Describe(kind, name, hidden=False))
+                    out += msg.raw()
+                elif t == b"E":
+                    portal, _max = p.parse_execute(msg.body)
+                    if portal not in self.described:
+                        # The relay must know the columns to mask them: ask, and swallow
+                        # the answer (never synthesise one the client did not ask for).
+                        out += p.describe("P", portal)
+                        self.pending.append(_Describe("P", portal, hidden=True))
+                        self.described.add(portal)
+                    stmt, fmts = self.portal_stmt.get(portal, ("", ()))
+                    text = self.stmt_text.get(stmt, "")
+                    self.statements += 1
+                    self.pending.append(_Execute(portal, stmt, fmts, text, time.monotonic()))
+                    if self.transcript is not None:
+                        self._write_cast(self.transcript.query(text))
+                    out += msg.raw()
+                elif t == b"C":
+                    self.pending.append(_Close())
+                    out += msg.raw()
+                elif t == b"S":
+                    self.pending.append(_Sync())
+                    out += msg.raw()
+                elif t == b"X":
+                    out += msg.raw()
+                    up.write(out)
+                    await up.drain()
+                    return
+                else:
+                    # Flush, CopyData/Done/Fail (input goes to the target as typed),
+                    # FunctionCall: forwarded unchanged.
+                    out += msg.raw()
+            if out:
+                up.write(out)
+            await up.drain()
+
+    def _columns_for(self, fields: list[p.Field]) -> _Columns:
+        keys = self.mask_keys
+        masked = (
+            [(f.table_oid, f.attnum) in keys for f in fields] if keys else [False] * len(fields)
+        )
+        return _Columns(fields, masked, [f.name for f in fields])
+
+    def _mask_row(self, body: bytes) -> bytes:
+        cols = self.columns
+        customs = bool(self.ctx.masker.policy.patterns)
+        if (cols is None or not cols.any_masked) and not customs and _digit_count(body) < 13:
+            return body
+        values = p.parse_data_row(body)
+        out: list[bytes | None] = []
+        counts = self.rec.input_counts if self.rec else None
+        for i, v in enumerate(values):
+            if v is None:
+                out.append(None)
+                continue
+            fmt = cols.fields[i].format if cols and i < len(cols.fields) else 0
+            if cols is not None and i < len(cols.masked) and cols.masked[i]:
+                if fmt == 1:
+                    out.append(None)  # binary values cannot be masked in place
+                else:
+                    masked = self.ctx.masker.mask_bytes(v, counts)
+                    # A card number keeps its bin6-last4 form; anything else in a masked
+                    # column is hidden whole.
+                    out.append(masked if masked != v else v.translate(_ALNUM_STAR))
+                    if counts is not None:
+                        counts["mask_columns"] += 1
+            elif fmt == 0:
+                out.append(self.ctx.masker.mask_bytes(v, counts))
+            else:
+                out.append(
+                    self._mask_binary(
+                        cols.fields[i].type_oid if cols and i < len(cols.fields) else 0, v, counts
+                    )
+                )
+        return p.data_row(out)[5:]
+
+    def _mask_binary(self, type_oid: int, v: bytes, counts: Any) -> bytes | None:
+        """Binary-format values: text types are UTF-8 and masked in place (jsonb after
+        its version byte); a bigint holding a card number becomes NULL."""
+        if type_oid in _TEXT_OIDS:
+            return self.ctx.masker.mask_bytes(v, counts)
+        if type_oid == _JSONB_OID and v[:1] == b"\x01":
+            return b"\x01" + self.ctx.masker.mask_bytes(v[1:], counts)
+        if type_oid == _INT8_OID and len(v) == 8:
+            digits = str(abs(struct.unpack("!q", v)[0])).encode()
+            if 13 <= len(digits) <= 19 and self.ctx.masker.mask_bytes(digits) != digits:
+                if counts is not None:
+                    counts["pan"] += 1
+                return None
+        return v
+
+    def _log(
+        self,
+        text: str,
+        action: str,
+        rule: str | None,
+        status: str,
+        rows: int | None = None,
+        duration: float | None = None,
+    ) -> None:
+        now = datetime.now(UTC)
+        self._log_rows.append(
+            {
+                "session_id": self.id,
+                "at": now,
+                "text": text,
+                "kind": "sql",
+                "action": action,
+                "rule": rule,
+                "status": status,
+                "rows": rows,
+                "duration_ms": duration,
+                "finished_at": now,
+            }
+        )
+
+    async def _flush_log(self, force: bool = False) -> None:
+        if not self._log_rows:
+            return
+        if (
+            not force
+            and time.monotonic() - self._last_flush < _FLUSH_INTERVAL
+            and len(self._log_rows) < 2000
+        ):
+            return
+        rows, self._log_rows = self._log_rows, []
+        self._last_flush = time.monotonic()
+        try:
+            await asyncio.to_thread(self.ctx.store.add_finished_commands, rows)
+        except Exception:
+            log.exception("store.query_log_failed", extra={"session": self.id, "rows": len(rows)})
+
+    def _rewrite_error(self, body: bytes) -> tuple[bytes, str, str | None]:
+        """Mask an ErrorResponse/NoticeResponse; a sentinel's error becomes ours."""
+        fields = p.parse_fields(body)
+        msg = next((v for c, v in fields if c == "M"), "")
+        for nonce, text in list(self.sentinels.items()):
+            if nonce in msg:
+                del self.sentinels[nonce]
+                new = [("S", "ERROR"), ("V", "ERROR"), ("C", "42501"), ("M", text)]
+                return p.fields_body(new), text, None
+        masker = self.ctx.masker
+        new_fields = [(c, masker.mask(v) if c in "MDHWqPp" or c == "d" else v) for c, v in fields]
+        detail = next((v for c, v in new_fields if c == "D"), None)
+        message = next((v for c, v in new_fields if c == "M"), "")
+        return p.fields_body(new_fields), message, detail
+
+    async def _server_loop(self) -> None:
+        assert self.up is not None
+        dec = p.MessageDecoder()
+        pending = self.pending
+        reader = self.up.reader
+        # Messages that arrived with the authentication exchange.
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                if self.status == "closed":
+                    self.status = "target closed"
+                return
+            out = bytearray()
+            for msg in dec.feed(data):
+                t = msg.type
+                if t == b"D":
+                    head = pending[0] if pending else None
+                    if isinstance(head, _Execute):
+                        head.rows += 1
+                        if self.columns is None:
+                            self.columns = self._execute_columns(head)
+                    elif isinstance(head, _Query):
+                        head.rows += 1
+                    body = self._mask_row(msg.body)
+                    if self.transcript is not None:
+                        self.transcript.add_row(body)
+                    out += p.message(b"D", body) if body is not msg.body else msg.raw()
+                elif t == b"T":
+                    fields = p.parse_row_description(msg.body)
+                    head = pending[0] if pending else None
+                    if isinstance(head, _Describe):
+                        pending.popleft()
+                        if head.kind == "S":
+                            self.stmt_desc[head.name] = fields
+                        else:
+                            self.portal_desc[head.name] = fields
+                        if head.hidden:
+                            continue
+                    else:
+                        self.columns = self._columns_for(fields)
+                        if self.transcript is not None:
+                            self.transcript.columns(
+                                [f.name for f in fields], [f.format for f in fields]
+                            )
+                    out += msg.raw()
+                elif t == b"C":
+                    tag, count = p.parse_command_complete(msg.body)
+                    head = pending[0] if pending else None
+                    elapsed = 0.0
+                    if isinstance(head, _Execute):
+                        pending.popleft()
+                        elapsed = (time.monotonic() - head.started) * 1000
+                        self._log(head.text, "allow", None, tag, count, elapsed)
+                    elif isinstance(head, _Query):
+                        elapsed = (time.monotonic() - head.started) * 1000
+                        if head.log:
+                            self._log(head.text, "allow", None, tag, count, elapsed)
+                    if self.transcript is not None:
+                        self._write_cast(self.transcript.complete(tag, elapsed))
+                    self.columns = None
+                    out += msg.raw()
+                elif t in (b"E", b"N"):
+                    body, message, detail = self._rewrite_error(msg.body)
+                    if t == b"E":
+                        head = pending[0] if pending else None
+                        if isinstance(head, _Query):
+                            if head.log:
+                                self._log(head.text, "allow", None, "error")
+                        elif head is not None and not isinstance(head, _Sync):
+                            if isinstance(head, _Execute):
+                                self._log(head.text, "allow", None, "error")
+                            # Extended protocol: the server skips to the next Sync.
+                            while pending and not isinstance(pending[0], _Sync):
+                                pending.popleft()
+                        self.columns = None
+                    if self.transcript is not None:
+                        sev = next((v for c, v in p.parse_fields(body) if c == "S"), "ERROR")
+                        self._write_cast(self.transcript.error(sev, message, detail))
+                    out += p.message(t, body)
+                elif t == b"Z":
+                    head = pending[0] if pending else None
+                    if isinstance(head, _Query | _Sync):
+                        pending.popleft()
+                    self.up.status = msg.body[:1]
+                    self.columns = None
+                    out += msg.raw()
+                elif t in (b"1", b"2", b"3"):
+                    head = pending[0] if pending else None
+                    if isinstance(head, _Parse):
+                        self.stmt_desc.pop(head.name, None)
+                    if head is not None and not isinstance(head, _Query | _Sync):
+                        pending.popleft()
+                    out += msg.raw()
+                elif t == b"t":
+                    head = pending[0] if pending else None
+                    if isinstance(head, _Describe) and head.hidden:
+                        continue
+                    out += msg.raw()
+                elif t == b"n":
+                    head = pending[0] if pending else None
+                    if isinstance(head, _Describe):
+                        pending.popleft()
+                        (self.stmt_desc if head.kind == "S" else self.portal_desc)[head.name] = None
+                        if head.hidden:
+                            continue
+                    out += msg.raw()
+                elif t in (b"s", b"I"):
+                    head = pending[0] if pending else None
+                    if isinstance(head, _Execute):
+                        pending.popleft()
+                        self._log(
+                            head.text,
+                            "allow",
+                            None,
+                            "suspended" if t == b"s" else "empty",
+                            head.rows,
+                        )
+                    self.columns = None
+                    out += msg.raw()
+                elif t == b"d":
+                    # COPY TO STDOUT rows: masked by content like any output.
+                    out += p.message(b"d", self.ctx.masker.mask_bytes(msg.body))
+                else:
+                    out += msg.raw()
+            if out:
+                self.cw.write(out)
+                await self.cw.drain()
+            await self._flush_log()
+
+    def _execute_columns(self, ex: _Execute) -> _Columns | None:
+        fields = self.portal_desc.get(ex.portal)
+        if fields is None:
+            desc = self.stmt_desc.get(ex.statement)
+            if desc is None:
+                return None
+            fields = p.with_formats(desc, ex.formats)
+        return self._columns_for(fields)
+
+    async def _close(self) -> None:
+        self.ctx.live.pop(self.id, None)
+        if self.cancel_key is not None:
+            self.listener.cancels.drop(*self.cancel_key)
+        if self.up is not None:
+            with contextlib.suppress(Exception):
+                self.up.writer.write(p.message(b"X"))
+                self.up.writer.close()
+        with contextlib.suppress(Exception):
+            self.cw.close()
+        if self.ident is None or self.target is None:
+            return
+        await self._flush_log(force=True)
+        manifest = None
+        rec = self.rec
+        if rec is not None:
+            try:
+                rec.close(
+                    self.status,
+                    {
+                        "identity": self.ident.name,
+                        "target": self.target.name,
+                        "statements": self.statements,
+                    },
+                )
+                manifest = rec.manifest
+            except RecordingError:
+                log.exception("recording.seal_failed", extra={"session": self.id})
+        try:
+            await asyncio.to_thread(
+                self.ctx.store.end_session,
+                self.id,
+                status=self.status,
+                lines=rec.writer.lines if rec else None,
+                final_hash=rec.writer.chain_hash if rec else None,
+                masking_counts=dict(rec.counts) if rec else None,
+            )
+            if manifest is not None:
+                await asyncio.to_thread(self.ctx.store.put_manifest, self.id, manifest)
+        except Exception:
+            log.exception("store.end_session_failed", extra={"session": self.id})
+        self.ctx.emit(
+            "session.end",
+            self.ident.name,
+            "success" if self.status == "closed" else "failure",
+            self.peer,
+            f"postgres:{self.target.name}",
+            {"status": self.status, "statements": self.statements},
+            session_id=self.id,
+        )
+
+    async def close(self, reason: str) -> None:
+        """End the session from the relay's side (shutdown)."""
+        self.status = reason
+        with contextlib.suppress(Exception):
+            self.cw.write(p.error_response("57P01", f"castgate: {reason}", severity="FATAL"))
+            self.cw.close()
+        if self.up is not None:
+            with contextlib.suppress(Exception):
+                self.up.writer.close()
+
+
+class PgListener:
+    """The PostgreSQL listener of a relay process."""
+
+    def __init__(self, ctx: RelayContext, host: str, tls: ssl.SSLContext | None) -> None:
+        self.ctx = ctx
+        self.tls = tls
+        req = ctx.cfg.listen.postgres_require_tls
+        self.require_tls = (not is_loopback(host)) if req is None else req
+        self.cancels = CancelMap()
+        self.gate = SqlGate(n for r in ctx.cfg.rules for n in r.sql)
+        self.sessions: set[PgSession] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio.start_server callback: one client connection."""
+        session = PgSession(self.ctx, self, reader, writer)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)

@@ -1,0 +1,121 @@
+"""What a SQL text contains, for the statement policy: pglast node names found anywhere
+in the parse tree (inside CTEs, EXPLAIN, PREPARE, ...) plus the ``:no-where``
+qualifier for DELETE and UPDATE without a WHERE clause.
+
+Parsing costs tens of microseconds, so two shortcuts keep the relay fast: results are
+cached by query text, and a statement whose text cannot contain any node a rule asks
+about is not parsed at all. That keyword test is sound because an SQL keyword is always
+spelt out in the text (dynamic SQL inside a string is invisible to the parser too).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from pglast import ast, parse_sql
+from pglast.parser import ParseError
+from pglast.visitors import Visitor
+
+# Keywords one of which must appear in the text for the statement node to be present.
+_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "DropdbStmt": ("drop",),
+    "DropStmt": ("drop",),
+    "DropRoleStmt": ("drop",),
+    "DropOwnedStmt": ("drop",),
+    "DeleteStmt": ("delete",),
+    "UpdateStmt": ("update",),
+    "InsertStmt": ("insert",),
+    "MergeStmt": ("merge",),
+    "TruncateStmt": ("truncate",),
+    "AlterTableStmt": ("alter",),
+    "AlterRoleStmt": ("alter",),
+    "GrantStmt": ("grant", "revoke"),
+    "GrantRoleStmt": ("grant", "revoke"),
+    "CopyStmt": ("copy",),
+    "CreateStmt": ("create",),
+    "CreateRoleStmt": ("create",),
+    "CreatedbStmt": ("create",),
+    "VacuumStmt": ("vacuum", "analyze"),
+    "ExplainStmt": ("explain",),
+    "TransactionStmt": (
+        "begin",
+        "commit",
+        "rollback",
+        "start",
+        "end",
+        "abort",
+        "savepoint",
+        "release",
+        "prepare",
+    ),
+    "VariableSetStmt": ("set", "reset"),
+    "DoStmt": ("do",),
+    "CallStmt": ("call",),
+    "LockStmt": ("lock",),
+    "PrepareStmt": ("prepare",),
+    "ExecuteStmt": ("execute",),
+    "SelectStmt": ("select", "values", "table", "with"),
+}
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the parser found in one SQL text."""
+
+    nodes: frozenset[str]
+    statements: int
+    error: str | None = None
+
+
+class _Collector(Visitor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodes: set[str] = set()
+
+    def visit(self, ancestors: Any, node: Any) -> None:
+        name = type(node).__name__
+        self.nodes.add(name)
+        if isinstance(node, ast.DeleteStmt | ast.UpdateStmt) and node.whereClause is None:
+            self.nodes.add(f"{name}:no-where")
+
+
+@lru_cache(maxsize=16384)
+def analyze(text: str) -> Analysis:
+    """Parse ``text`` (any number of statements) and collect node names; cached."""
+    try:
+        stmts = parse_sql(text)
+    except ParseError as exc:
+        return Analysis(frozenset(), 0, str(exc))
+    collector = _Collector()
+    for stmt in stmts:
+        collector(stmt)
+    return Analysis(frozenset(collector.nodes), len(stmts), None)
+
+
+class SqlGate:
+    """Decides cheaply whether a text needs parsing for the configured rules."""
+
+    def __init__(self, rule_nodes: Iterable[str]) -> None:
+        words: set[str] = set()
+        self.always = False
+        for node in rule_nodes:
+            base = node.split(":", 1)[0]
+            kws = _KEYWORDS.get(base)
+            if kws is None:
+                self.always = True  # a node we have no keyword for: parse everything
+            else:
+                words.update(kws)
+        self.enabled = bool(words) or self.always
+        self._rx = re.compile("|".join(sorted(words)), re.IGNORECASE) if words else None
+
+    def nodes(self, text: str) -> frozenset[str] | None:
+        """Node names of ``text`` if a rule could care, else None (nothing to match)."""
+        if not self.enabled:
+            return None
+        if not self.always and (self._rx is None or not self._rx.search(text)):
+            return None
+        return analyze(text).nodes

@@ -1,0 +1,103 @@
+"""A PostgreSQL session rendered as a psql-like terminal transcript, so auditors replay
+database sessions like shell sessions: prompt with the target name, the query, the
+masked result table, the row count or error, and the timing.
+
+Only the first ``max_rows`` rows of a result are drawn (a million-row result would
+bloat the cast without helping anyone read it); the row count is always exact and the
+structured query log in the store has every statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from relay.pg.protocol import parse_data_row
+
+_MAX_CELL = 60
+
+
+def _cell(value: bytes | None, fmt: int) -> str:
+    if value is None:
+        return ""
+    if fmt == 1:
+        return f"\\x{value[:16].hex()}" + ("..." if len(value) > 16 else "")
+    text = value.decode("utf-8", "replace").replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 3] + "..."
+
+
+class Transcript:
+    """Builds transcript text; the caller writes it into the cast as output."""
+
+    def __init__(self, target: str, max_rows: int = 100) -> None:
+        self.prompt = f"{target}=> "
+        self.max_rows = max_rows
+        self._names: list[str] = []
+        self._formats: list[int] = []
+        self._rows: list[list[str]] = []
+        self._count = 0
+
+    def banner(self, identity: str, database: str) -> str:
+        """First lines of the cast."""
+        return f"castgate: {identity} connected to {database}\r\n"
+
+    def query(self, text: str) -> str:
+        """The prompt and the (already masked) statement."""
+        return self.prompt + text.replace("\n", "\r\n") + "\r\n"
+
+    def columns(self, names: Sequence[str], formats: Sequence[int]) -> None:
+        """A result set starts."""
+        self._names = list(names)
+        self._formats = list(formats)
+        self._rows = []
+        self._count = 0
+
+    def add_row(self, body: bytes) -> None:
+        """One (already masked) DataRow body; decoded only if it will be drawn."""
+        if len(self._rows) < self.max_rows:
+            self.row(parse_data_row(body))
+        else:
+            self._count += 1
+
+    def row(self, values: Sequence[bytes | None]) -> None:
+        """One (already masked) row."""
+        self._count += 1
+        if len(self._rows) < self.max_rows:
+            fmts = self._formats or [0] * len(values)
+            self._rows.append(
+                [_cell(v, fmts[i] if i < len(fmts) else 0) for i, v in enumerate(values)]
+            )
+
+    def complete(self, tag: str, elapsed_ms: float) -> str:
+        """The table (if any), the command tag or row count, and the timing."""
+        out: list[str] = []
+        if self._names:
+            widths = [len(n) for n in self._names]
+            for r in self._rows:
+                for i, c in enumerate(r[: len(widths)]):
+                    widths[i] = max(widths[i], len(c))
+            out.append(
+                " " + " | ".join(n.center(w) for n, w in zip(self._names, widths, strict=False))
+            )
+            out.append("-" + "-+-".join("-" * w for w in widths) + "-")
+            for r in self._rows:
+                out.append(" " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)))
+            hidden = self._count - len(self._rows)
+            if hidden > 0:
+                out.append(f"... {hidden} more rows not drawn")
+            out.append(f"({self._count} row{'s' if self._count != 1 else ''})")
+        elif tag:
+            out.append(tag)
+        out.append(f"Time: {elapsed_ms:.3f} ms")
+        self._names = []
+        self._rows = []
+        self._count = 0
+        return "\r\n".join(out) + "\r\n\r\n"
+
+    def error(self, severity: str, message: str, detail: str | None) -> str:
+        """An error or notice as psql prints it."""
+        text = f"{severity}:  {message}\r\n"
+        if detail:
+            text += f"DETAIL:  {detail}\r\n"
+        self._names = []
+        self._rows = []
+        return text

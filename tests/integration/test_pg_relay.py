@@ -1,0 +1,187 @@
+"""The PostgreSQL relay with real clients (psycopg, psql) in front of a real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+from psycopg import pq
+
+from tests.fix_pg_relay import PANS, PgRelay, casts
+from tests.fix_relay import wait_for
+
+
+def masked(pan: str) -> str:
+    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+
+
+def test_simple_query_masks_card_numbers(pg_relay: PgRelay) -> None:
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        rows = conn.execute("SELECT id, pan, note FROM cards ORDER BY id").fetchall()
+    assert [r[1] for r in rows] == [masked(p) for p in PANS]
+    assert rows[0][2] == f"paid with {masked(PANS[0])}"
+
+
+def test_extended_prepared_binary_and_pipeline(pg_relay: PgRelay) -> None:
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        # Extended protocol with parameters.
+        row = conn.execute("SELECT pan FROM cards WHERE id = %s", (1,)).fetchone()
+        assert row == (masked(PANS[0]),)
+        # Prepared (server-side named statement reused).
+        for i in range(1, 5):
+            r = conn.execute("SELECT pan FROM cards WHERE id = %s", (i,), prepare=True).fetchone()
+            assert r == (masked(PANS[i - 1]),)
+        # Binary results: text column values still masked; binary in a masked column is NULL.
+        with conn.cursor(binary=True) as cur:
+            cur.execute("SELECT pan, id FROM cards WHERE id = 2")
+            assert cur.fetchone() == (masked(PANS[1]), 2)
+            cur.execute("SELECT code AS c FROM secrets")
+            assert cur.fetchone() == (None,)
+        # Pipeline mode.
+        with conn.pipeline():
+            c1 = conn.execute("SELECT pan FROM cards WHERE id = %s", (3,))
+            c2 = conn.execute("SELECT count(*) FROM cards")
+        assert c1.fetchone() == (masked(PANS[2]),)
+        assert c2.fetchone() == (4,)
+
+
+def test_mask_columns_escape_neither_alias_nor_expression(pg_relay: PgRelay) -> None:
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT code AS totally_not_code FROM secrets").fetchone() == (
+            "***-***-***",
+        )
+        assert conn.execute("SELECT s.code FROM secrets s").fetchone() == ("***-***-***",)
+
+
+def test_copy_out_and_in(pg_relay: PgRelay) -> None:
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        with conn.cursor() as cur:
+            with cur.copy("COPY (SELECT pan FROM cards ORDER BY id) TO STDOUT") as copy:
+                data = b"".join(bytes(chunk) for chunk in copy)
+            assert data.decode().split() == [masked(p) for p in PANS]
+            conn.execute("CREATE TEMP TABLE t_in (v text)")
+            with cur.copy("COPY t_in FROM STDIN") as copy:
+                copy.write_row(("hello",))
+                copy.write_row(("world",))
+        assert conn.execute("SELECT count(*) FROM t_in").fetchone() == (2,)
+
+
+def test_blocked_statement_keeps_session_usable(pg_relay: PgRelay) -> None:
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no-drop-database"):
+            conn.execute("DROP DATABASE app")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no-truncate"):
+            conn.execute("WITH x AS (SELECT 1) SELECT 1; TRUNCATE victims")
+        assert conn.execute("SELECT count(*) FROM victims").fetchone() == (5,)
+    # Inside an explicit transaction the refusal fails the transaction, as a real error.
+    with psycopg.connect(pg_relay.dsn()) as conn:
+        conn.execute("INSERT INTO victims VALUES (100)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("TRUNCATE victims")
+        assert conn.info.transaction_status == pq.TransactionStatus.INERROR
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM victims WHERE id = 100").fetchone() == (0,)
+
+
+def test_blocked_statement_in_a_pipeline(pg_relay: PgRelay) -> None:
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with conn.pipeline():
+                conn.execute("SELECT 1")
+                conn.execute("TRUNCATE victims")
+                conn.execute("SELECT 2")
+        assert conn.execute("SELECT count(*) FROM victims").fetchone() == (5,)
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+def _approve_next(pg_relay: PgRelay, approver: str, deny: bool = False) -> threading.Thread:
+    relay = pg_relay.relay
+
+    def run() -> None:
+        def pending() -> list[dict[str, object]]:
+            out = relay.castgate("approvals", "--json").stdout
+            return json.loads(out) if out.strip() else []
+
+        wait_for(lambda: bool(pending()), 20)
+        aid = str(pending()[0]["id"])
+        args = ["deny", aid, "--reason", "no"] if deny else ["approve", aid]
+        relay.castgate(*args, "--as", approver)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_unbounded_delete_waits_for_approval_even_in_a_cte(pg_relay: PgRelay) -> None:
+    notices: list[str] = []
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        t = _approve_next(pg_relay, "bob", deny=True)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="denied by bob"):
+            conn.execute("WITH gone AS (DELETE FROM victims RETURNING *) SELECT count(*) FROM gone")
+        t.join(30)
+        assert any("approval #" in n and "unbounded-writes" in n for n in notices)
+        assert conn.execute("SELECT count(*) FROM victims").fetchone() == (5,)
+        t = _approve_next(pg_relay, "alice")
+        conn.execute("UPDATE victims SET id = id")
+        t.join(30)
+        # With a WHERE clause no approval is needed.
+        conn.execute("DELETE FROM victims WHERE id = -1")
+
+
+def test_psql_transcript_and_query_log(pg_relay: PgRelay) -> None:
+    res = subprocess.run(
+        ["psql", pg_relay.dsn(), "-X", "-c", "SELECT holder, pan FROM cards ORDER BY id"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stderr
+    assert masked(PANS[0]) in res.stdout and PANS[0] not in res.stdout
+    wait_for(
+        lambda: any(
+            "SELECT holder, pan FROM cards" in c.read_text()
+            and c.with_name(c.name + ".manifest.json").exists()
+            for c in casts(pg_relay.relay)
+        ),
+        15,
+    )
+    for cast in casts(pg_relay.relay):
+        text = cast.read_text()
+        for pan in PANS:
+            assert pan not in text
+    cast = next(
+        c for c in casts(pg_relay.relay) if "SELECT holder, pan FROM cards" in c.read_text()
+    )
+    out = "".join(
+        json.loads(x)[2] for x in cast.read_text().splitlines()[1:] if json.loads(x)[1] == "o"
+    )
+    assert "appdb=> SELECT holder, pan FROM cards ORDER BY id" in out
+    assert masked(PANS[0]) in out and "(4 rows)" in out
+
+
+def test_bad_token_and_wrong_target_are_refused(pg_relay: PgRelay) -> None:
+    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+        psycopg.connect(pg_relay.dsn(token="wrong"))
+    with pytest.raises(psycopg.OperationalError, match="not in any group"):
+        psycopg.connect(pg_relay.dsn(user="outsider"))
+    with pytest.raises(psycopg.OperationalError, match="no PostgreSQL target"):
+        psycopg.connect(pg_relay.dsn(target="nope"))
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_cancel_reaches_the_right_backend(pg_relay: PgRelay) -> None:
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        timer = threading.Timer(0.5, conn.cancel_safe)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(20)")
+        assert time.monotonic() - started < 10
+        assert conn.execute("SELECT 1").fetchone() == (1,)
