@@ -141,7 +141,9 @@ def write_jwks(workdir: Path) -> bytes:
     )
 
 
-def write_config(workdir: Path, target: SshTarget, agent_pub: str, extra: str = "") -> Path:
+def write_config(
+    workdir: Path, target: SshTarget, agent_pub: str, extra: str = "", listen_extra: str = ""
+) -> Path:
     """castgate.toml for the tests."""
     wrong_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
     cfg = f"""
@@ -150,6 +152,7 @@ data_dir = "data"
 ssh = "127.0.0.1:0"
 postgres = "127.0.0.1:0"
 api = ""
+{listen_extra}
 [recording]
 fsync_interval = 0.2
 input = "commands"
@@ -230,7 +233,11 @@ timeout = "30s"
 
 
 def start_relay(
-    workdir: Path, target: SshTarget, extra: str = "", env: dict[str, str] | None = None
+    workdir: Path,
+    target: SshTarget,
+    extra: str = "",
+    env: dict[str, str] | None = None,
+    listen_extra: str = "",
 ) -> Relay:
     """Init keys, write the config, start ``castgate relay`` and wait until it listens."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +247,7 @@ def start_relay(
     agent_key.chmod(0o600)
     agent_pub = key.export_public_key().decode().strip()
     jwt_key = write_jwks(workdir)
-    config = write_config(workdir, target, agent_pub, extra)
+    config = write_config(workdir, target, agent_pub, extra, listen_extra)
     proc = subprocess.Popen(
         [CASTGATE, "relay", "-c", str(config)],
         stdin=subprocess.DEVNULL,

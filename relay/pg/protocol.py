@@ -121,6 +121,12 @@ class MessageDecoder:
         """Bytes of an incomplete message held."""
         return len(self._buf)
 
+    def take_rest(self) -> bytes:
+        """Hand over the bytes of an incomplete message (to another decoder)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
 
 # -- reading bodies -------------------------------------------------------------------
 

@@ -196,6 +196,7 @@ class PgSession:
         self._log_rows: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
         self.statements = 0
+        self._early = b""
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -300,15 +301,22 @@ class PgSession:
         await self._send(p.auth_request(3))
         msgs = p.MessageDecoder(max_message=65536)
         password: bytes | None = None
+        data = dec.rest()  # the client may have sent its password along with the startup
+        early = bytearray()
         while password is None:
-            data = await asyncio.wait_for(self.cr.read(8192), 60)
             if not data:
-                raise ConnectionError("client closed during authentication")
+                data = await asyncio.wait_for(self.cr.read(8192), 60)
+                if not data:
+                    raise ConnectionError("client closed during authentication")
             for msg in msgs.feed(data):
-                if msg.type != b"p":
-                    raise p.ProtocolError(f"expected a password message, got {msg.type!r}")
-                password = msg.body.rstrip(b"\0")
-                break
+                if password is None:
+                    if msg.type != b"p":
+                        raise p.ProtocolError(f"expected a password message, got {msg.type!r}")
+                    password = msg.body.rstrip(b"\0")
+                else:
+                    early += msg.raw()
+            data = b""
+        self._early = bytes(early) + msgs.take_rest()
         try:
             ident = await asyncio.to_thread(
                 self.ctx.auth.by_token, password.decode("utf-8", "replace")
@@ -601,10 +609,12 @@ class PgSession:
         up = self.up.writer
         dec = p.MessageDecoder()
         masker = self.ctx.masker
+        data, self._early = self._early, b""
         while True:
-            data = await self.cr.read(65536)
             if not data:
-                return
+                data = await self.cr.read(65536)
+                if not data:
+                    return
             out = bytearray()
             for msg in dec.feed(data):
                 t = msg.type
@@ -688,6 +698,7 @@ class PgSession:
             if out:
                 up.write(out)
             await up.drain()
+            data = b""
 
     def _columns_for(self, fields: list[p.Field]) -> _Columns:
         keys = self.mask_keys

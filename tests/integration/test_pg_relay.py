@@ -90,11 +90,10 @@ def test_blocked_statement_keeps_session_usable(pg_relay: PgRelay) -> None:
 
 def test_blocked_statement_in_a_pipeline(pg_relay: PgRelay) -> None:
     with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            with conn.pipeline():
-                conn.execute("SELECT 1")
-                conn.execute("TRUNCATE victims")
-                conn.execute("SELECT 2")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.pipeline():
+            conn.execute("SELECT 1")
+            conn.execute("TRUNCATE victims")
+            conn.execute("SELECT 2")
         assert conn.execute("SELECT count(*) FROM victims").fetchone() == (5,)
         assert conn.execute("SELECT 3").fetchone() == (3,)
 

@@ -1,0 +1,167 @@
+"""psql (\\copy, Ctrl-C), pgbench, TLS and hostile input against the PostgreSQL relay."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.fix_pg_relay import APP_PASSWORD, PANS, PG_TARGETS, PgRelay
+from tests.fix_postgres import PostgresServer
+from tests.fix_relay import start_relay
+from tests.fix_sshd import SshTarget
+
+
+def masked(pan: str) -> str:
+    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+
+
+def psql(pg_relay: PgRelay, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["psql", pg_relay.dsn(), "-X", "-v", "ON_ERROR_STOP=1", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_psql_backslash_copy_both_ways(pg_relay: PgRelay, tmp_path: Path) -> None:
+    out = tmp_path / "cards.csv"
+    res = psql(pg_relay, "-c", f"\\copy (SELECT id, pan FROM cards ORDER BY id) TO '{out}' CSV")
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert [line.split(",")[1] for line in text.split()] == [masked(p) for p in PANS]
+    src = tmp_path / "in.csv"
+    src.write_text("7\n8\n9\n")
+    res = psql(
+        pg_relay,
+        "-c",
+        "CREATE TABLE IF NOT EXISTS copied (v int)",
+        "-c",
+        f"\\copy copied FROM '{src}' CSV",
+        "-c",
+        "SELECT sum(v) FROM copied",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "24" in res.stdout
+
+
+def test_psql_ctrl_c_cancels_through_the_relay(pg_relay: PgRelay) -> None:
+    proc = subprocess.Popen(
+        ["psql", pg_relay.dsn(), "-X", "-c", "SELECT pg_sleep(30)"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends; psql answers with a CancelRequest
+    out, err = proc.communicate(timeout=20)
+    assert time.monotonic() - started < 10
+    assert "canceling statement due to user request" in err, (out, err)
+
+
+def test_pgbench_select_only_through_the_relay(pg_relay: PgRelay) -> None:
+    env = {**os.environ, "PGPASSWORD": APP_PASSWORD}
+    server = pg_relay.server
+    init = subprocess.run(
+        [
+            "pgbench",
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            server.host,
+            "-p",
+            str(server.port),
+            "-U",
+            "app",
+            "app",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert init.returncode == 0, init.stderr
+    for mode in ("simple", "extended", "prepared"):
+        res = subprocess.run(
+            ["pgbench", "-S", "-M", mode, "-c", "2", "-t", "200", "-n", pg_relay.dsn()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stderr
+        assert "number of failed transactions: 0" in res.stdout, res.stdout
+
+
+def test_tls_to_the_relay(pg_relay: PgRelay) -> None:
+    dsn = pg_relay.dsn().replace("sslmode=disable", "sslmode=require")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute("SELECT pan FROM cards WHERE id = 1").fetchone() == (masked(PANS[0]),)
+
+
+def _raw(port: int, payload: bytes, read: bool = True) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        if not read:
+            return b""
+        chunks = []
+        try:
+            while chunk := s.recv(4096):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+def test_hostile_input_gets_an_error_and_the_relay_keeps_serving(pg_relay: PgRelay) -> None:
+    port = pg_relay.relay.pg_port
+    # A startup packet claiming a huge length.
+    assert b"invalid startup packet length" in _raw(port, struct.pack("!ii", 1 << 30, 196608))
+    # A startup packet cut short: the client goes away; nothing to answer.
+    _raw(port, struct.pack("!i", 100) + b"\x00\x03", read=False)
+    # Protocol 2.
+    assert b"unsupported protocol version" in _raw(port, struct.pack("!ii", 8, 131072))
+    # A typed message with a bogus length right after the password request.
+    startup = b"user\0ci-agent\0database\0appdb\0\0"
+    pkt = struct.pack("!ii", len(startup) + 8, 196608) + startup
+    reply = _raw(port, pkt + b"p" + struct.pack("!i", 2))
+    assert b"invalid length" in reply
+    # An oversized message after login.
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    # Everyone else is still served.
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM cards").fetchone() == (4,)
+
+
+def test_token_without_tls_refused_when_tls_is_required(
+    sshd_target: SshTarget, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    relay = start_relay(
+        tmp_path / "r",
+        sshd_target,
+        extra=PG_TARGETS.format(port=postgres_server.port),
+        env={"APPDB_PASSWORD": APP_PASSWORD},
+        listen_extra="postgres_require_tls = true",
+    )
+    try:
+        with pytest.raises(psycopg.OperationalError, match="requires TLS"):
+            psycopg.connect(relay.pg_dsn())
+        dsn = relay.pg_dsn().replace("sslmode=disable", "sslmode=require")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        relay.stop()
