@@ -314,6 +314,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self._last_output = 0.0
         self._last_input = 0.0
         self._echoed = False
+        self._held_keys = bytearray()
         self._ended = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -435,6 +436,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._last_output = time.monotonic()
             if self._line.awaiting:
                 self._echoed = True
+                self._release_keys()
         masked = self._safe(lambda rec: rec.output(data, stream))
         if masked:
             self.chan.write(masked, datatype)
@@ -815,8 +817,21 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                 self._echoed = False
             self._typed.feed(data)
         self._last_input = time.monotonic()
-        self._record_input(data)
+        self._hold_keys(data)
         self.up_chan.write(data)
+
+    def _hold_keys(self, data: bytes) -> None:
+        """Keystrokes are kept (input = "all") only once the terminal has echoed them:
+        what is typed at a password prompt never reaches the recording."""
+        if self.ctx.cfg.recording.input == "all":
+            self._held_keys += data
+            if self._echoed:
+                self._release_keys()
+
+    def _release_keys(self) -> None:
+        if self._held_keys:
+            keys, self._held_keys = bytes(self._held_keys), bytearray()
+            self._record_input(keys)
 
     async def _submit(self, key: bytes) -> None:
         assert self.up_chan is not None
@@ -835,6 +850,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         line = self._line.submitted()
         typed, reliable = self._typed.take()
         self._echoed = False
+        if echoed:
+            self._release_keys()
+        else:
+            self._held_keys.clear()
         command = line if echoed else (typed if reliable else None)
         if command is None:
             await self._unreadable_line()
@@ -843,13 +862,14 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._record_input(key)
             self.up_chan.write(key)
             return
-        masked = self.ctx.masker.mask(command)
         if echoed:
+            masked = self.ctx.masker.mask(command)
             if self.ctx.cfg.recording.input == "commands":
                 self._safe(lambda rec: rec.command_line(command))
         else:
             # Typed without echo (a password prompt, or `stty -echo`): the policy still
-            # sees it, the recording never keeps it.
+            # sees it; the recording and the command log never keep it.
+            masked = "(input hidden: terminal echo off)"
             self._safe(lambda rec: rec.marker("input hidden (terminal echo off)"))
         decision = self.ctx.policy.decide(
             target=self.target.name, groups=self.ident.groups, command=command

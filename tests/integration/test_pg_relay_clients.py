@@ -165,3 +165,46 @@ def test_token_without_tls_refused_when_tls_is_required(
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         relay.stop()
+
+
+def test_error_details_and_query_literals_are_masked(pg_relay: PgRelay) -> None:
+    from recorder.config import load_config
+    from recorder.store import Store
+
+    pan = PANS[1]
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE u (pan text UNIQUE)")
+        conn.execute(f"INSERT INTO u VALUES ('{pan}')")
+        with pytest.raises(psycopg.errors.UniqueViolation) as err:
+            conn.execute(f"INSERT INTO u VALUES ('{pan}')")
+        detail = err.value.diag.message_detail or ""
+        assert masked(pan) in detail and pan not in detail
+        assert conn.execute(f"SELECT '{pan}' AS literal").fetchone() == (masked(pan),)
+    cfg = load_config(pg_relay.relay.config)
+    store = Store.open(cfg.store_url())
+    try:
+        texts = [
+            c["text"]
+            for s in store.list_sessions(target="appdb")
+            for c in store.list_commands(s["id"])
+        ]
+    finally:
+        store.close()
+    assert any("INSERT INTO u VALUES" in t for t in texts)
+    assert all(pan not in t for t in texts)
+    assert any(f"'{masked(pan)}'" in t for t in texts)
+
+
+def test_protocol_negotiation_and_gssenc(pg_relay: PgRelay) -> None:
+    port = pg_relay.relay.pg_port
+    assert _raw(port, struct.pack("!ii", 8, 80877104), read=False) == b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(struct.pack("!ii", 8, 80877104))  # GSSENCRequest
+        assert s.recv(1) == b"N"
+        params = b"user\0ci-agent\0database\0appdb\0_pq_.future\0x\0\0"
+        s.sendall(struct.pack("!ii", len(params) + 8, 196610) + params)  # protocol 3.2
+        reply = s.recv(4096)
+    assert reply[:1] == b"v"  # NegotiateProtocolVersion: we speak 3.0
+    (length,) = struct.unpack("!i", reply[1:5])
+    assert reply[5:9] == struct.pack("!i", 0) and b"_pq_.future" in reply[: 1 + length]
+    assert reply[1 + length : 2 + length] == b"R"  # then the password request

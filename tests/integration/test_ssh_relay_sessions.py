@@ -267,3 +267,35 @@ def test_sigterm_ends_sessions_and_seals_casts(sshd_target: SshTarget, tmp_path:
     assert verify_cast(cast, pub).verdict is Verdict.INTACT
     manifest = json.loads(manifest_path(cast).read_text())
     assert manifest["end_reason"] == "relay shutdown"
+
+
+def test_input_typed_without_echo_is_never_kept(relay: Relay) -> None:
+    secret = "hunter2-not-for-the-cast"
+
+    async def main() -> None:
+        async with Shell(relay) as sh:
+            await sh.send("read -s -p 'Password: ' pw; echo got-${#pw}-chars\r")
+            await sh.expect("Password: ")
+            await asyncio.sleep(0.2)
+            await sh.send(secret + "\r")
+            await sh.expect(f"got-{len(secret)}-chars")
+            await sh.send("echo after-secret\r")
+            await sh.expect("\rafter-secret\r\n")
+
+    asyncio.run(main())
+    wait_for(lambda: bool(sealed_casts(relay, "after-secret")))
+    (cast,) = sealed_casts(relay, "after-secret")
+    text = cast.read_text()
+    assert secret not in text
+    assert "input hidden (terminal echo off)" in text
+    from recorder.config import load_config
+    from recorder.store import Store
+
+    store = Store.open(load_config(relay.config).store_url())
+    try:
+        session = json.loads(cast.read_text().splitlines()[0])["castgate"]["session"]
+        texts = [c["text"] for c in store.list_commands(session)]
+    finally:
+        store.close()
+    assert all(secret not in t for t in texts)
+    assert "(input hidden: terminal echo off)" in texts
