@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 from recorder.errors import CastgateError
 
 if TYPE_CHECKING:
-    from recorder.config import Config
-    from recorder.store import Store
+    from castgate.client import Api
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -83,63 +82,37 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     return run_relay(load_config(path))
 
 
-def _store_for(args: argparse.Namespace) -> tuple[Config, Store]:
-    from castgate.runtime import find_config
-    from recorder.config import load_config
-    from recorder.store import Store
+def _api(args: argparse.Namespace) -> Api:
+    from castgate.client import find_api
 
-    path = find_config(args.config)
-    if path is None:
-        raise CliError(f"{args.command}: no config (-c castgate.toml)")
-    cfg = load_config(path)
-    return cfg, Store.open(cfg.store_url())
+    return find_api(args.config, args.token)
+
+
+def _cmd_sessions(args: argparse.Namespace) -> int:
+    from castgate.client import cmd_sessions
+
+    return cmd_sessions(_api(args), args.live, args.json)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from castgate.client import cmd_watch
+
+    return cmd_watch(_api(args), args.session)
 
 
 def _cmd_approvals(args: argparse.Namespace) -> int:
-    import json
+    from castgate.client import cmd_approvals
 
-    _cfg, store = _store_for(args)
-    try:
-        rows = store.list_approvals(status=None if args.all else "pending")
-    finally:
-        store.close()
-    if args.json:
-        print(json.dumps(rows, default=str, indent=2))
-        return 0
-    if not rows:
-        print("no pending approvals" if not args.all else "no approvals")
-    for r in rows:
-        print(
-            f"#{r['id']:<5} {r['status']:<11} {r['identity']}@{r['target']}  "
-            f"rule {r['rule']}  expires {r['expires_at']:%H:%M:%S}  {r['command']}"
-        )
-    return 0
-
-
-def _approver(args: argparse.Namespace) -> str:
-    import os
-
-    who = args.as_identity or os.environ.get("CASTGATE_IDENTITY")
-    if not who:
-        raise CliError(f"{args.command}: name the deciding identity with --as or CASTGATE_IDENTITY")
-    return str(who)
+    return cmd_approvals(_api(args), args.all, args.json)
 
 
 def _cmd_decide(args: argparse.Namespace) -> int:
-    from relay.approvals import decide
+    from castgate.client import cmd_decide
 
     approve = args.command == "approve"
     if not approve and not args.reason:
         raise CliError("deny: --reason is required")
-    cfg, store = _store_for(args)
-    try:
-        row = decide(
-            cfg, store, args.id, approver=_approver(args), approve=approve, reason=args.reason
-        )
-    finally:
-        store.close()
-    print(f"approval #{row['id']}: {row['status']}")
-    return 0
+    return cmd_decide(_api(args), args.id, approve, args.reason)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -179,18 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", help="castgate.toml (default: ./castgate.toml)")
     s.set_defaults(func=_cmd_relay)
 
-    s = sub.add_parser("approvals", help="list pending approval requests")
-    s.add_argument("-c", "--config")
+    def client(name: str, text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("-c", "--config", help="castgate.toml of the relay (or CASTGATE_API)")
+        sp.add_argument("--token", help="bearer token (default: CASTGATE_TOKEN)")
+        return sp
+
+    s = client("sessions", "list sessions (control API)")
+    s.add_argument("--live", action="store_true", help="only live sessions")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_sessions)
+
+    s = client("watch", "render a live session in this terminal")
+    s.add_argument("session")
+    s.set_defaults(func=_cmd_watch)
+
+    s = client("approvals", "list pending approval requests")
     s.add_argument("--json", action="store_true")
     s.add_argument("--all", action="store_true", help="decided ones too")
     s.set_defaults(func=_cmd_approvals)
 
     for name, text in (("approve", "approve a held command"), ("deny", "deny a held command")):
-        s = sub.add_parser(name, help=text)
+        s = client(name, text)
         s.add_argument("id", type=int)
         s.add_argument("--reason", "-r")
-        s.add_argument("--as", dest="as_identity", help="deciding identity (CASTGATE_IDENTITY)")
-        s.add_argument("-c", "--config")
         s.set_defaults(func=_cmd_decide)
 
     s = sub.add_parser("demo", help="run the embedded default end to end")

@@ -182,6 +182,8 @@ class RuleConfig(_Section):
     """Distinct approvers needed."""
     timeout: Annotated[float, Field(ge=1)] = 600.0
     """How long a request waits before it is denied (``"10m"``)."""
+    webhook: str | None = None
+    """URL that receives each approval request of this rule as a JSON POST."""
 
     @field_validator("timeout", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from recorder.masking import Masker, StreamMasker
 from recorder.recording import CastWriter
@@ -17,6 +17,14 @@ from recorder.recording import CastWriter
 _ERASE = (0x7F, 0x08)
 _NEWLINES = (0x0D, 0x0A)
 HIDDEN_MARKER = "input hidden (terminal echo off)"
+
+
+class LiveSink(Protocol):
+    """Where a live session's masked events also go (the relay's live fan-out)."""
+
+    def output(self, data: bytes) -> None: ...
+    def marker(self, text: str) -> None: ...
+    def resize(self, width: int, height: int) -> None: ...
 
 
 class SessionRecorder:
@@ -27,7 +35,8 @@ class SessionRecorder:
         masker: compiled masking policy shared by all sessions.
         input_mode: ``none``, ``commands`` (submitted lines) or ``all`` (keystrokes).
         hold_deadline: seconds a possible match may be held back.
-        on_output: called with every masked output chunk (live fan-out).
+        on_output: called with every masked output chunk.
+        live: receives masked output, markers and resizes as they are recorded.
     """
 
     def __init__(
@@ -38,6 +47,7 @@ class SessionRecorder:
         input_mode: str = "commands",
         hold_deadline: float = 0.020,
         on_output: Callable[[bytes], None] | None = None,
+        live: LiveSink | None = None,
     ) -> None:
         self.writer = writer
         self.masker = masker
@@ -48,6 +58,7 @@ class SessionRecorder:
         self._line = bytearray()
         self._hidden = False
         self._on_output = on_output
+        self.live = live
         self.input_counts: Counter[str] = Counter()
 
     def pending(self, stream: str = "out") -> bool:
@@ -67,6 +78,8 @@ class SessionRecorder:
             self.writer.output(masked)
             if self._on_output is not None:
                 self._on_output(masked)
+            if self.live is not None:
+                self.live.output(masked)
         return masked
 
     def output(self, data: bytes, stream: str = "out") -> bytes:
@@ -118,10 +131,15 @@ class SessionRecorder:
     def resize(self, cols: int, rows: int) -> None:
         """Record a terminal size change."""
         self.writer.resize(cols, rows)
+        if self.live is not None:
+            self.live.resize(cols, rows)
 
     def marker(self, text: str) -> None:
         """Record a policy marker (masked: it may quote a command)."""
-        self.writer.marker(self.masker.mask(text, self.input_counts))
+        masked = self.masker.mask(text, self.input_counts)
+        self.writer.marker(masked)
+        if self.live is not None:
+            self.live.marker(masked)
 
     def close(self, reason: str = "closed", extra: dict[str, Any] | None = None) -> bytes:
         """Flush held output and input, seal the cast; returns the last stdout bytes

@@ -1,14 +1,17 @@
 """Approvals: a held command waits for human decisions recorded in the audit store.
 
-The store is the meeting point: the relay creates the request and watches it; anyone
-deciding through the same store (``castgate approve`` today, the control API later)
-resolves it. Who may decide is checked here, before the store's own atomic checks
-(separation of duties, distinct approvers, expiry).
+The store is the record and the meeting point: the relay creates the request, anyone
+deciding through the control API (or another relay sharing the store) resolves it. A
+decision made through this relay's API wakes the held session at once; decisions made
+elsewhere are noticed by a short poll. Who may decide is checked here, before the
+store's own atomic checks (separation of duties, distinct approvers, expiry).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -52,53 +55,6 @@ def _outcome(row: dict[str, Any]) -> Outcome:
     return Outcome(row["id"], status == "approved", status, deciders, row.get("reason"))
 
 
-async def wait_for_approval(
-    store: Store,
-    *,
-    session_id: str,
-    identity: str,
-    target: str,
-    command: str,
-    rule: RuleConfig,
-    on_requested: Callable[[int], None],
-    poll_interval: float = 0.1,
-) -> Outcome:
-    """Create an approval request for an already masked ``command`` and wait until it
-    is decided or ``rule.timeout`` passes (timeout means denied)."""
-    expires = datetime.now(UTC) + timedelta(seconds=rule.timeout)
-    approval_id = await asyncio.to_thread(
-        store.create_approval,
-        session_id=session_id,
-        identity=identity,
-        target=target,
-        command=command,
-        rule=rule.name,
-        expires_at=expires,
-        min_approvals=rule.min_approvals,
-        approver_groups=rule.approvers,
-    )
-    on_requested(approval_id)
-    try:
-        while True:
-            row = await asyncio.to_thread(store.get_approval, approval_id)
-            if row is not None and row["status"] != "pending":
-                return _outcome(row)
-            if datetime.now(UTC) >= expires:
-                await asyncio.to_thread(
-                    store.set_approval_status, approval_id, "expired", reason="timed out"
-                )
-                row = await asyncio.to_thread(store.get_approval, approval_id)
-                assert row is not None
-                return _outcome(row)
-            await asyncio.sleep(poll_interval)
-    except asyncio.CancelledError:
-        # The held session went away (agent disconnected, relay stopping).
-        await asyncio.to_thread(
-            store.set_approval_status, approval_id, "interrupted", reason="session ended"
-        )
-        raise
-
-
 def check_approver(cfg: Config, approver: str, approval: dict[str, Any]) -> None:
     """Raise ApprovalError unless ``approver`` is a configured identity in the
     ``approver`` role and, when the rule names approver groups, in one of them."""
@@ -117,7 +73,14 @@ def check_approver(cfg: Config, approver: str, approval: dict[str, Any]) -> None
 
 
 def decide(
-    cfg: Config, store: Store, approval_id: int, *, approver: str, approve: bool, reason: str | None
+    cfg: Config,
+    store: Store,
+    approval_id: int,
+    *,
+    approver: str,
+    approve: bool,
+    reason: str | None,
+    origin: str = "cli",
 ) -> dict[str, Any]:
     """Record a decision after checking who may make it; returns the approval."""
     approval = store.get_approval(approval_id)
@@ -131,9 +94,151 @@ def decide(
         "approval.decision",
         approver,
         "success",
-        "cli",
+        origin,
         f"approval:{approval_id}",
         {"decision": "approve" if approve else "deny", "reason": reason, "rule": row["rule"]},
         session_id=row["session_id"],
     )
     return row
+
+
+log = logging.getLogger("castgate.approvals")
+
+
+class Broker:
+    """Approval requests of one relay process."""
+
+    def __init__(self, cfg: Config, store: Store, poll_interval: float = 0.5) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.poll_interval = poll_interval
+        self._events: dict[int, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.on_request: list[Callable[[dict[str, Any]], None]] = []
+
+    async def wait(
+        self,
+        *,
+        session_id: str,
+        identity: str,
+        target: str,
+        command: str,
+        rule: RuleConfig,
+        on_requested: Callable[[int], None],
+    ) -> Outcome:
+        """Create a request for an already masked ``command`` and wait for its decision
+        or ``rule.timeout`` (timeout means denied)."""
+        store = self.store
+        expires = datetime.now(UTC) + timedelta(seconds=rule.timeout)
+        approval_id = await asyncio.to_thread(
+            store.create_approval,
+            session_id=session_id,
+            identity=identity,
+            target=target,
+            command=command,
+            rule=rule.name,
+            expires_at=expires,
+            min_approvals=rule.min_approvals,
+            approver_groups=rule.approvers,
+        )
+        event = self._events[approval_id] = asyncio.Event()
+        on_requested(approval_id)
+        row = await asyncio.to_thread(store.get_approval, approval_id)
+        if row is not None:
+            for hook in self.on_request:
+                hook(row)
+            if rule.webhook:
+                self._spawn(self._webhook(rule.webhook, row))
+        try:
+            while True:
+                remaining = (expires - datetime.now(UTC)).total_seconds()
+                if remaining <= 0:
+                    await asyncio.to_thread(
+                        store.set_approval_status, approval_id, "expired", reason="timed out"
+                    )
+                    row = await asyncio.to_thread(store.get_approval, approval_id)
+                    assert row is not None
+                    return _outcome(row)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(self.poll_interval, remaining))
+                event.clear()
+                row = await asyncio.to_thread(store.get_approval, approval_id)
+                if row is not None and row["status"] != "pending":
+                    return _outcome(row)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(
+                store.set_approval_status, approval_id, "interrupted", reason="session ended"
+            )
+            raise
+        finally:
+            self._events.pop(approval_id, None)
+
+    async def decide(
+        self, approval_id: int, *, approver: str, approve: bool, reason: str | None, origin: str
+    ) -> dict[str, Any]:
+        """Record a decision (after checking who may make it) and wake the held session."""
+        row = await asyncio.to_thread(
+            decide,
+            self.cfg,
+            self.store,
+            approval_id,
+            approver=approver,
+            approve=approve,
+            reason=reason,
+            origin=origin,
+        )
+        event = self._events.get(approval_id)
+        if event is not None:
+            event.set()
+        return row
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _webhook(self, url: str, row: dict[str, Any]) -> None:
+        """POST the request as JSON, retried with backoff; never blocks the session."""
+        import aiohttp
+
+        body = {
+            "event": "approval.requested",
+            "approval": {
+                k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()
+            },
+        }
+        delay = 1.0
+        for attempt in range(5):
+            try:
+                timeout = aiohttp.ClientTimeout(total=10)
+                async with (
+                    aiohttp.ClientSession(timeout=timeout) as http,
+                    http.post(url, json=body) as resp,
+                ):
+                    if resp.status < 300:
+                        return
+                    log.warning(
+                        "approval.webhook_status",
+                        extra={"status": resp.status, "attempt": attempt},
+                    )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning(
+                    "approval.webhook_failed", extra={"error": str(exc), "attempt": attempt}
+                )
+            await asyncio.sleep(delay)
+            delay *= 2
+
+
+def interrupt_stale(store: Store, node: str | None = None) -> tuple[int, int]:
+    """After a restart: approvals still pending and sessions still live belong to held
+    sessions that are gone; close them as ``interrupted`` (history intact)."""
+    approvals = 0
+    for row in store.list_approvals(status="pending"):
+        store.set_approval_status(row["id"], "interrupted", reason="relay restarted")
+        approvals += 1
+    sessions = 0
+    for sess in store.list_sessions(live=True):
+        if node is None or sess.get("node") in (None, node):
+            store.end_session(sess["id"], status="interrupted")
+            sessions += 1
+    return approvals, sessions

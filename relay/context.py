@@ -7,6 +7,7 @@ import asyncio
 import logging
 import secrets
 import socket
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +16,9 @@ from recorder.config import Config, mask_policy
 from recorder.masking import Masker
 from recorder.signing import SigningKey
 from recorder.store import Store
+from relay.approvals import Broker
 from relay.identity import Authenticator
+from relay.live import LiveHub
 from relay.policy import Policy
 
 log = logging.getLogger("castgate.relay")
@@ -36,14 +39,18 @@ class RelayContext:
     policy: Policy = field(init=False)
     auth: Authenticator = field(init=False)
     masker: Masker = field(init=False)
+    broker: Broker = field(init=False)
+    hub: LiveHub = field(default_factory=LiveHub)
     node: str = field(default_factory=socket.gethostname)
     live: dict[str, Any] = field(default_factory=dict)
-    _pending: set[asyncio.Task[None]] = field(default_factory=set)
+    _pending: set[asyncio.Task[Any]] = field(default_factory=set)
+    counters: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.cfg)
         self.auth = Authenticator(self.cfg)
         self.masker = Masker(mask_policy(self.cfg))
+        self.broker = Broker(self.cfg, self.store)
 
     @property
     def hold_deadline(self) -> float:
@@ -68,6 +75,11 @@ class RelayContext:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a background task alive until it finishes; ``drain`` waits for it."""
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     async def drain(self) -> None:
         """Wait for audit events still being written."""
         while self._pending:
@@ -85,6 +97,7 @@ class RelayContext:
     ) -> None:
         """Write an audit event (PCI DSS 10.2.2 fields) and log it; a store failure is
         logged, never raised into the session."""
+        self.counters[(kind, outcome)] += 1
         log.info(
             kind,
             extra={
@@ -109,3 +122,8 @@ class RelayContext:
             )
         except Exception:
             log.exception("store.write_failed", extra={"kind": kind})
+
+    def roles(self, groups: tuple[str, ...] | list[str]) -> set[str]:
+        """The API/operator roles an identity with ``groups`` holds."""
+        gs = set(groups)
+        return {role for role, role_groups in self.cfg.roles.items() if gs & set(role_groups)}

@@ -13,10 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
+from aiohttp import web
 
 from recorder.config import Config, ConfigError
 from recorder.signing import SigningKey
 from recorder.store import Store
+from relay.api import build_app
+from relay.approvals import interrupt_stale
 from relay.context import RelayContext
 from relay.pg.relay import PgListener
 from relay.pg.tls import server_context
@@ -41,6 +44,20 @@ def load_or_create_host_key(keys_dir: Path) -> asyncssh.SSHKey:
     return asyncssh.read_private_key(str(path))
 
 
+RUNTIME_NAME = "relay.json"
+
+
+def write_runtime(cfg: Config, listening: dict[str, str]) -> None:
+    """Where this relay actually listens (ports chosen by the OS when the config says 0),
+    for client commands on the same machine."""
+    import json
+
+    path = cfg.data_path / RUNTIME_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "listen": listening}))
+    tmp.replace(path)
+
+
 def split_address(value: str, what: str) -> tuple[str, int]:
     """``host:port`` (IPv6 in brackets) to a tuple; ConfigError naming the key."""
     host, sep, port = value.rpartition(":")
@@ -54,6 +71,11 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
     store = await asyncio.to_thread(Store.open, cfg.store_url())
     cfg.recordings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ctx = RelayContext(cfg, store, SigningKey.load_or_create(cfg.keys_dir))
+    stale = await asyncio.to_thread(interrupt_stale, store, ctx.node)
+    if any(stale):
+        log.warning(
+            "relay.interrupted_on_restart", extra={"approvals": stale[0], "sessions": stale[1]}
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -61,6 +83,7 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
     listening: dict[str, str] = {}
     ssh_server: asyncssh.SSHAcceptor | None = None
     pg_server: asyncio.Server | None = None
+    api_runner: web.AppRunner | None = None
     try:
         if cfg.listen.ssh:
             host, port = split_address(cfg.listen.ssh, "ssh")
@@ -86,6 +109,17 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
             pg_server = await asyncio.start_server(pg.handle, host, port, limit=1 << 20)
             sock = pg_server.sockets[0].getsockname()
             listening["postgres"] = f"{sock[0]}:{sock[1]}"
+        if cfg.listen.api:
+            host, port = split_address(cfg.listen.api, "api")
+            api_runner = web.AppRunner(build_app(ctx), access_log=None)
+            await api_runner.setup()
+            site = web.TCPSite(api_runner, host, port)
+            await site.start()
+            server = site._server
+            assert isinstance(server, asyncio.Server)
+            sock = server.sockets[0].getsockname()
+            listening["api"] = f"{sock[0]}:{sock[1]}"
+        write_runtime(cfg, listening)
         await ctx.event("relay.start", None, "success", ctx.node, "relay", {"listen": listening})
         log.info("relay.listening", extra=listening)
         if ready is not None:
@@ -97,6 +131,8 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
             ssh_server.close()
         if pg_server is not None:
             pg_server.close()
+        if api_runner is not None:
+            await api_runner.cleanup()
         for session in list(ctx.live.values()):
             with contextlib.suppress(Exception):
                 await session.close("relay shutdown")

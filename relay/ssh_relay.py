@@ -25,9 +25,10 @@ from asyncssh.misc import TermModes, TermSize
 from recorder.config import TargetConfig
 from recorder.recording import CastWriter, RecordingError
 from recorder.session import SessionRecorder
-from relay.approvals import Outcome, wait_for_approval
+from relay.approvals import Outcome
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
+from relay.operator import OPERATOR_ROLES, OPERATOR_USER, OperatorSession
 from relay.policy import Decision
 from relay.shell_line import ShellLine, TypedLine
 
@@ -174,6 +175,21 @@ class RelayServer(asyncssh.SSHServer):
     def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
         ident = self.identity
         assert ident is not None
+        if self.target_name == OPERATOR_USER:
+            if not self.ctx.roles(ident.groups) & OPERATOR_ROLES:
+                self.ctx.emit(
+                    "access",
+                    ident.name,
+                    "failure",
+                    self.peer,
+                    "operator",
+                    {"reason": "no operator role"},
+                )
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                    f"castgate: {ident.name} has no operator role (approver, auditor, admin)",
+                )
+            return OperatorSession(self.ctx, ident, self.peer)
         target = self.ctx.policy.target(self.target_name)
         reason = None
         if target is None or target.kind != "ssh":
@@ -411,8 +427,9 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self.up_chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._ended:
-            self.status = "disconnected"
+        if self._ended:
+            return  # the session finished normally and is sealing its recording
+        self.status = "disconnected"
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self.up_chan is not None:
@@ -533,11 +550,23 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                 "kind": self.kind,
             },
         )
+        self.live = self.ctx.hub.open(
+            self.id,
+            {
+                "identity": self.ident.name,
+                "target": self.target.name,
+                "protocol": "ssh",
+                "kind": self.kind,
+            },
+            self.term_size[0],
+            self.term_size[1],
+        )
         self.rec = SessionRecorder(
             writer,
             self.ctx.masker,
             input_mode=self.ctx.cfg.recording.input,
             hold_deadline=self.ctx.hold_deadline,
+            live=self.live,
         )
         self.masked_command = masked_title
 
@@ -577,7 +606,12 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                 self.chan.write_stderr(f"castgate: internal error: {exc}\r\n".encode())
                 self.chan.exit(255)
         finally:
-            await self._finish()
+            # Sealing the cast and ending the session row must complete even when the
+            # agent's connection drops mid-way: run it as its own task.
+            fin = asyncio.ensure_future(self._finish())
+            self.ctx.track(fin)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(fin)
 
     async def _run_inner(self) -> None:
         ctx = self.ctx
@@ -747,8 +781,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             )
             self._flush_all()
 
-        outcome: Outcome = await wait_for_approval(
-            ctx.store,
+        outcome: Outcome = await ctx.broker.wait(
             session_id=self.id,
             identity=self.ident.name,
             target=self.target.name,
@@ -906,6 +939,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     async def _finish(self) -> None:
         self.ctx.live.pop(self.id, None)
+        self.ctx.hub.close(self.id, self.status)
         for timer in self._timers.values():
             timer.cancel()
         manifest = None

@@ -151,7 +151,7 @@ data_dir = "data"
 [listen]
 ssh = "127.0.0.1:0"
 postgres = "127.0.0.1:0"
-api = ""
+api = "127.0.0.1:0"
 {listen_extra}
 [recording]
 fsync_interval = 0.2

@@ -28,7 +28,6 @@ from typing import Any
 from recorder.config import TargetConfig
 from recorder.recording import CastWriter, RecordingError
 from recorder.session import SessionRecorder
-from relay.approvals import wait_for_approval
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
 from relay.pg import protocol as p
@@ -470,7 +469,15 @@ class PgSession:
             if cfg.recording.on_failure == "terminate":
                 raise
             return
-        self.rec = SessionRecorder(writer, self.ctx.masker, input_mode="none", hold_deadline=0)
+        live = self.ctx.hub.open(
+            self.id,
+            {"identity": self.ident.name, "target": self.target.name, "protocol": "postgres"},
+            120,
+            40,
+        )
+        self.rec = SessionRecorder(
+            writer, self.ctx.masker, input_mode="none", hold_deadline=0, live=live
+        )
         self.transcript = Transcript(self.target.name, cfg.recording.max_result_rows)
         self._write_cast(
             self.transcript.banner(self.ident.name, self.target.database or self.target.name)
@@ -572,8 +579,7 @@ class PgSession:
                 )
             )
 
-        outcome = await wait_for_approval(
-            self.ctx.store,
+        outcome = await self.ctx.broker.wait(
             session_id=self.id,
             identity=self.ident.name,
             target=self.target.name,
@@ -951,6 +957,7 @@ class PgSession:
 
     async def _close(self) -> None:
         self.ctx.live.pop(self.id, None)
+        self.ctx.hub.close(self.id, self.status)
         if self.cancel_key is not None:
             self.listener.cancels.drop(*self.cancel_key)
         if self.up is not None:

@@ -12,7 +12,7 @@ import pytest
 from psycopg import pq
 
 from tests.fix_pg_relay import PANS, PgRelay, casts
-from tests.fix_relay import wait_for
+from tests.fix_relay import TOKENS, wait_for
 
 
 def masked(pan: str) -> str:
@@ -103,13 +103,13 @@ def _approve_next(pg_relay: PgRelay, approver: str, deny: bool = False) -> threa
 
     def run() -> None:
         def pending() -> list[dict[str, object]]:
-            out = relay.castgate("approvals", "--json").stdout
+            out = relay.castgate("approvals", "--json", "--token", TOKENS["alice"]).stdout
             return json.loads(out) if out.strip() else []
 
         wait_for(lambda: bool(pending()), 20)
         aid = str(pending()[0]["id"])
         args = ["deny", aid, "--reason", "no"] if deny else ["approve", aid]
-        relay.castgate(*args, "--as", approver)
+        relay.castgate(*args, "--token", TOKENS[approver])
 
     t = threading.Thread(target=run, daemon=True)
     t.start()

@@ -209,7 +209,7 @@ def _approve_when_asked(
                 m.group(1).decode(),
             ]
         )
-        results.append(relay.castgate(*args, "--as", approver))
+        results.append(relay.castgate(*args, "--token", TOKENS[approver]))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -275,9 +275,9 @@ def test_approver_role_is_required(relay: Relay) -> None:
     wait_for(lambda: b"required" in client.stderr, 20)
     m = re.search(rb"approval #(\d+)", client.stderr)
     assert m is not None
-    res = relay.castgate("approve", m.group(1).decode(), "--as", "ci-agent")
-    assert res.returncode == 2 and "approver role" in res.stderr
-    res = relay.castgate("deny", m.group(1).decode(), "--reason", "cleanup", "--as", "alice")
+    res = relay.castgate("approve", m.group(1).decode(), "--token", TOKENS["ci-agent"])
+    assert res.returncode == 2 and "lacks the role" in res.stderr
+    res = relay.castgate("deny", m.group(1).decode(), "--reason", "cleanup", "--token", TOKENS["alice"])
     assert res.returncode == 0
     client.finish()
     assert client.proc.returncode == 126

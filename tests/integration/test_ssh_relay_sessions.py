@@ -18,7 +18,7 @@ import pytest
 from recorder.integrity import Verdict, manifest_path, verify_cast
 from recorder.masking import luhn_complete
 from recorder.signing import PUBLIC_NAME, load_public
-from tests.fix_relay import Relay, mint_jwt, start_relay, wait_for
+from tests.fix_relay import TOKENS, Relay, mint_jwt, start_relay, wait_for
 from tests.fix_sshd import SshTarget
 
 VISA = luhn_complete("411111111111111")
@@ -184,7 +184,7 @@ def test_git_clone_and_push_need_approval(
     wait_for(lambda: b"required" in b"".join(seen), 30)
     m = re.search(rb"approval #(\d+) required \(rule push-needs-approval\)", b"".join(seen))
     assert m is not None, b"".join(seen)
-    res2 = relay.castgate("approve", m.group(1).decode(), "--as", "alice")
+    res2 = relay.castgate("approve", m.group(1).decode(), "--token", TOKENS["alice"])
     assert res2.returncode == 0, res2.stderr
     assert push.wait(60) == 0, b"".join(seen)
     t.join(10)

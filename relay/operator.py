@@ -1,0 +1,200 @@
+"""The operator entry on the relay's SSH listener: the reserved user ``castgate``.
+
+``ssh -t castgate@relay watch SESSION`` / ``approve ID`` / ``deny ID REASON`` /
+``sessions`` / ``approvals``. Only identities holding an operator role (approver,
+auditor, admin) get in; every action is an audit event (PCI DSS 10.2.1.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+from typing import Any
+
+import asyncssh
+from asyncssh.misc import TermModes, TermSize
+
+from recorder.store import StoreError
+from relay.approvals import ApprovalError
+from relay.context import RelayContext
+from relay.identity import Identity
+from relay.live import render_event
+
+log = logging.getLogger("castgate.operator")
+
+OPERATOR_USER = "castgate"
+OPERATOR_ROLES = {"approver", "auditor", "admin"}
+HELP = """castgate operator commands:
+  sessions                 live and recent sessions
+  approvals                pending approval requests
+  approve ID [REASON]      approve a held command
+  deny ID REASON           deny a held command
+  watch SESSION            watch a live session (q or Ctrl-C to stop)
+"""
+
+
+def _when(value: Any) -> str:
+    return str(value or "")[:19].replace("T", " ")
+
+
+class OperatorSession(asyncssh.SSHServerSession[bytes]):
+    """One operator channel."""
+
+    def __init__(self, ctx: RelayContext, ident: Identity, peer: str) -> None:
+        self.ctx = ctx
+        self.ident = ident
+        self.peer = peer
+        self.roles = ctx.roles(ident.groups)
+        self.command: str | None = None
+        self.pty = False
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.chan: asyncssh.SSHServerChannel[bytes]
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self.chan = chan
+
+    def pty_requested(self, term_type: str, term_size: TermSize, term_modes: TermModes) -> bool:
+        self.pty = True
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self.command = command
+        return True
+
+    def session_started(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if b"q" in data or b"\x03" in data or b"\x04" in data:
+            self._stop.set()
+
+    def eof_received(self) -> bool:
+        self._stop.set()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop.set()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _out(self, text: str) -> None:
+        nl = "\r\n" if self.pty else "\n"
+        self.chan.write(text.replace("\n", nl).encode())
+
+    async def _run(self) -> None:
+        status = 0
+        try:
+            status = await self._dispatch(shlex.split(self.command or ""))
+        except ValueError as exc:
+            self._out(f"castgate: {exc}\n")
+            status = 2
+        except Exception as exc:
+            log.exception("operator.error")
+            self._out(f"castgate: internal error: {exc}\n")
+            status = 1
+        with contextlib.suppress(Exception):
+            self.chan.exit(status)
+
+    async def _dispatch(self, argv: list[str]) -> int:
+        if not argv or argv[0] in ("help", "-h", "--help"):
+            self._out(HELP)
+            return 0 if argv else 2
+        cmd, args = argv[0], argv[1:]
+        self.ctx.emit(
+            "operator.command",
+            self.ident.name,
+            "success",
+            self.peer,
+            "operator",
+            {"command": self.ctx.masker.mask(" ".join(argv))},
+        )
+        if cmd == "sessions":
+            rows = await asyncio.to_thread(self.ctx.store.list_sessions, limit=50)
+            for r in rows:
+                self._out(
+                    f"{r['id']}  {r['status']:<12} {r['identity']}@{r['target']} "
+                    f"({r['protocol']})  {_when(r.get('started_at'))}\n"
+                )
+            return 0
+        if cmd == "approvals":
+            rows = await asyncio.to_thread(self.ctx.store.list_approvals, status="pending")
+            for r in rows:
+                self._out(
+                    f"#{r['id']} {r['identity']}@{r['target']} rule {r['rule']}: {r['command']}\n"
+                )
+            if not rows:
+                self._out("no pending approvals\n")
+            return 0
+        if cmd in ("approve", "deny"):
+            if "approver" not in self.roles:
+                self._out(f"castgate: {self.ident.name} does not have the approver role\n")
+                return 1
+            if not args or not args[0].isdigit():
+                self._out(f"usage: {cmd} ID {'[REASON]' if cmd == 'approve' else 'REASON'}\n")
+                return 2
+            reason = " ".join(args[1:]) or None
+            if cmd == "deny" and not reason:
+                self._out("usage: deny ID REASON\n")
+                return 2
+            try:
+                row = await self.ctx.broker.decide(
+                    int(args[0]),
+                    approver=self.ident.name,
+                    approve=cmd == "approve",
+                    reason=reason,
+                    origin=f"ssh:{self.peer}",
+                )
+            except (ApprovalError, StoreError) as exc:
+                self._out(f"castgate: {exc}\n")
+                return 1
+            self._out(f"approval #{row['id']}: {row['status']}\n")
+            return 0
+        if cmd == "watch":
+            if not args:
+                self._out("usage: watch SESSION\n")
+                return 2
+            return await self._watch(args[0])
+        if cmd == "console":
+            self._out("castgate: the console is not available over SSH in this version\n")
+            return 1
+        self._out(f"castgate: unknown command {cmd!r}\n{HELP}")
+        return 2
+
+    async def _watch(self, session_id: str) -> int:
+        stream = self.ctx.hub.get(session_id)
+        if stream is None:
+            self._out(f"castgate: session {session_id} is not live on this relay\n")
+            return 1
+        self.ctx.emit(
+            "recording.watch",
+            self.ident.name,
+            "success",
+            self.peer,
+            f"session:{session_id}",
+            {"via": "ssh"},
+            session_id=session_id,
+        )
+        watcher, screen = stream.subscribe()
+        try:
+            self.chan.write(b"\x1b[H\x1b[2J" + screen.encode())
+            while not self._stop.is_set():
+                nxt = asyncio.ensure_future(watcher.next())
+                stop = asyncio.ensure_future(self._stop.wait())
+                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if nxt not in done:
+                    nxt.cancel()
+                    break
+                ev = nxt.result()
+                if ev is None:
+                    break
+                self.chan.write(render_event(ev.as_json()).encode())
+        finally:
+            watcher.close()
+        return 0
