@@ -5,8 +5,10 @@ against direct OpenSSH to the same sshd, measured in one run.
   ``head -c NM /dev/zero`` (the easy case: nothing the masker can match) and
   ``seq 1 1000000000 | head -c NM`` (digits and newlines: the masker must scan every
   run) on the target, directly and through the relay; its stdout is a pipe this process
-  drains, counts and checksums (the count and the CRC must be exact). Direct and relay
-  runs are interleaved, the order alternating each round.
+  drains, counts and checksums (the count and the CRC must be exact). Paths: direct,
+  the castgate relay, and bench/bare_relay.py (a bare asyncssh relay: DESIGN.md's
+  ceiling, re-measured; ``--no-bare`` skips it). Runs are interleaved, the order rotating
+  each round.
 - Echo: an asyncssh client opens an interactive PTY shell (term_type xterm) directly and
   through the relay, types one printable character at a time and times the arrival of
   its echo; it waits ``--pause-ms`` of quiet after each echo so that every sample is one
@@ -16,7 +18,7 @@ The relay runs with the test identities and targets of ``tests/fix_relay.py`` bu
 product's defaults for what matters here: masking on, recording on (input = commands),
 ``recording.fsync_interval`` 1.0 (the default), ``masking.hold_deadline_ms`` 20.
 
-Run: .venv/bin/python -m bench.bench_ssh [--mb 200] [--runs 3] [--keys 200]
+Run: .venv/bin/python -m bench.bench_ssh [--mb 200] [--runs 3] [--keys 200] [--no-bare]
      [--profile /tmp/relay]  (py-spy, after the measured runs; not part of the figures)
 """
 
@@ -30,14 +32,17 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
@@ -87,12 +92,13 @@ def sshd() -> Iterator[SshTarget]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _product_config(workdir: Path, target: SshTarget, agent_pub: str, extra: str = "") -> Path:
+def _product_config(*args: Any, **kwargs: Any) -> Path:
     """tests/fix_relay.py's config with the test-only ``fsync_interval = 0.2`` removed,
     so the relay fsyncs at the product default (1.0 s)."""
-    path = _write_config_orig(workdir, target, agent_pub, extra)
+    path: Path = _write_config_orig(*args, **kwargs)
     text = path.read_text()
-    assert "fsync_interval = 0.2\n" in text, "tests/fix_relay.py config changed shape"
+    if "fsync_interval = 0.2\n" not in text:
+        raise RuntimeError("tests/fix_relay.py: the config no longer sets fsync_interval = 0.2")
     path.write_text(text.replace("fsync_interval = 0.2\n", ""))
     return path
 
@@ -105,32 +111,77 @@ def relay(target: SshTarget) -> Iterator[Relay]:
     """A real ``castgate relay`` process (tests/fix_relay.start_relay) with the default
     fsync interval; stopped (SIGTERM, then SIGKILL) on the way out."""
     workdir = Path(tempfile.mkdtemp(prefix="castgate-bench-relay-"))
-    fix_relay.write_config = _product_config
     try:
-        r = start_relay(workdir, target)
+        fix_relay.write_config = _product_config
+        try:
+            r = start_relay(workdir, target)
+        finally:
+            fix_relay.write_config = _write_config_orig
+        try:
+            yield r
+        finally:
+            r.stop()
     finally:
-        fix_relay.write_config = _write_config_orig
-    try:
-        yield r
-    finally:
-        r.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _ended_sessions(r: Relay) -> int:
-    return sum(1 for e in list(r.logs) if e.get("msg") == "session.end")
+@contextlib.contextmanager
+def bare_relay(target: SshTarget) -> Iterator[list[str]]:
+    """bench/bare_relay.py in its own process; yields the ssh client arguments."""
+    workdir = Path(tempfile.mkdtemp(prefix="castgate-bench-bare-"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.bare_relay",
+            f"{target.host}:{target.port}",
+            target.user,
+            str(target.client_key),
+            target.host_key_line,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        port, key_type, blob = proc.stdout.readline().decode().split()
+        known_hosts = workdir / "known_hosts"
+        known_hosts.write_text(f"[127.0.0.1]:{port} {key_type} {blob}\n")
+        yield [
+            "-p",
+            port,
+            "-o",
+            f"UserKnownHostsFile={known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-c",
+            CIPHER,
+            "bare@127.0.0.1",
+        ]
+    finally:
+        fix_sshd._stop(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _wait_sealed(r: Relay, before: int, timeout: float = 120) -> None:
-    """Wait until the relay has sealed the session (cast, manifest, store) so the next run
-    does not share the event loop with the seal, then drop the recording (disk)."""
+def _wait_sealed(r: Relay, timeout: float = 120) -> None:
+    """Wait until the relay has sealed the session (its manifest is written) so the next
+    run does not share the event loop with the seal, then drop the recording (disk).
+
+    The manifest file, not the ``session.end`` log line: the relay never logs that line
+    for a session whose agent disconnects right after the exit status (see RESULTS.md).
+    """
     deadline = time.monotonic() + timeout
-    while _ended_sessions(r) <= before:
+    while not any(r.recordings().glob("*.manifest.json")):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"relay did not end the session: {r.logs[-5:]}")
+            raise RuntimeError(f"relay did not seal the session: {r.logs[-5:]}")
         if r.proc.poll() is not None:
             raise RuntimeError(f"relay exited: {r.logs[-10:]}")
         time.sleep(0.05)
+    time.sleep(0.2)  # what follows the seal: store writes, audit event
     for f in r.recordings().glob("*"):
         f.unlink(missing_ok=True)
 
@@ -143,24 +194,29 @@ def _drain(argv: list[str], size: int, crc: int) -> dict[str, float]:
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-        n = 0
-        got = 0
-        t_first = 0.0
-        while True:
-            chunk = os.read(fd, _READ)
-            if not chunk:
-                break
-            if not n:
-                t_first = time.perf_counter()
-            n += len(chunk)
-            got = zlib.crc32(chunk, got)
-        t_end = time.perf_counter()
-        proc.stdout.close()
-        rc = proc.wait(timeout=60)
+        try:
+            assert proc.stdout is not None
+            fd = proc.stdout.fileno()
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            n = 0
+            got = 0
+            t_first = 0.0
+            while True:
+                chunk = os.read(fd, _READ)
+                if not chunk:
+                    break
+                if not n:
+                    t_first = time.perf_counter()
+                n += len(chunk)
+                got = zlib.crc32(chunk, got)
+            t_end = time.perf_counter()
+            proc.stdout.close()
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     if rc != 0 or n != size or got != crc:
@@ -188,53 +244,52 @@ def _summary(size: int, runs: list[dict[str, float]], key: str) -> dict[str, flo
     return {"best": round(max(rates), 1), "median": round(statistics.median(rates), 1)}
 
 
+WORKLOADS = {
+    "zeros": "head -c {mb}M /dev/zero",
+    "digits": "seq 1 1000000000 | head -c {mb}M",
+}
+
+
 def bulk(
-    target: SshTarget, r: Relay, mb: int, runs: int, only_relay: bool = False
+    paths: dict[str, list[str]],
+    r: Relay,
+    mb: int,
+    runs: int,
+    workloads: tuple[str, ...] = tuple(WORKLOADS),
 ) -> dict[str, object]:
-    workloads = {
-        "zeros": f"head -c {mb}M /dev/zero",
-        "digits": f"seq 1 1000000000 | head -c {mb}M",
-    }
-    direct = [
-        "ssh",
-        "-F",
-        "none",
-        *target.ssh_args(),
-        "-c",
-        CIPHER,
-        f"{target.user}@127.0.0.1",
-    ]
-    via = ["ssh", "-F", "none", *r.ssh_args(), "-c", CIPHER, f"{TARGET}@127.0.0.1"]
+    """MB/s per workload and path (``direct`` is the reference); the paths of a round run
+    one after another, in an order that rotates every round."""
     out: dict[str, object] = {}
-    for name, command in workloads.items():
+    names = list(paths)
+    for name in workloads:
+        command = WORKLOADS[name].format(mb=mb)
         size, crc = _expected(command)
-        res: dict[str, list[dict[str, float]]] = {"direct": [], "relay": []}
+        res: dict[str, list[dict[str, float]]] = {p: [] for p in names}
         for i in range(runs):
-            order = ("direct", "relay") if i % 2 == 0 else ("relay", "direct")
-            for path in order:
-                if only_relay and path == "direct":
-                    continue
-                if path == "direct":
-                    res["direct"].append(_drain([*direct, command], size, crc))
-                else:
-                    before = _ended_sessions(r)
-                    res["relay"].append(_drain([*via, command], size, crc))
-                    _wait_sealed(r, before)
-        if only_relay:
-            continue
+            for path in names[i % len(names) :] + names[: i % len(names)]:
+                res[path].append(_drain([*paths[path], command], size, crc))
+                if path == "relay":
+                    _wait_sealed(r)
         entry: dict[str, object] = {"command": command, "bytes": size}
         for key, label in (("stream_s", "first_byte_to_eof"), ("total_s", "incl_connect")):
-            d = _summary(size, res["direct"], key)
-            v = _summary(size, res["relay"], key)
-            entry[label] = {
-                "direct_MBps": d,
-                "relay_MBps": v,
-                "ratio_best": round(v["best"] / d["best"], 3),
-                "ratio_median": round(v["median"] / d["median"], 3),
-            }
-        entry["raw_s"] = {
-            p: [round(x["stream_s"], 3) for x in lst] for p, lst in res.items()
-        }
+            figures: dict[str, object] = {}
+            ref = _summary(size, res["direct"], key) if "direct" in res else None
+            for path in names:
+                v = _summary(size, res[path], key)
+                figures[path] = v
+                if ref is not None and path != "direct":
+                    figures[f"{path}/direct"] = {
+                        "best": round(v["best"] / ref["best"], 3),
+                        "median": round(v["median"] / ref["median"], 3),
+                    }
+            if "relay" in res and "bare_asyncssh" in res:
+                v, b = _summary(size, res["relay"], key), _summary(size, res["bare_asyncssh"], key)
+                figures["relay/bare_asyncssh"] = {
+                    "best": round(v["best"] / b["best"], 3),
+                    "median": round(v["median"] / b["median"], 3),
+                }
+            entry[label] = figures
+        entry["raw_s"] = {p: [round(x["stream_s"], 3) for x in lst] for p, lst in res.items()}
         out[name] = entry
     return out
 
@@ -266,8 +321,11 @@ async def _quiet(s: _Echo, quiet: float, limit: float = 5.0) -> None:
 
 async def _echo_series(
     s: _Echo, chan: asyncssh.SSHClientChannel[bytes], keys: str, pause: float, clear_every: int
-) -> list[float]:
+) -> tuple[list[float], set[str]]:
+    """Echo times in ms, and the keys whose echo took longer than 10 ms."""
     samples: list[float] = []
+    slow: set[str] = set()
+    slow_ms = 10.0
     for i, ch in enumerate(keys):
         if i and i % clear_every == 0:
             chan.write(b"\x15")  # Ctrl-U: empty the line, stay far from the margin
@@ -281,20 +339,24 @@ async def _echo_series(
             await asyncio.wait_for(s.arrived.wait(), 5)
             s.arrived.clear()
         samples.append((s.last - t0) * 1000)
+        if samples[-1] > slow_ms:
+            slow.add(ch)
         await asyncio.sleep(pause)
         await _quiet(s, pause)
     chan.write(b"\x15")
     await _quiet(s, 0.1)
-    return samples
+    return samples, slow
 
 
-def _pct(samples: list[float]) -> dict[str, float]:
+def _pct(series: tuple[list[float], set[str]]) -> dict[str, Any]:
+    samples, slow = series
     q = statistics.quantiles(samples, n=100, method="inclusive")
     return {
         "p50": round(statistics.median(samples), 3),
         "p95": round(q[94], 3),
         "p99": round(q[98], 3),
         "n": len(samples),
+        "keys_over_10ms": "".join(sorted(slow)),
     }
 
 
@@ -306,7 +368,7 @@ async def _echo(
     known_hosts: object,
     n: int,
     pause: float,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     async with asyncssh.connect(
         host,
         port,
@@ -317,9 +379,11 @@ async def _echo(
         agent_path=None,
         encryption_algs=[CIPHER],
     ) as conn:
-        chan, s = await conn.create_session(
+        chan, session = await conn.create_session(
             _Echo, term_type="xterm", term_size=(200, 50), encoding=None
         )
+        assert isinstance(session, _Echo)
+        s = session
         await _quiet(s, 0.5)  # the prompt
         letters = "abcdefghijklmnopqrstuvwxyz"
         await _echo_series(s, chan, letters[:10], pause, 50)  # warm-up, not counted
@@ -334,16 +398,15 @@ async def _echo(
 
 
 def echo(target: SshTarget, r: Relay, n: int, pause: float) -> dict[str, object]:
-    direct_kh = ([asyncssh.import_public_key(target.host_key_line)], [], [])
-    res: dict[str, dict[str, dict[str, float]]] = {}
+    direct_kh: object = ([asyncssh.import_public_key(target.host_key_line)], [], [])
+    res: dict[str, dict[str, dict[str, Any]]] = {}
     res["direct"] = asyncio.run(
         _echo(target.host, target.port, target.user, target.client_key, direct_kh, n, pause)
     )
-    before = _ended_sessions(r)
     res["relay"] = asyncio.run(
         _echo("127.0.0.1", r.port, TARGET, r.agent_key, r.known_hosts_obj(), n, pause)
     )
-    _wait_sealed(r, before)
+    _wait_sealed(r)
     out: dict[str, object] = {"keystrokes": n, "pause_ms": pause * 1000}
     for series in ("letters", "digits"):
         d, v = res["direct"][series], res["relay"][series]
@@ -358,12 +421,17 @@ def echo(target: SshTarget, r: Relay, n: int, pause: float) -> dict[str, object]
 # -- profiling (optional, after the figures) -------------------------------------------
 
 
-def profile(target: SshTarget, r: Relay, mb: int, prefix: str) -> dict[str, str]:
-    """py-spy on the relay during one relay run of each bulk workload."""
+def profile(via: list[str], r: Relay, mb: int, prefix: str) -> dict[str, str]:
+    """py-spy on the relay during one relay run of each bulk workload: raw stacks
+    (PREFIX-WORKLOAD.txt) and a flame graph of the digits run (PREFIX-digits.svg)."""
     spy = shutil.which("py-spy") or str(Path(fix_relay.BIN) / "py-spy")
     files: dict[str, str] = {}
-    for fmt, ext in (("raw", "txt"), ("flamegraph", "svg")):
-        path = f"{prefix}.{ext}"
+    for name, fmt, ext in (
+        ("zeros", "raw", "txt"),
+        ("digits", "raw", "txt"),
+        ("digits", "flamegraph", "svg"),
+    ):
+        path = f"{prefix}-{name}.{ext}"
         rec = subprocess.Popen(
             [spy, "record", "-r", "200", "-f", fmt, "-o", path, "--pid", str(r.proc.pid)],
             stdin=subprocess.DEVNULL,
@@ -372,15 +440,15 @@ def profile(target: SshTarget, r: Relay, mb: int, prefix: str) -> dict[str, str]
         )
         try:
             time.sleep(1.0)
-            bulk(target, r, mb, 1, only_relay=True)
+            bulk({"relay": via}, r, mb, 1, (name,))
         finally:
-            rec.send_signal(2)  # SIGINT: py-spy writes the file and exits
+            rec.send_signal(signal.SIGINT)  # py-spy writes the file and exits
             try:
                 rec.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 rec.kill()
                 rec.wait()
-        files[fmt] = path
+        files[f"{name}.{ext}"] = path
     return files
 
 
@@ -390,6 +458,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per path and workload")
     ap.add_argument("--keys", type=int, default=200, help="keystrokes per echo series")
     ap.add_argument("--pause-ms", type=float, default=10.0)
+    ap.add_argument(
+        "--no-bare", action="store_true", help="skip the bare asyncssh relay (the ceiling)"
+    )
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy the relay afterwards")
     args = ap.parse_args()
     out: dict[str, object] = {
@@ -399,11 +470,18 @@ def main() -> None:
         "relay_config": "masking on (bin6-last4 + 1 custom pattern), recording on "
         "(input=commands), fsync_interval 1.0, hold_deadline_ms 20",
     }
-    with sshd() as target, relay(target) as r:
-        out["bulk_MBps"] = bulk(target, r, args.mb, args.runs)
+    with sshd() as target, relay(target) as r, bare_relay(target) as bare:
+        ssh = ["ssh", "-F", "none"]
+        paths = {
+            "direct": [*ssh, *target.ssh_args(), "-c", CIPHER, f"{target.user}@127.0.0.1"],
+            "relay": [*ssh, *r.ssh_args(), "-c", CIPHER, f"{TARGET}@127.0.0.1"],
+        }
+        if not args.no_bare:
+            paths["bare_asyncssh"] = [*ssh, *bare]
+        out["bulk_MBps"] = bulk(paths, r, args.mb, args.runs)
         out["echo"] = echo(target, r, args.keys, args.pause_ms / 1000)
         if args.profile:
-            out["profile"] = profile(target, r, args.mb, args.profile)
+            out["profile"] = profile(paths["relay"], r, args.mb, args.profile)
     print(json.dumps(out, indent=2))
 
 
