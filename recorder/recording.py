@@ -4,6 +4,11 @@ checkpoints, and a signed manifest when the recording is sealed.
 Every line is written to the file as soon as it is encoded (live watchers and a crash
 see it); ``fsync`` runs at most every ``fsync_interval`` seconds, and each fsync
 reports a checkpoint (line count, chain hash) to the caller, which stores it.
+
+With ``threaded=True`` (what the relay uses) the hash chain, the file hashes, the writes
+and the fsyncs run in a writer thread fed by a bounded queue: hashing and writing release
+the GIL, so a busy session's recording uses the second core instead of the event loop.
+Errors in the thread surface on the next call; a full queue makes the caller wait.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,13 +31,22 @@ from recorder.integrity import (
     CHAIN_ENTRY,
     HashChain,
     chain_path,
-    file_sha256,
     manifest_path,
     sign_manifest,
 )
 from recorder.signing import SigningKey
 
 CheckpointHook = Callable[[int, str], None]
+_MAX_QUEUED = 32 << 20
+# Queue item asking the writer thread to fsync and report a checkpoint.
+_SYNC = object()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 class RecordingError(CastgateError):
@@ -64,6 +80,7 @@ class CastWriter:
         on_checkpoint: CheckpointHook | None = None,
         clock: Callable[[], float] = time.monotonic,
         extra_header: dict[str, Any] | None = None,
+        threaded: bool = False,
     ) -> None:
         self.path = path
         self.session_id = session_id
@@ -77,6 +94,14 @@ class CastWriter:
         self._closed = False
         self.bytes_out = 0
         self.bytes_in = 0
+        self._lines = 0
+        self._file_hash = hashlib.sha256()
+        self._chain_file_hash = hashlib.sha256()
+        self._error: str | None = None
+        self._queue: deque[Any] = deque()
+        self._queued_bytes = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
@@ -84,6 +109,11 @@ class CastWriter:
             self._chain_fd = os.open(chain_path(path), flags, 0o600)
         except OSError as exc:
             raise RecordingError(f"cannot create {path}: {exc.strerror}") from None
+        if threaded:
+            self._thread = threading.Thread(
+                target=self._drain, name=f"cast-{session_id}", daemon=True
+            )
+            self._thread.start()
         self.started = clock()
         self.started_wall = datetime.now(UTC)
         header = {"castgate": {"session": session_id}}
@@ -105,11 +135,12 @@ class CastWriter:
     @property
     def lines(self) -> int:
         """Lines written so far, the header included."""
-        return self._chain.lines
+        return self._lines
 
     @property
     def chain_hash(self) -> str:
-        """Current chain hash (hex)."""
+        """Chain hash of the lines written so far (hex); exact once closed."""
+        self._flush_queue()
         return self._chain.hex
 
     @property
@@ -124,12 +155,77 @@ class CastWriter:
     def _write(self, line: bytes) -> None:
         if self._closed:
             raise RecordingError(f"{self.path}: recording already closed")
-        h = self._chain.add(line)
+        if self._error is not None:
+            raise RecordingError(self._error)
+        self._lines += 1
+        if self._thread is None:
+            self._write_now([line])
+            if self._error is not None:
+                raise RecordingError(self._error)
+            return
+        with self._cond:
+            while self._queued_bytes > _MAX_QUEUED and self._error is None:
+                self._cond.wait(1.0)  # back-pressure: the disk is slower than the session
+            self._queue.append(line)
+            self._queued_bytes += len(line)
+            self._cond.notify_all()
+
+    def _write_now(self, lines: list[bytes]) -> None:
+        """Chain, hash and write lines (in the writer thread when threaded)."""
+        if self._error is not None or not lines:
+            return
+        entries = []
+        for line in lines:
+            entries.append(self._chain.add(line)[:CHAIN_ENTRY])
+        data = b"\n".join(lines) + b"\n"
+        chain = b"".join(entries)
         try:
-            os.write(self._fd, line + b"\n")
-            os.write(self._chain_fd, h[:CHAIN_ENTRY])
+            _write_all(self._fd, data)
+            _write_all(self._chain_fd, chain)
         except OSError as exc:
-            raise RecordingError(f"cannot write {self.path}: {exc.strerror}") from None
+            self._error = f"cannot write {self.path}: {exc.strerror}"
+            return
+        self._file_hash.update(data)
+        self._chain_file_hash.update(chain)
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch = list(self._queue)
+                self._queue.clear()
+                self._queued_bytes = 0
+                self._cond.notify_all()
+            stop = False
+            lines: list[bytes] = []
+            for item in batch:
+                if item is None:
+                    stop = True
+                elif item is _SYNC:
+                    self._write_now(lines)
+                    lines = []
+                    self._sync_now()
+                elif isinstance(item, threading.Event):
+                    self._write_now(lines)
+                    lines = []
+                    item.set()
+                else:
+                    lines.append(item)
+            self._write_now(lines)
+            if stop:
+                return
+
+    def _flush_queue(self) -> None:
+        """Wait until the writer thread has written everything queued so far."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        done = threading.Event()
+        with self._cond:
+            self._queue.append(done)
+            self._cond.notify_all()
+        while not done.wait(1.0) and self._thread is not None and self._thread.is_alive():
+            pass
 
     def event(self, code: str, data: bytes | str, t: float | None = None) -> None:
         """Append one event (``o``, ``i``, ``r``, ``m``); data is already masked."""
@@ -163,35 +259,64 @@ class CastWriter:
             self.sync()
 
     def sync(self) -> None:
-        """fsync the cast and chain now and report a checkpoint."""
+        """fsync the cast and chain (in the writer thread when threaded) and report a
+        checkpoint."""
         if self._closed:
+            return
+        self._last_sync = self._clock()
+        if self._thread is None:
+            self._sync_now()
+            if self._error is not None:
+                raise RecordingError(self._error)
+            return
+        if self._error is not None:
+            raise RecordingError(self._error)
+        with self._cond:
+            self._queue.append(_SYNC)
+            self._cond.notify_all()
+
+    def _sync_now(self) -> None:
+        if self._error is not None:
             return
         try:
             os.fsync(self._fd)
             os.fsync(self._chain_fd)
         except OSError as exc:
-            raise RecordingError(f"cannot fsync {self.path}: {exc.strerror}") from None
-        self._last_sync = self._clock()
+            self._error = f"cannot fsync {self.path}: {exc.strerror}"
+            return
         if self._on_checkpoint is not None and self._chain.lines != self._synced_lines:
             self._synced_lines = self._chain.lines
-            self._on_checkpoint(self._chain.lines, self._chain.hex)
+            # A lost checkpoint must not stop the recording; the hook logs its failures.
+            with contextlib.suppress(Exception):
+                self._on_checkpoint(self._chain.lines, self._chain.hex)
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            with self._cond:
+                self._queue.append(None)
+                self._cond.notify_all()
+            self._thread.join()
+            self._thread = None
 
     def close(self, reason: str = "closed", extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Seal the recording: flush, fsync, write the signed manifest; returns it."""
         for line in self._enc.finish(self.elapsed()):
             self._write(line)
-        self.sync()
+        self._stop_thread()
+        self._sync_now()
         self._closed = True
         os.close(self._fd)
         os.close(self._chain_fd)
-        chain_bytes = chain_path(self.path).read_bytes()
+        if self._error is not None:
+            raise RecordingError(self._error)
         manifest: dict[str, Any] = {
             "session_id": self.session_id,
             "cast": self.path.name,
             "lines": self._chain.lines,
             "final_hash": self._chain.hex,
-            "file_sha256": file_sha256(self.path),
-            "chain_sha256": hashlib.sha256(chain_bytes).hexdigest(),
+            # Hashed as written: re-reading a large cast here would stall the caller.
+            "file_sha256": self._file_hash.hexdigest(),
+            "chain_sha256": self._chain_file_hash.hexdigest(),
             "started_at": self.started_wall.isoformat(),
             "sealed_at": datetime.now(UTC).isoformat(),
             "duration": round(self.elapsed(), 6),
@@ -213,6 +338,7 @@ class CastWriter:
     def abort(self) -> None:
         """Close the files without sealing (the cast stays unsealed)."""
         if not self._closed:
+            self._stop_thread()
             self._closed = True
             with contextlib.suppress(OSError):
                 os.close(self._fd)

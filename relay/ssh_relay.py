@@ -543,6 +543,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             env={"TERM": self.term_type or "dumb", "SHELL": "/bin/sh"},
             fsync_interval=self.ctx.cfg.recording.fsync_interval,
             on_checkpoint=self._checkpoint,
+            threaded=True,
             extra_header={
                 "identity": self.ident.name,
                 "target": self.target.name,

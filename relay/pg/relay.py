@@ -459,6 +459,7 @@ class PgSession:
                 env={"TERM": "xterm-256color", "SHELL": "/bin/sh"},
                 fsync_interval=cfg.recording.fsync_interval,
                 on_checkpoint=self._checkpoint,
+                threaded=True,
                 extra_header={
                     "identity": self.ident.name,
                     "target": self.target.name,

@@ -205,3 +205,29 @@ def test_session_recorder_masks_output_and_input(tmp_path: Path) -> None:
     assert ["i", "ls\n"] in [e[1:] for e in events]
     assert pan not in (tmp_path / "a.cast").read_text()
     assert rec.counts["pan"] == 2
+
+
+def test_threaded_writer_seals_the_same_verifiable_cast(tmp_path: Path) -> None:
+    seen: list[tuple[int, str]] = []
+    w = CastWriter(
+        tmp_path / "t.cast",
+        width=80,
+        height=24,
+        session_id="t",
+        signing_key=KEY,
+        fsync_interval=0.0,
+        on_checkpoint=lambda n, h: seen.append((n, h)),
+        threaded=True,
+    )
+    for i in range(5000):
+        w.output(f"line {i}\r\n".encode())
+    w.marker("end of test")
+    manifest = w.close()
+    assert manifest["lines"] == 5002 == w.lines
+    assert verify_cast(tmp_path / "t.cast", KEY.public).verdict is Verdict.INTACT
+    assert seen and seen[-1] == (5002, manifest["final_hash"])
+    lines = read_lines(tmp_path / "t.cast")
+    lines[100] = lines[100].replace(b"line 99", b"line 77")
+    (tmp_path / "t.cast").write_bytes(b"\n".join(lines) + b"\n")
+    report = verify_cast(tmp_path / "t.cast", KEY.public)
+    assert report.verdict is Verdict.TAMPERED and report.first_bad_line == 101
