@@ -58,7 +58,10 @@ class HashChain:
 
     def add(self, line: bytes) -> bytes:
         """Extend the chain with one line; returns the new hash."""
-        self.value = hashlib.sha256(self.value + line).digest()
+        # Two updates instead of hashing prev + line: no copy of a large line.
+        h = hashlib.sha256(self.value)
+        h.update(line)
+        self.value = h.digest()
         self.lines += 1
         return self.value
 

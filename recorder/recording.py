@@ -42,6 +42,13 @@ _MAX_QUEUED = 32 << 20
 _SYNC = object()
 
 
+def _writev_all(fd: int, parts: list[bytes]) -> None:
+    total = sum(len(p) for p in parts)
+    n = os.writev(fd, parts)
+    if n < total:
+        _write_all(fd, b"".join(parts)[n:])
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -175,17 +182,23 @@ class CastWriter:
         if self._error is not None or not lines:
             return
         entries = []
+        parts: list[bytes] = []
+        file_hash = self._file_hash
         for line in lines:
             entries.append(self._chain.add(line)[:CHAIN_ENTRY])
-        data = b"\n".join(lines) + b"\n"
+            file_hash.update(line)
+            file_hash.update(b"\n")
+            parts.append(line)
+            parts.append(b"\n")
         chain = b"".join(entries)
         try:
-            _write_all(self._fd, data)
+            # writev: no copy of the lines into one buffer.
+            for i in range(0, len(parts), 512):
+                _writev_all(self._fd, parts[i : i + 512])
             _write_all(self._chain_fd, chain)
         except OSError as exc:
             self._error = f"cannot write {self.path}: {exc.strerror}"
             return
-        self._file_hash.update(data)
         self._chain_file_hash.update(chain)
 
     def _drain(self) -> None:
