@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from castgate.replay_cli import add_replay_commands
 from recorder.errors import CastgateError
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def _cmd_rec(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from castgate.runtime import find_config
+    from castgate.paths import find_config
     from castgate.verify import exit_code, verify_paths
     from recorder.signing import PUBLIC_NAME, load_public
 
@@ -72,7 +73,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_relay(args: argparse.Namespace) -> int:
-    from castgate.runtime import find_config
+    from castgate.paths import find_config
     from recorder.config import load_config
     from relay.server import run_relay
 
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the embedded default end to end")
     s.add_argument("--dir", help="working directory (default: a new temporary one)")
     s.set_defaults(func=_cmd_demo)
+
+    add_replay_commands(sub)
     return p
 
 

@@ -7,7 +7,6 @@ from ``CASTGATE_API``; the token from ``--token`` or ``CASTGATE_TOKEN``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from recorder.errors import CastgateError
-from relay.live import render_event
 
 
 class ClientError(CastgateError):
@@ -57,20 +55,28 @@ class Api:
 def find_api(config: str | None, token: str | None) -> Api:
     """The API from -c / ./castgate.toml or CASTGATE_API, the token from --token or
     CASTGATE_TOKEN."""
-    from castgate.runtime import find_config
+    from castgate.paths import find_config
 
     tok = token or os.environ.get("CASTGATE_TOKEN")
     url = os.environ.get("CASTGATE_API")
     path = find_config(config)
     if path is not None and (config or not url):
-        from recorder.config import load_config
+        # Only two keys are needed: read them without validating the whole config, so
+        # an approval from the command line starts in a fraction of a second.
+        import tomllib
 
-        cfg = load_config(path)
-        addr = cfg.listen.api
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ClientError(f"{path}: cannot read config: {exc}") from None
+        addr = str(raw.get("listen", {}).get("api", "127.0.0.1:8420") or "")
         if not addr:
             raise ClientError(f"{path}: listen.api is empty: the control API is disabled")
         if addr.endswith(":0"):
-            runtime = cfg.data_path / "relay.json"
+            data_dir = Path(str(raw.get("data_dir", "data")))
+            if not data_dir.is_absolute():
+                data_dir = path.resolve().parent / data_dir
+            runtime = data_dir / "relay.json"
             try:
                 addr = json.loads(runtime.read_text())["listen"]["api"]
             except (OSError, ValueError, KeyError):
@@ -137,6 +143,8 @@ def cmd_decide(api: Api, approval_id: int, approve: bool, reason: str | None) ->
 async def _watch(api: Api, session_id: str, out: Any) -> int:
     import aiohttp
 
+    from relay.live import render_event
+
     url = api.url.replace("http", "ws", 1) + f"/api/v1/sessions/{session_id}/live"
     headers = {"Authorization": f"Bearer {api.token}"}
     try:
@@ -161,6 +169,8 @@ async def _watch(api: Api, session_id: str, out: Any) -> int:
 def cmd_watch(api: Api, session_id: str) -> int:
     """Render a live session in this terminal until it ends or Ctrl-C."""
     out = open(sys.stdout.fileno(), "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    import asyncio
+
     try:
         return asyncio.run(_watch(api, session_id, out))
     except KeyboardInterrupt:

@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from recorder.config import DEFAULT_CONFIG_NAME, Config, load_config, mask_policy
+from castgate.paths import find_config as find_config
+from recorder.config import Config, load_config, mask_policy
 from recorder.masking import Masker
 from recorder.signing import SigningKey
 from recorder.store import Store
@@ -19,14 +20,6 @@ def default_home() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "castgate"
-
-
-def find_config(explicit: str | None) -> Path | None:
-    """``-c FILE`` if given, else ``./castgate.toml`` if it exists, else None."""
-    if explicit:
-        return Path(explicit)
-    here = Path(DEFAULT_CONFIG_NAME)
-    return here if here.exists() else None
 
 
 @dataclass

@@ -50,6 +50,13 @@ class Relay:
     jwt_key: bytes
     logs: list[dict[str, object]] = field(default_factory=list)
     pg_port: int = 0
+    api_port: int = 0
+    operator_key: Path | None = None
+
+    @property
+    def api(self) -> str:
+        """Base URL of the control API."""
+        return f"http://127.0.0.1:{self.api_port}"
 
     def pg_dsn(
         self, target: str = "appdb", user: str = "ci-agent", token: str | None = None
@@ -142,7 +149,12 @@ def write_jwks(workdir: Path) -> bytes:
 
 
 def write_config(
-    workdir: Path, target: SshTarget, agent_pub: str, extra: str = "", listen_extra: str = ""
+    workdir: Path,
+    target: SshTarget,
+    agent_pub: str,
+    extra: str = "",
+    listen_extra: str = "",
+    alice_pub: str = "",
 ) -> Path:
     """castgate.toml for the tests."""
     wrong_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
@@ -175,6 +187,7 @@ token_sha256 = "{_sha(TOKENS["ci-agent"])}"
 name = "alice"
 groups = ["sre"]
 token_sha256 = "{_sha(TOKENS["alice"])}"
+ssh_keys = {json.dumps([alice_pub] if alice_pub else [])}
 [[identities]]
 name = "bob"
 groups = ["sre"]
@@ -212,6 +225,13 @@ name = "no-rm-rf"
 command = '^rm -rf'
 action = "block"
 [[rules]]
+name = "stop-needs-two"
+command = '^systemctl stop'
+action = "approve"
+approvers = ["sre"]
+min_approvals = 2
+timeout = "20s"
+[[rules]]
 name = "restart-needs-approval"
 command = '^systemctl restart'
 action = "approve"
@@ -246,8 +266,13 @@ def start_relay(
     agent_key.write_bytes(key.export_private_key())
     agent_key.chmod(0o600)
     agent_pub = key.export_public_key().decode().strip()
+    operator_key = workdir / "alice_ed25519"
+    okey = asyncssh.generate_private_key("ssh-ed25519")
+    operator_key.write_bytes(okey.export_private_key())
+    operator_key.chmod(0o600)
+    alice_pub = okey.export_public_key().decode().strip()
     jwt_key = write_jwks(workdir)
-    config = write_config(workdir, target, agent_pub, extra, listen_extra)
+    config = write_config(workdir, target, agent_pub, extra, listen_extra, alice_pub)
     proc = subprocess.Popen(
         [CASTGATE, "relay", "-c", str(config)],
         stdin=subprocess.DEVNULL,
@@ -279,6 +304,7 @@ def start_relay(
     listening = next(e for e in logs if e.get("msg") == "relay.listening")
     port = int(str(listening["ssh"]).rsplit(":", 1)[1])
     pg_port = int(str(listening.get("postgres", ":0")).rsplit(":", 1)[1])
+    api_port = int(str(listening.get("api", ":0")).rsplit(":", 1)[1])
     host_pub = (workdir / "data" / "keys" / "ssh_host_ed25519.pub").read_text().split()
     host_key_line = f"{host_pub[0]} {host_pub[1]}"
     known_hosts = workdir / "known_hosts"
@@ -287,6 +313,8 @@ def start_relay(
         workdir, config, port, host_key_line, agent_key, known_hosts, target, proc, jwt_key, logs
     )
     relay.pg_port = pg_port
+    relay.api_port = api_port
+    relay.operator_key = operator_key
     return relay
 
 
