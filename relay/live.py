@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,14 +152,34 @@ class LiveHub:
         return self.streams.get(session_id)
 
 
+# Escape sequences a watched session could use against the operator's terminal: OSC
+# (window title, clipboard writes with OSC 52, hyperlinks, colour palette), DCS, APC, PM
+# and SOS strings (including the 8-bit C1 forms). Stripped from what watchers render;
+# the recording itself keeps the session's bytes as they were.
+_HOSTILE = re.compile(
+    r"(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|(?:\x1b[P_^X]|[\x90\x9e\x9f\x98])[^\x1b\x9c]*(?:\x1b\\|\x9c)?"
+)
+
+
+def neutralise(text: str) -> str:
+    """Remove escape strings that could act on the operator's terminal or clipboard."""
+    return (
+        _HOSTILE.sub("", text)
+        if ("\x1b" in text or any(c in text for c in "\x90\x9d\x9e\x9f\x98"))
+        else text
+    )
+
+
 def render_event(event: dict[str, Any]) -> str:
     """Terminal text for one live event as watchers print it (markers in reverse video
-    on their own line)."""
+    on their own line), with escape strings that could attack the operator's terminal
+    removed."""
     kind = event.get("type")
     if kind in ("o", "screen"):
-        return str(event.get("data", ""))
+        return neutralise(str(event.get("data", "")))
     if kind == "m":
-        return f"\r\n\x1b[7m castgate: {event.get('data')} \x1b[0m\r\n"
+        return f"\r\n\x1b[7m castgate: {neutralise(str(event.get('data')))} \x1b[0m\r\n"
     if kind == "end":
-        return f"\r\n\x1b[7m castgate: session ended ({event.get('data')}) \x1b[0m\r\n"
+        return f"\r\n\x1b[7m castgate: session ended ({neutralise(str(event.get('data')))}) \x1b[0m\r\n"
     return ""
