@@ -277,7 +277,9 @@ def test_approver_role_is_required(relay: Relay) -> None:
     assert m is not None
     res = relay.castgate("approve", m.group(1).decode(), "--token", TOKENS["ci-agent"])
     assert res.returncode == 2 and "lacks the role" in res.stderr
-    res = relay.castgate("deny", m.group(1).decode(), "--reason", "cleanup", "--token", TOKENS["alice"])
+    res = relay.castgate(
+        "deny", m.group(1).decode(), "--reason", "cleanup", "--token", TOKENS["alice"]
+    )
     assert res.returncode == 0
     client.finish()
     assert client.proc.returncode == 126
