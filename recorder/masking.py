@@ -10,7 +10,8 @@ PAN detection (PCI DSS 3.4.1): a *candidate* is a run of digits in which consecu
 digits may be separated by one space or dash and by any number of ANSI escape sequences
 (colour changes between digits must not hide a number). A candidate splits into
 *groups* at its separators. Every contiguous range of groups holding 13-19 digits whose
-digits are Luhn-valid is a PAN. A single group of more than 19 digits is a long number,
+digits are Luhn-valid is a PAN, provided a range of several groups is laid out as card
+numbers are printed (a first group of four, then groups of three to six digits). A single group of more than 19 digits is a long number,
 not a PAN, and takes no part in any range: masking windows of long numbers would mask
 most long identifiers.
 
@@ -271,6 +272,11 @@ class Masker:
             for j in range(i, n):
                 g = groups[j]
                 if not g or len(g) > 19:
+                    break
+                # Printed card numbers are grouped 4-4-4-4(-3), 4-6-5, 4-6-4, 4-4-5:
+                # a number split by separators starts with four digits and has groups
+                # of 3 to 6. Columns of numbers (ps, ls) do not look like that.
+                if j > i and (len(groups[i]) != 4 or not 3 <= len(g) <= 6):
                     break
                 total += len(g)
                 if total > 19:
