@@ -283,6 +283,8 @@ async def live(request: web.Request) -> web.StreamResponse:
     if stream is None:
         return _error(404, f"session {sid} is not live on this relay")
     ws = web.WebSocketResponse(heartbeat=30)
+    if not ws.can_prepare(request).ok:  # aiohttp would answer a text/plain 400
+        return _error(400, "a WebSocket upgrade is required")
     await ws.prepare(request)
     ctx.emit(
         "recording.watch",
@@ -452,6 +454,7 @@ def _op(
     params: list[dict[str, Any]] | None = None,
     body: bool = False,
     auth: bool = True,
+    reason_required: bool = False,
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {"200": ok}
     for code in codes:
@@ -463,13 +466,13 @@ def _op(
     if params:
         op["parameters"] = params
     if body:
+        schema: dict[str, Any] = {"type": "object", "properties": {"reason": {"type": "string"}}}
+        if reason_required:  # a denial needs a non-empty reason (_decide answers 400)
+            schema["required"] = ["reason"]
+            schema["properties"]["reason"]["minLength"] = 1
         op["requestBody"] = {
-            "required": False,
-            "content": {
-                "application/json": {
-                    "schema": {"type": "object", "properties": {"reason": {"type": "string"}}}
-                }
-            },
+            "required": reason_required,
+            "content": {"application/json": {"schema": schema}},
         }
     if not auth:
         op["security"] = []
@@ -666,6 +669,7 @@ OPENAPI: dict[str, Any] = {
                 409,
                 params=[_ID],
                 body=True,
+                reason_required=True,
             )
         },
     },

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from recorder.config import Config, RuleConfig
+from recorder.config import Config, RuleConfig, mask_policy
 from recorder.errors import CastgateError
+from recorder.masking import Masker
 from recorder.store import Store
 
 
@@ -108,13 +109,16 @@ log = logging.getLogger("castgate.approvals")
 class Broker:
     """Approval requests of one relay process."""
 
-    def __init__(self, cfg: Config, store: Store, poll_interval: float = 0.5) -> None:
+    def __init__(
+        self, cfg: Config, store: Store, masker: Masker | None = None, poll_interval: float = 0.5
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.poll_interval = poll_interval
         self._events: dict[int, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_request: list[Callable[[dict[str, Any]], None]] = []
+        self.masker = masker or Masker(mask_policy(cfg))
 
     async def wait(
         self,
@@ -176,7 +180,10 @@ class Broker:
     async def decide(
         self, approval_id: int, *, approver: str, approve: bool, reason: str | None, origin: str
     ) -> dict[str, Any]:
-        """Record a decision (after checking who may make it) and wake the held session."""
+        """Record a decision (after checking who may make it) and wake the held session.
+        The reason is free text from a person: it is masked like everything kept."""
+        if reason:
+            reason = self.masker.mask(reason)
         row = await asyncio.to_thread(
             decide,
             self.cfg,

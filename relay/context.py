@@ -50,7 +50,7 @@ class RelayContext:
         self.policy = Policy(self.cfg)
         self.auth = Authenticator(self.cfg)
         self.masker = Masker(mask_policy(self.cfg))
-        self.broker = Broker(self.cfg, self.store)
+        self.broker = Broker(self.cfg, self.store, self.masker)
 
     @property
     def hold_deadline(self) -> float:

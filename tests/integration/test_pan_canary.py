@@ -1,0 +1,134 @@
+"""PAN canary: push test card numbers through every path of the relay (SSH output, input,
+exec arguments, approval requests; PostgreSQL rows, query literals, COPY, error
+details), then scan every file, the store and every log line the relay produced. Zero
+raw card numbers may remain anywhere (PCI DSS 3.4.1, 3.5.1, 12.10.7)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import asyncssh
+import psycopg
+
+from tests.fix_pg_relay import APP_PASSWORD, PANS, PG_TARGETS, _prepare_app_db
+from tests.fix_postgres import PostgresServer
+from tests.fix_relay import TOKENS, start_relay, wait_for
+from tests.fix_sshd import SshTarget
+
+RUN = re.compile(rb"[0-9]{13,19}")
+
+
+def _raw_hits(data: bytes) -> list[str]:
+    return [pan for pan in PANS if pan.encode() in data]
+
+
+def test_no_raw_card_number_anywhere(
+    sshd_target: SshTarget, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    _prepare_app_db(postgres_server)
+    relay = start_relay(
+        tmp_path / "canary",
+        sshd_target,
+        extra=PG_TARGETS.format(port=postgres_server.port),
+        env={"APPDB_PASSWORD": APP_PASSWORD},
+    )
+    visa, mc, amex, disc = PANS
+    try:
+        # SSH: exec argument, stdout, stderr.
+        res = relay.ssh("web", f"echo out {visa}; echo err {mc} >&2; echo '{amex}' | cat")
+        assert res.returncode == 0
+        assert not _raw_hits(res.stdout + res.stderr)
+
+        # SSH: interactive input and output, a held command quoting a PAN, denied.
+        async def shell() -> None:
+            async with asyncssh.connect(
+                "127.0.0.1",
+                relay.port,
+                username="web",
+                client_keys=[str(relay.agent_key)],
+                known_hosts=relay.known_hosts_obj(),
+                config=[],
+                agent_path=None,
+            ) as conn:
+                proc = await conn.create_process(term_type="xterm", term_size=(120, 30))
+                proc.stdin.write(f"echo typed {disc}\r")
+                await asyncio.sleep(0.5)
+                proc.stdin.write("exit\r")
+                await proc.wait()
+
+        asyncio.run(shell())
+        held = subprocess.Popen(
+            ["ssh", *relay.ssh_args(), "web@127.0.0.1", f"systemctl restart card-{visa}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        api = f"http://127.0.0.1:{relay.api_port}"
+
+        def pending() -> list[dict[str, object]]:
+            req = urllib.request.Request(
+                api + "/api/v1/approvals",
+                headers={"Authorization": f"Bearer {TOKENS['alice']}"},
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return list(json.loads(resp.read())["approvals"])
+
+        wait_for(lambda: bool(pending()), 20)
+        listed = json.dumps(pending())
+        assert visa not in listed and visa[:6] in listed
+        aid = pending()[0]["id"]
+        req = urllib.request.Request(
+            api + f"/api/v1/approvals/{aid}/deny",
+            data=json.dumps({"reason": f"no, and here is a card {mc}"}).encode(),
+            method="POST",
+            headers={"Authorization": f"Bearer {TOKENS['bob']}"},
+        )
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+        held.wait(30)
+
+        # PostgreSQL: rows, literals, COPY, error details, notices.
+        with psycopg.connect(relay.pg_dsn(), autocommit=True) as conn:
+            rows = conn.execute("SELECT pan, note FROM cards").fetchall()
+            assert not _raw_hits(json.dumps(rows).encode())
+            conn.execute(f"SELECT '{amex}' AS lit, '{disc}'::text")
+            with conn.cursor() as cur, cur.copy("COPY cards TO STDOUT") as copy:
+                data = b"".join(bytes(c) for c in copy)
+            assert not _raw_hits(data)
+            conn.execute("CREATE TEMP TABLE u (pan text UNIQUE)")
+            conn.execute(f"INSERT INTO u VALUES ('{visa}')")
+            try:
+                conn.execute(f"INSERT INTO u VALUES ('{visa}')")
+            except psycopg.errors.UniqueViolation as exc:
+                assert not _raw_hits(str(exc.diag.message_detail).encode())
+            conn.execute(f"DO $$ BEGIN RAISE NOTICE 'card %', '{mc}'; END $$")
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                api + "/metrics", headers={"Authorization": f"Bearer {TOKENS['alice']}"}
+            ),
+            timeout=10,
+        ) as resp:
+            assert not _raw_hits(resp.read())
+    finally:
+        assert relay.stop() == 0
+
+    # Everything the relay wrote: casts, chains, manifests, the store (and its WAL), logs.
+    hits: dict[str, list[str]] = {}
+    for path in (relay.workdir / "data").rglob("*"):
+        if path.is_file():
+            found = _raw_hits(path.read_bytes())
+            if found:
+                hits[str(path)] = found
+    logs = "\n".join(json.dumps(e) for e in relay.logs).encode()
+    if _raw_hits(logs):
+        hits["relay log"] = _raw_hits(logs)
+    assert hits == {}
+    # And the recordings did see the masked forms, so the scan looked at real traffic.
+    casts = b"".join(p.read_bytes() for p in (relay.workdir / "data" / "recordings").glob("*.cast"))
+    assert f"{visa[:6]}******{visa[-4:]}".encode() in casts
+    assert b"typed " in casts
