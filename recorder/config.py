@@ -59,6 +59,20 @@ class ListenConfig(_Section):
     PostgreSQL listener is on a loopback address."""
 
 
+class SecurityConfig(_Section):
+    auth_failure_limit: int = Field(default=10, ge=1, le=100_000)
+    """Failed authentications from one address within ``auth_window`` that lock it out."""
+    auth_window: float = Field(default=60.0, gt=0)
+    """Seconds over which failures are counted."""
+    auth_lockout: float = Field(default=60.0, ge=0)
+    """Seconds an address is refused after too many failures."""
+
+    @field_validator("auth_window", "auth_lockout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
 class StoreConfig(_Section):
     url: str = "sqlite:///data/castgate.db"
     """Audit store: ``sqlite:///PATH`` (relative to the config file) or ``postgresql://...``."""
@@ -208,6 +222,7 @@ class Config(_Section):
     """Directory of recordings/, keys/ and the SQLite store (relative to the config file)."""
     listen: ListenConfig = ListenConfig()
     store: StoreConfig = StoreConfig()
+    security: SecurityConfig = SecurityConfig()
     recording: RecordingConfig = RecordingConfig()
     masking: MaskingConfig = MaskingConfig()
     roles: dict[Literal["approver", "auditor", "admin"], list[str]] = {}

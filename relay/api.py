@@ -74,13 +74,17 @@ async def _authenticate(request: web.Request) -> Identity:
     ctx = _ctx(request)
     if scheme.lower() != "bearer" or not token.strip():
         raise _Fail(401, "missing bearer token")
+    peer = _peer(request)
+    if ctx.limiter.blocked(peer):
+        raise _Fail(429, "too many failed authentication attempts; try later")
     try:
-        return await asyncio.to_thread(ctx.auth.by_token, token.strip())
+        ident = await asyncio.to_thread(ctx.auth.by_token, token.strip())
     except AuthError as exc:
-        ctx.emit(
-            "auth", None, "failure", _peer(request), "api", {"method": "bearer", "reason": str(exc)}
-        )
+        ctx.limiter.failure(peer)
+        ctx.emit("auth", None, "failure", peer, "api", {"method": "bearer", "reason": str(exc)})
         raise _Fail(401, f"invalid token: {exc}") from None
+    ctx.limiter.success(peer)
+    return ident
 
 
 def requires(*roles: str) -> Callable[[Handler], Handler]:

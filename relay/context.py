@@ -20,6 +20,7 @@ from relay.approvals import Broker
 from relay.identity import Authenticator
 from relay.live import LiveHub
 from relay.policy import Policy
+from relay.ratelimit import AuthLimiter
 
 log = logging.getLogger("castgate.relay")
 
@@ -41,6 +42,7 @@ class RelayContext:
     masker: Masker = field(init=False)
     broker: Broker = field(init=False)
     hub: LiveHub = field(default_factory=LiveHub)
+    limiter: AuthLimiter = field(init=False)
     node: str = field(default_factory=socket.gethostname)
     live: dict[str, Any] = field(default_factory=dict)
     _pending: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -51,6 +53,8 @@ class RelayContext:
         self.auth = Authenticator(self.cfg)
         self.masker = Masker(mask_policy(self.cfg))
         self.broker = Broker(self.cfg, self.store, self.masker)
+        sec = self.cfg.security
+        self.limiter = AuthLimiter(sec.auth_failure_limit, sec.auth_window, sec.auth_lockout)
 
     @property
     def hold_deadline(self) -> float:

@@ -111,7 +111,21 @@ class RelayServer(asyncssh.SSHServer):
         self.target_name = username
         return True
 
+    def _throttled(self, method: str) -> bool:
+        if self.ctx.limiter.blocked(self.peer):
+            self.ctx.emit(
+                "auth",
+                None,
+                "failure",
+                self.peer,
+                f"ssh:{self.target_name}",
+                {"method": method, "reason": "too many failed attempts from this address"},
+            )
+            return True
+        return False
+
     def _failed(self, method: str, reason: str, who: str | None = None) -> None:
+        self.ctx.limiter.failure(self.peer)
         self.ctx.emit(
             "auth",
             who,
@@ -125,6 +139,8 @@ class RelayServer(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if self._throttled("publickey"):
+            return False
         ident = self.ctx.auth.by_public_key(key)
         if ident is None:
             self._failed("publickey", f"unknown key {key.get_fingerprint()}")
@@ -148,6 +164,8 @@ class RelayServer(asyncssh.SSHServer):
         return len(responses) == 1 and await self._token(responses[0], "keyboard-interactive")
 
     async def _token(self, secret: str, method: str) -> bool:
+        if self._throttled(method):
+            return False
         try:
             # A JWKS fetched over HTTPS may block: keep it off the event loop.
             ident = await asyncio.to_thread(self.ctx.auth.by_token, secret)
@@ -158,6 +176,7 @@ class RelayServer(asyncssh.SSHServer):
         return True
 
     def auth_completed(self) -> None:
+        self.ctx.limiter.success(self.peer)
         self.identity = self._last_ok
         ident = self.identity
         assert ident is not None

@@ -155,6 +155,7 @@ def write_config(
     extra: str = "",
     listen_extra: str = "",
     alice_pub: str = "",
+    auth_limit: int = 10_000,
 ) -> Path:
     """castgate.toml for the tests."""
     wrong_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
@@ -165,6 +166,8 @@ ssh = "127.0.0.1:0"
 postgres = "127.0.0.1:0"
 api = "127.0.0.1:0"
 {listen_extra}
+[security]
+auth_failure_limit = {auth_limit}
 [recording]
 fsync_interval = 0.2
 input = "commands"
@@ -258,6 +261,7 @@ def start_relay(
     extra: str = "",
     env: dict[str, str] | None = None,
     listen_extra: str = "",
+    auth_limit: int = 10_000,
 ) -> Relay:
     """Init keys, write the config, start ``castgate relay`` and wait until it listens."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +276,7 @@ def start_relay(
     operator_key.chmod(0o600)
     alice_pub = okey.export_public_key().decode().strip()
     jwt_key = write_jwks(workdir)
-    config = write_config(workdir, target, agent_pub, extra, listen_extra, alice_pub)
+    config = write_config(workdir, target, agent_pub, extra, listen_extra, alice_pub, auth_limit)
     proc = subprocess.Popen(
         [CASTGATE, "relay", "-c", str(config)],
         stdin=subprocess.DEVNULL,

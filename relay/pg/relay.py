@@ -316,11 +316,25 @@ class PgSession:
                     early += msg.raw()
             data = b""
         self._early = bytes(early) + msgs.take_rest()
+        if self.ctx.limiter.blocked(self.peer):
+            self.ctx.emit(
+                "auth",
+                user or None,
+                "failure",
+                self.peer,
+                f"postgres:{database}",
+                {"method": "token", "reason": "too many failed attempts from this address"},
+            )
+            await self._fatal(
+                "28000", "castgate: too many failed authentication attempts; try later"
+            )
+            return False
         try:
             ident = await asyncio.to_thread(
                 self.ctx.auth.by_token, password.decode("utf-8", "replace")
             )
         except AuthError as exc:
+            self.ctx.limiter.failure(self.peer)
             self.ctx.emit(
                 "auth",
                 user or None,

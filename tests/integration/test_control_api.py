@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from recorder.masking import luhn_complete
@@ -370,3 +371,20 @@ def start_relay_again(old: Relay, target: SshTarget) -> Relay:
     )
     new.api_port = int(str(listening["api"]).rsplit(":", 1)[1])
     return new
+
+
+def test_failed_logins_lock_the_address_out(sshd_target: SshTarget, tmp_path: Path) -> None:
+    relay = start_relay(tmp_path / "r", sshd_target, auth_limit=3)
+    try:
+        for _ in range(3):
+            assert call(relay, "/api/v1/sessions", "wrong-token")[0] == 401
+        status, body = call(relay, "/api/v1/sessions", TOKENS["alice"])
+        assert status == 429 and "too many" in body["error"]
+        # The SSH listener shares the lockout: even the right key is refused now.
+        res = relay.ssh("web", "echo locked-out")
+        assert res.returncode == 255 and b"locked-out" not in res.stdout
+        with pytest.raises(psycopg.OperationalError, match="too many failed"):
+            psycopg.connect(relay.pg_dsn())
+    finally:
+        relay.stop()
+    assert any("too many failed attempts" in str(e.get("reason")) for e in relay.logs)
