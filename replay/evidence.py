@@ -1,0 +1,619 @@
+"""``castgate evidence``: a PCI DSS evidence bundle that checks itself.
+
+One directory per request:
+
+    index.html                          summary an assessor reads in a browser
+    keys/signing_ed25519.pub.pem        the relay's public signing key
+    sessions/ID/audit-record.json       the session's audit record, each field mapped to
+                                        PCI DSS v4.0.1 requirement numbers
+    sessions/ID/NAME.cast               the recording with its .chain and .manifest.json
+    sessions/ID/replay.html             the recording in a self-contained web player
+    SHA256SUMS                          for `sha256sum -c` without castgate
+    evidence-manifest.json              SHA-256 of every other file, signed with the
+                                        relay's Ed25519 key
+
+``castgate verify DIR`` checks every file against the manifest (naming any that was
+changed, removed or added), the manifest's signature, and every cast's hash chain and
+signed manifest. Seek indexes (``*.cast.idx``) that a player writes next to a cast are
+derived caches, never trusted, and ignored.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import re
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from recorder.config import Config
+from recorder.errors import CastgateError
+from recorder.integrity import (
+    Report,
+    Verdict,
+    chain_path,
+    file_sha256,
+    manifest_path,
+    verify_cast,
+)
+from recorder.signing import (
+    PUBLIC_NAME,
+    SigningKey,
+    SigningKeyError,
+    key_id,
+    load_public,
+    public_from_raw_b64,
+    public_pem,
+    public_raw_b64,
+    verify_signature,
+)
+from recorder.store import Store
+from replay.export import export_html
+from replay.seekindex import INDEX_SUFFIX
+
+BUNDLE_MANIFEST = "evidence-manifest.json"
+BUNDLE_FORMAT = "castgate-evidence/1"
+RECORD_FORMAT = "castgate-audit-record/1"
+SUMS = "SHA256SUMS"
+
+# What each PCI DSS v4.0.1 requirement cited in an audit record asks (paraphrased
+# from shared/PCI_DSS.md; the PCI SSC text is the authority).
+REQUIREMENTS: dict[str, str] = {
+    "3.3.1": "Sensitive authentication data (full track data) is not kept after authorization.",
+    "3.4.1": "PAN is masked when displayed: at most the BIN and the last four digits shown.",
+    "3.5.1": "PAN is unreadable wherever stored, audit logs and recordings included.",
+    "6.5.1": "Changes follow a documented approval by authorized parties, with a reason.",
+    "7.2.1": "Access is granted by job function and least privilege.",
+    "7.2.2": "Access is assigned by job classification and function, privileged users included.",
+    "8.2.1": "Every user has a unique ID before any access.",
+    "10.2.1.1": "Audit logs capture every individual access to cardholder data.",
+    "10.2.1.2": "Audit logs capture every action by anyone with administrative access.",
+    "10.2.1.3": "Audit logs capture every access to audit logs.",
+    "10.2.1.4": "Audit logs capture invalid logical access attempts.",
+    "10.2.2": "Each audit record holds user, event type, date and time, success or failure, "
+    "origination, and the affected component or resource.",
+    "10.3.2": "Audit log files are protected from modification.",
+    "10.3.4": "File integrity monitoring or change detection is used on audit logs.",
+}
+
+# field of the audit record -> (requirements, what the field shows)
+FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "identity": (("8.2.1", "10.2.2"), "unique identity the session ran as (10.2.2: user)"),
+    "groups": (("7.2.1", "7.2.2"), "groups of the identity at session time"),
+    "auth_method": (("8.2.1", "10.2.2"), "how the identity proved itself"),
+    "source_address": (("10.2.2",), "where the session came from (10.2.2: origination)"),
+    "target": (("10.2.2", "7.2.1"), "system the session reached (10.2.2: affected component)"),
+    "protocol": (("10.2.2",), "protocol of the session (10.2.2: type of event)"),
+    "started_at": (("10.2.2",), "start, UTC (10.2.2: date and time)"),
+    "ended_at": (("10.2.2",), "end, UTC (10.2.2: date and time)"),
+    "status": (("10.2.2",), "how the session ended (10.2.2: success or failure)"),
+    "exit_status": (("10.2.2",), "exit status of the remote command or shell"),
+    "commands": (
+        ("10.2.1.1", "10.2.1.2", "10.2.2", "7.2.1"),
+        "every command or statement with the policy action and the rule that decided it",
+    ),
+    "approvals": (
+        ("6.5.1", "7.2.1"),
+        "approval requests with their approvers, decisions, reasons and times",
+    ),
+    "masking_counts": (
+        ("3.4.1", "3.3.1", "3.5.1"),
+        "card numbers and track data masked before they left the relay",
+    ),
+    "recording": (
+        ("10.3.2", "10.3.4", "10.2.1.1"),
+        "the recording's SHA-256, hash chain and the verdict on its signed manifest",
+    ),
+    "audit_events": (
+        ("10.2.1.3", "10.2.1.4", "10.2.2"),
+        "audit events of the session (authentication, start and end, reads of the recording)",
+    ),
+}
+
+
+class EvidenceError(CastgateError):
+    """An evidence request that cannot be fulfilled (no sessions, directory in use)."""
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=_json_default)
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(session_id: str) -> str:
+    """A session id as a directory name."""
+    name = _SAFE.sub("_", session_id).strip(".") or "session"
+    return name[:128]
+
+
+def cast_file(cfg: Config, session: dict[str, Any]) -> Path | None:
+    """Where a session's cast is, or None when the store names none."""
+    raw = session.get("cast_path")
+    if not raw:
+        return None
+    path = Path(str(raw))
+    if path.is_absolute():
+        return path
+    for base in (cfg.recordings_dir, cfg.data_path, cfg.base_dir):
+        if (base / path).exists():
+            return base / path
+    return cfg.resolve(path)
+
+
+@dataclass
+class Session:
+    """What the bundle holds about one session."""
+
+    row: dict[str, Any]
+    cast: Path | None
+    record: dict[str, Any]
+
+
+def audit_record(
+    store: Store, cfg: Config, row: dict[str, Any], pinned: Ed25519PublicKey | None
+) -> tuple[dict[str, Any], Path | None]:
+    """The audit record of one session, every field mapped to PCI DSS requirements."""
+    sid = str(row["id"])
+    cast = cast_file(cfg, row)
+    recording: dict[str, Any] = {
+        "cast": cast.name if cast else None,
+        "lines": row.get("lines"),
+        "final_hash": row.get("final_hash"),
+    }
+    if cast is not None and cast.exists():
+        report = verify_cast(cast, pinned)
+        recording.update(
+            file_sha256=file_sha256(cast),
+            verdict=report.verdict.value,
+            verdict_detail=report.message,
+            signature="valid" if report.verdict is Verdict.INTACT else "not valid or absent",
+        )
+        sidecar = manifest_path(cast)
+        if sidecar.exists():
+            try:
+                signed = json.loads(sidecar.read_text(encoding="utf-8"))
+            except ValueError:
+                signed = {}
+            recording.update(
+                manifest_file_sha256=signed.get("file_sha256"),
+                signed_by=signed.get("key_id"),
+                sealed_at=signed.get("sealed_at"),
+            )
+    else:
+        recording.update(verdict="missing", verdict_detail="the recording file is not there")
+    stored = store.get_manifest(sid)
+    if stored is not None:
+        recording["store_manifest_final_hash"] = stored.get("final_hash")
+    commands = [
+        {
+            "at": c["at"],
+            "kind": c["kind"],
+            "text": c["text"],
+            "action": c["action"],
+            "rule": c["rule"],
+            "approval_id": c["approval_id"],
+            "status": c["status"],
+            "exit_status": c["exit_status"],
+            "rows": c["rows"],
+            "finished_at": c["finished_at"],
+        }
+        for c in store.list_commands(sid)
+    ]
+    approvals = [
+        {
+            "id": a["id"],
+            "rule": a["rule"],
+            "command": a["command"],
+            "requested_by": a["identity"],
+            "requested_at": a["requested_at"],
+            "status": a["status"],
+            "resolved_at": a["resolved_at"],
+            "reason": a["reason"],
+            "approver_groups": a["approver_groups"],
+            "decisions": a["decisions"],
+        }
+        for a in store.list_approvals(session_id=sid)
+    ]
+    events = [
+        {
+            "at": e["at"],
+            "kind": e["kind"],
+            "actor": e["actor"],
+            "outcome": e["outcome"],
+            "origin": e["origin"],
+            "resource": e["resource"],
+            "detail": e["detail"],
+        }
+        for e in store.list_events(session_id=sid)
+    ]
+    values: dict[str, Any] = {
+        "identity": row.get("identity"),
+        "groups": row.get("groups"),
+        "auth_method": row.get("auth_method"),
+        "source_address": row.get("source"),
+        "target": row.get("target"),
+        "protocol": row.get("protocol"),
+        "started_at": row.get("started_at"),
+        "ended_at": row.get("ended_at"),
+        "status": row.get("status"),
+        "exit_status": row.get("exit_status"),
+        "commands": commands,
+        "approvals": approvals,
+        "masking_counts": row.get("masking_counts") or {},
+        "recording": recording,
+        "audit_events": events,
+    }
+    fields = {
+        name: {"value": values[name], "pci_dss": list(reqs), "shows": shows}
+        for name, (reqs, shows) in FIELDS.items()
+    }
+    by_requirement: dict[str, dict[str, Any]] = {}
+    for name, (reqs, _) in FIELDS.items():
+        for req in reqs:
+            entry = by_requirement.setdefault(req, {"requirement": REQUIREMENTS[req], "fields": []})
+            entry["fields"].append(name)
+    record = {
+        "format": RECORD_FORMAT,
+        "session_id": sid,
+        "title": row.get("title"),
+        "node": row.get("node"),
+        "fields": fields,
+        "pci_dss_10_2_2": {
+            "user identification": "identity",
+            "type of event": "protocol (session) and commands[].kind",
+            "date and time": "started_at, ended_at, commands[].at",
+            "success or failure": "status, exit_status, commands[].status",
+            "origination": "source_address",
+            "affected resource": "target",
+        },
+        "pci_dss": dict(sorted(by_requirement.items(), key=lambda kv: _req_key(kv[0]))),
+    }
+    return record, cast
+
+
+def _req_key(req: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in req.split("."))
+
+
+def select_sessions(
+    store: Store,
+    session_ids: Sequence[str] = (),
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The sessions named, or those that started in [since, until), oldest first."""
+    if session_ids:
+        rows = []
+        for sid in session_ids:
+            row = store.get_session(sid)
+            if row is None:
+                raise EvidenceError(f"no session {sid} in the audit store")
+            rows.append(row)
+        return rows
+    rows = store.list_sessions(since=since, until=until)
+    rows.reverse()
+    return rows
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _files(root: Path) -> Iterable[Path]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            yield path
+
+
+def build_bundle(
+    store: Store,
+    cfg: Config,
+    rows: Sequence[dict[str, Any]],
+    out: Path,
+    *,
+    actor: str,
+    origin: str,
+    selection: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the evidence bundle for ``rows`` into the new directory ``out`` and return
+    its manifest. Reading each session's recording and audit record is logged in the
+    store first (``recording.read``, PCI DSS 10.2.1.3)."""
+    if not rows:
+        raise EvidenceError("no sessions match; nothing to put in the bundle")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EvidenceError(f"{out} exists and is not empty; evidence is never overwritten")
+    pub_path = cfg.keys_dir / PUBLIC_NAME
+    pinned = load_public(pub_path) if pub_path.exists() else None
+    out.mkdir(parents=True, exist_ok=True, mode=0o750)
+    (out / "keys").mkdir()
+    if pinned is not None:
+        (out / "keys" / PUBLIC_NAME).write_bytes(public_pem(pinned))
+    sessions: list[Session] = []
+    for row in rows:
+        sid = str(row["id"])
+        cast = cast_file(cfg, row)
+        readable = cast is not None and cast.exists()
+        store.add_event(
+            "recording.read",
+            actor,
+            "success" if readable else "failure",
+            origin,
+            f"session {sid}",
+            {
+                "purpose": "evidence",
+                "reads": ["audit record", "recording"],
+                "cast": str(cast) if cast else None,
+                "bundle": str(out),
+            },
+            session_id=sid,
+        )
+        record, cast = audit_record(store, cfg, row, pinned)
+        folder = out / "sessions" / safe_name(sid)
+        folder.mkdir(parents=True)
+        (folder / "audit-record.json").write_text(_dumps(record) + "\n", encoding="utf-8")
+        if cast is not None and cast.exists():
+            for src in (cast, chain_path(cast), manifest_path(cast)):
+                if src.exists():
+                    _copy(src, folder / src.name)
+            with (folder / "replay.html").open("w", encoding="utf-8") as fh:
+                export_html(folder / cast.name, fh, title=f"session {sid}")
+        sessions.append(Session(row, cast, record))
+    (out / "index.html").write_text(_index_html(sessions, selection, pinned), encoding="utf-8")
+    files = {
+        p.relative_to(out).as_posix(): file_sha256(p)
+        for p in _files(out)
+        if p.name not in (BUNDLE_MANIFEST, SUMS)
+    }
+    (out / SUMS).write_text(
+        "".join(f"{digest}  {name}\n" for name, digest in files.items()), encoding="utf-8"
+    )
+    files[SUMS] = file_sha256(out / SUMS)
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "created_at": datetime.now(UTC).isoformat(),
+        "created_by": actor,
+        "origin": origin,
+        "selection": selection,
+        "sessions": [str(s.row["id"]) for s in sessions],
+        "files": dict(sorted(files.items())),
+    }
+    try:
+        key = SigningKey.load(cfg.keys_dir)
+    except SigningKeyError as exc:
+        manifest["unsigned"] = str(exc)
+    else:
+        manifest["key_id"] = key.key_id
+        manifest["public_key"] = public_raw_b64(key.public)
+        manifest["signature"] = key.sign(_canonical(manifest))
+    (out / BUNDLE_MANIFEST).write_text(_dumps(manifest) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _td(value: Any) -> str:
+    if value is None or value == "":
+        return "<td class=none>-</td>"
+    if isinstance(value, datetime):
+        value = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    elif isinstance(value, list | tuple):
+        value = ", ".join(str(v) for v in value)
+    elif isinstance(value, dict):
+        value = ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+_INDEX_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+td.none { color: #999; }
+.intact { color: #060; font-weight: bold; } .bad { color: #b00; font-weight: bold; }
+code { background: #f5f5f5; padding: 0 0.2em; }
+"""
+
+
+def _index_html(
+    sessions: Sequence[Session], selection: dict[str, Any], pinned: Ed25519PublicKey | None
+) -> str:
+    out = io.StringIO()
+    out.write('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n')
+    out.write(f"<title>castgate evidence bundle</title><style>{_INDEX_CSS}</style></head><body>\n")
+    out.write("<h1>castgate evidence bundle</h1>\n")
+    out.write(
+        f"<p>Generated {html.escape(datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%S UTC'))}; "
+        f"selection: <code>{html.escape(json.dumps(selection, default=str))}</code>; "
+        f"{len(sessions)} session(s). Relay signing key: "
+        f"<code>{html.escape(key_id(pinned)) if pinned else 'not available'}</code> "
+        f'(<a href="keys/{PUBLIC_NAME}">{PUBLIC_NAME}</a>).</p>\n'
+    )
+    out.write(
+        "<table><tr><th>session</th><th>identity (groups)</th><th>auth</th><th>source</th>"
+        "<th>target / protocol</th><th>start</th><th>end</th><th>status</th><th>exit</th>"
+        "<th>commands (blocked)</th><th>approvals</th><th>masked</th><th>recording</th></tr>\n"
+    )
+    for s in sessions:
+        row, fields = s.row, s.record["fields"]
+        folder = f"sessions/{safe_name(str(row['id']))}"
+        rec = fields["recording"]["value"]
+        verdict = str(rec.get("verdict"))
+        cls = "intact" if verdict == "intact" else "bad"
+        commands = fields["commands"]["value"]
+        blocked = sum(1 for c in commands if c["action"] == "block")
+        approvals = fields["approvals"]["value"]
+        links = [f'<a href="{folder}/audit-record.json">audit record</a>']
+        if s.cast is not None and rec.get("file_sha256"):
+            links.append(f'<a href="{folder}/{html.escape(s.cast.name)}">cast</a>')
+            links.append(f'<a href="{folder}/replay.html">replay</a>')
+        out.write(
+            f"<tr><td>{html.escape(str(row['id']))}<br>{' · '.join(links)}</td>"
+            + _td(f"{row.get('identity')} ({', '.join(row.get('groups') or [])})")
+            + _td(row.get("auth_method"))
+            + _td(row.get("source"))
+            + _td(f"{row.get('target')} / {row.get('protocol')}")
+            + _td(row.get("started_at"))
+            + _td(row.get("ended_at"))
+            + _td(row.get("status"))
+            + _td(row.get("exit_status"))
+            + _td(f"{len(commands)} ({blocked})")
+            + _td(
+                [
+                    f"#{a['id']} {a['status']} "
+                    + ", ".join(f"{d['approver']}: {d['decision']}" for d in a["decisions"])
+                    for a in approvals
+                ]
+                or None
+            )
+            + _td(row.get("masking_counts") or {})
+            + f'<td><span class="{cls}">{html.escape(verdict)}</span><br>'
+            f"<small>{html.escape(str(rec.get('file_sha256') or ''))[:16]}</small></td></tr>\n"
+        )
+    out.write("</table>\n<h2>PCI DSS v4.0.1 requirements these records evidence</h2>\n<table>")
+    out.write("<tr><th>requirement</th><th>what it asks</th><th>audit record fields</th></tr>\n")
+    by_req: dict[str, list[str]] = {}
+    for name, (reqs, _) in FIELDS.items():
+        for req in reqs:
+            by_req.setdefault(req, []).append(name)
+    for req in sorted(by_req, key=_req_key):
+        out.write(
+            f"<tr><td>{req}</td><td>{html.escape(REQUIREMENTS[req])}</td>"
+            f"<td>{html.escape(', '.join(by_req[req]))}</td></tr>\n"
+        )
+    out.write(
+        "</table>\n<h2>Checking this bundle</h2>\n<p><code>castgate verify --key "
+        f"keys/{PUBLIC_NAME} .</code> checks every file against <code>{BUNDLE_MANIFEST}"
+        "</code> (signed with the relay's key) and every recording's hash chain and signed "
+        f"manifest, and names any file that differs. Without castgate: <code>sha256sum -c "
+        f"{SUMS}</code>. Pin the key to the one the relay operator gave you, not only the copy "
+        "in this bundle.</p>\n</body></html>\n"
+    )
+    return out.getvalue()
+
+
+# --- verification ---------------------------------------------------------------------
+
+
+def is_bundle(path: Path) -> bool:
+    """True when ``path`` is a directory holding an evidence manifest."""
+    return (path / BUNDLE_MANIFEST).is_file()
+
+
+def bundle_key(root: Path) -> Ed25519PublicKey | None:
+    """The public key shipped in the bundle, if any."""
+    path = root / "keys" / PUBLIC_NAME
+    try:
+        return load_public(path) if path.exists() else None
+    except SigningKeyError:
+        return None
+
+
+def verify_bundle(root: Path, pinned: Ed25519PublicKey | None) -> list[Report]:
+    """Check every file of a bundle against its manifest and the manifest's signature.
+    Returns one INTACT report for the manifest, or one report per problem, each naming
+    the file."""
+    man_path = root / BUNDLE_MANIFEST
+    try:
+        manifest = json.loads(man_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [Report(man_path, Verdict.TAMPERED, f"evidence manifest unreadable: {exc}")]
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return [Report(man_path, Verdict.TAMPERED, "evidence manifest lists no files")]
+    problems: list[Report] = []
+    key_desc = "unsigned"
+    if "signature" in manifest:
+        try:
+            embedded: Ed25519PublicKey | None = public_from_raw_b64(str(manifest.get("public_key")))
+        except ValueError:
+            embedded = None
+        shipped = bundle_key(root)
+        key = pinned or shipped or embedded
+        if pinned is not None:
+            where = "pinned key"
+        elif shipped is not None:
+            where = f"the bundle's own key keys/{PUBLIC_NAME} (unpinned)"
+        else:
+            where = "key in the manifest (unpinned)"
+        if key is None:
+            ok, key_desc = False, "no usable public key"
+        elif key_id(key) != manifest.get("key_id"):
+            ok = False
+            key_desc = f"signed by {manifest.get('key_id')}, not by the {where} {key_id(key)}"
+        else:
+            ok = verify_signature(key, _canonical(manifest), str(manifest["signature"]))
+            key_desc = f"{where} {key_id(key)}"
+        if not ok:
+            problems.append(
+                Report(
+                    man_path, Verdict.TAMPERED, f"evidence manifest signature invalid: {key_desc}"
+                )
+            )
+    listed: set[Path] = set()
+    for name, digest in sorted(files.items()):
+        path = root / name
+        listed.add(path)
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(
+                Report(
+                    man_path, Verdict.TAMPERED, f"manifest names a path outside the bundle: {name}"
+                )
+            )
+            continue
+        if not path.is_file():
+            problems.append(
+                Report(path, Verdict.TAMPERED, "missing: listed in the evidence manifest")
+            )
+        elif file_sha256(path) != digest:
+            problems.append(
+                Report(
+                    path,
+                    Verdict.TAMPERED,
+                    "SHA-256 differs from the evidence manifest (file changed)",
+                )
+            )
+    for path in _files(root):
+        if path == man_path or path in listed or path.name.endswith(INDEX_SUFFIX):
+            continue
+        problems.append(
+            Report(path, Verdict.TAMPERED, "not listed in the evidence manifest (file added)")
+        )
+    if problems:
+        return problems
+    if "signature" not in manifest:
+        return [
+            Report(
+                man_path,
+                Verdict.UNSEALED,
+                f"{len(files)} files match, but the evidence manifest is not signed "
+                f"({manifest.get('unsigned', 'no signature')})",
+            )
+        ]
+    return [
+        Report(
+            man_path,
+            Verdict.INTACT,
+            f"{len(files)} files match the evidence manifest, signature valid ({key_desc})",
+        )
+    ]
