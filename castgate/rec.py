@@ -194,6 +194,17 @@ class _Rec:
             )
             if manifest is not None:
                 store.put_manifest(self.session_id, manifest)
+        self._index()
+
+    def _index(self) -> None:
+        """Seek index for a sealed cast that is small enough (see recording.index_max_mb)."""
+        limit = self.rt.config.recording.index_max_mb * 1024 * 1024
+        if self.failed is not None or not self.out.exists() or self.out.stat().st_size > limit:
+            return
+        from replay.seekindex import build_index, load_or_create_key
+
+        with contextlib.suppress(Exception):  # the index is rebuilt on demand anyway
+            build_index(self.out, key=load_or_create_key(self.rt.keys_dir))
 
     def _send(self, data: bytes) -> None:
         if data:

@@ -30,6 +30,7 @@ class Runtime:
     config_path: Path | None
     masker: Masker
     signing_key: SigningKey
+    keys_dir: Path
     _store: Store | None = None
 
     @property
@@ -62,4 +63,5 @@ def load_runtime(config: str | None) -> Runtime:
         config_path=path,
         masker=Masker(mask_policy(cfg)),
         signing_key=SigningKey.load_or_create(keys),
+        keys_dir=keys,
     )

@@ -85,6 +85,9 @@ class RecordingConfig(_Section):
     """What a session does when its recording cannot be written: fail closed or go on."""
     input: Literal["none", "commands", "all"] = "commands"
     """Which input is kept: none, the submitted command lines, or every keystroke."""
+    index_max_mb: float = Field(default=64.0, ge=0)
+    """Casts up to this size get their seek index built when the session closes (in a
+    background thread); larger ones are indexed on demand by ``play`` and ``export``."""
     max_result_rows: int = Field(default=100, ge=0, le=100_000)
     """Rows of each SQL result drawn in a PostgreSQL session's transcript (the row
     count and the query log are always complete)."""

@@ -10,6 +10,7 @@ import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from recorder.config import Config, mask_policy
@@ -78,6 +79,20 @@ class RelayContext:
         )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    async def index_cast(self, path: Path) -> None:
+        """Build the seek index of a sealed cast in a thread, if it is small enough;
+        failures are logged (the index is rebuilt on demand anyway)."""
+        limit = self.cfg.recording.index_max_mb * 1024 * 1024
+        try:
+            if not path.is_file() or path.stat().st_size > limit:
+                return
+            from replay.seekindex import build_index, load_or_create_key
+
+            key = load_or_create_key(self.cfg.keys_dir)
+            await asyncio.to_thread(build_index, path, key=key)
+        except Exception:
+            log.exception("index.build_failed", extra={"cast": str(path)})
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep a background task alive until it finishes; ``drain`` waits for it."""

@@ -986,6 +986,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                 manifest = rec.manifest
             except RecordingError as exc:
                 self._recording_failed(str(exc))
+        if manifest is not None and rec is not None and not self.binary:
+            self.ctx.track(asyncio.ensure_future(self.ctx.index_cast(rec.writer.path)))
         await self._finish_command("exited" if self.status == "closed" else self.status)
         try:
             await asyncio.to_thread(

@@ -997,6 +997,7 @@ class PgSession:
                     },
                 )
                 manifest = rec.manifest
+                self.ctx.track(asyncio.ensure_future(self.ctx.index_cast(rec.writer.path)))
             except RecordingError:
                 log.exception("recording.seal_failed", extra={"session": self.id})
         try:
