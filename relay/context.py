@@ -15,6 +15,7 @@ from typing import Any
 
 from recorder.config import Config, mask_policy
 from recorder.masking import Masker
+from recorder.session import SessionRecorder
 from recorder.signing import SigningKey
 from recorder.store import Store
 from relay.approvals import Broker
@@ -79,6 +80,32 @@ class RelayContext:
         )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    async def end_session(
+        self,
+        session_id: str,
+        rec: SessionRecorder | None,
+        *,
+        status: str,
+        exit_status: int | None = None,
+    ) -> None:
+        """Close a session's store row with its recording's figures and manifest, and
+        start its seek index; store failures are logged, never raised."""
+        manifest = getattr(rec, "manifest", None) if rec is not None else None
+        try:
+            await asyncio.to_thread(
+                self.store.end_session,
+                session_id,
+                status=status,
+                exit_status=exit_status,
+                lines=rec.writer.lines if rec else None,
+                final_hash=rec.writer.chain_hash if rec else None,
+                masking_counts=dict(rec.counts) if rec else None,
+            )
+            if manifest is not None:
+                await asyncio.to_thread(self.store.put_manifest, session_id, manifest)
+        except Exception:
+            log.exception("store.end_session_failed", extra={"session": session_id})
 
     async def index_cast(self, path: Path) -> None:
         """Build the seek index of a sealed cast in a thread, if it is small enough;

@@ -989,20 +989,12 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if manifest is not None and rec is not None and not self.binary:
             self.ctx.track(asyncio.ensure_future(self.ctx.index_cast(rec.writer.path)))
         await self._finish_command("exited" if self.status == "closed" else self.status)
-        try:
-            await asyncio.to_thread(
-                self.ctx.store.end_session,
-                self.id,
-                status=self.status,
-                exit_status=self.exit_status,
-                lines=rec.writer.lines if rec else None,
-                final_hash=rec.writer.chain_hash if rec else None,
-                masking_counts=dict(rec.counts) if rec else None,
-            )
-            if manifest is not None:
-                await asyncio.to_thread(self.ctx.store.put_manifest, self.id, manifest)
-        except Exception:
-            log.exception("store.end_session_failed", extra={"session": self.id})
+        await self.ctx.end_session(
+            self.id,
+            rec if manifest is not None else None,
+            status=self.status,
+            exit_status=self.exit_status,
+        )
         await self.ctx.event(
             "session.end",
             self.ident.name,

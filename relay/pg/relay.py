@@ -1000,19 +1000,9 @@ class PgSession:
                 self.ctx.track(asyncio.ensure_future(self.ctx.index_cast(rec.writer.path)))
             except RecordingError:
                 log.exception("recording.seal_failed", extra={"session": self.id})
-        try:
-            await asyncio.to_thread(
-                self.ctx.store.end_session,
-                self.id,
-                status=self.status,
-                lines=rec.writer.lines if rec else None,
-                final_hash=rec.writer.chain_hash if rec else None,
-                masking_counts=dict(rec.counts) if rec else None,
-            )
-            if manifest is not None:
-                await asyncio.to_thread(self.ctx.store.put_manifest, self.id, manifest)
-        except Exception:
-            log.exception("store.end_session_failed", extra={"session": self.id})
+        await self.ctx.end_session(
+            self.id, rec if manifest is not None else None, status=self.status
+        )
         self.ctx.emit(
             "session.end",
             self.ident.name,
