@@ -277,8 +277,16 @@ def start_relay(
     alice_pub = okey.export_public_key().decode().strip()
     jwt_key = write_jwks(workdir)
     config = write_config(workdir, target, agent_pub, extra, listen_extra, alice_pub, auth_limit)
+    relay = Relay(workdir, config, 0, "", agent_key, workdir / "known_hosts", target, None, jwt_key)  # type: ignore[arg-type]
+    relay.operator_key = operator_key
+    return launch(relay, env)
+
+
+def launch(relay: Relay, env: dict[str, str] | None = None) -> Relay:
+    """Start ``castgate relay`` on ``relay``'s config (again, after a stop or a kill)
+    and wait until it listens; fills in the ports, host key and known_hosts."""
     proc = subprocess.Popen(
-        [CASTGATE, "relay", "-c", str(config)],
+        [CASTGATE, "relay", "-c", str(relay.config)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -306,19 +314,15 @@ def start_relay(
         proc.wait()
         pytest.fail(f"relay did not start: {logs[-10:]}")
     listening = next(e for e in logs if e.get("msg") == "relay.listening")
-    port = int(str(listening["ssh"]).rsplit(":", 1)[1])
-    pg_port = int(str(listening.get("postgres", ":0")).rsplit(":", 1)[1])
-    api_port = int(str(listening.get("api", ":0")).rsplit(":", 1)[1])
-    host_pub = (workdir / "data" / "keys" / "ssh_host_ed25519.pub").read_text().split()
-    host_key_line = f"{host_pub[0]} {host_pub[1]}"
-    known_hosts = workdir / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key_line}\n")
-    relay = Relay(
-        workdir, config, port, host_key_line, agent_key, known_hosts, target, proc, jwt_key, logs
-    )
-    relay.pg_port = pg_port
-    relay.api_port = api_port
-    relay.operator_key = operator_key
+
+    def port(name: str) -> int:
+        return int(str(listening.get(name, ":0")).rsplit(":", 1)[1])
+
+    host_pub = (relay.workdir / "data" / "keys" / "ssh_host_ed25519.pub").read_text().split()
+    relay.host_key_line = f"{host_pub[0]} {host_pub[1]}"
+    relay.port, relay.pg_port, relay.api_port = port("ssh"), port("postgres"), port("api")
+    relay.known_hosts.write_text(f"[127.0.0.1]:{relay.port} {relay.host_key_line}\n")
+    relay.proc, relay.logs = proc, logs
     return relay
 
 

@@ -13,11 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import pytest
-
 from recorder.masking import luhn_complete
-from tests.fix_relay import TOKENS, Relay, mint_jwt, start_relay, wait_for
+from tests.fix_relay import TOKENS, Relay, launch, mint_jwt, start_relay, wait_for
 from tests.fix_sshd import SshTarget
 
 VISA = luhn_complete("411111111111111")
@@ -92,6 +89,19 @@ def test_session_record_and_cast_reads_are_audited(relay: Relay) -> None:
     assert any(e.get("msg") == "record.read" for e in relay.logs)
     metrics = call(relay, "/metrics", token)[1].decode()
     assert 'castgate_events_total{kind="recording.read",outcome="success"}' in metrics
+
+
+def live_session(relay: Relay, title_part: str) -> str:
+    """The id of the live session whose title contains ``title_part``."""
+    found: list[str] = []
+
+    def look() -> bool:
+        rows = call(relay, "/api/v1/sessions?live=true", TOKENS["alice"])[1]["sessions"]
+        found[:] = [r["id"] for r in rows if title_part in (r.get("title") or "")]
+        return bool(found)
+
+    wait_for(look, 15)
+    return found[0]
 
 
 class Held:
@@ -218,14 +228,7 @@ def test_operator_watch_over_ssh_with_openssh(relay: Relay) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        token = TOKENS["alice"]
-        sid = None
-        deadline = time.monotonic() + 15
-        while sid is None and time.monotonic() < deadline:
-            rows = call(relay, "/api/v1/sessions?live=true", token)[1]["sessions"]
-            sid = next((r["id"] for r in rows if "tick" in (r.get("title") or "")), None)
-            time.sleep(0.1)
-        assert sid is not None
+        sid = live_session(relay, "tick")
         watcher = subprocess.Popen(
             ["ssh", "-tt", *relay.ssh_args(relay.operator_key), "castgate@127.0.0.1", "watch", sid],
             stdin=subprocess.PIPE,
@@ -276,13 +279,7 @@ def test_api_websocket_watch_with_the_cli(relay: Relay) -> None:
     )
     try:
         token = TOKENS["alice"]
-        sid = None
-        deadline = time.monotonic() + 15
-        while sid is None and time.monotonic() < deadline:
-            rows = call(relay, "/api/v1/sessions?live=true", token)[1]["sessions"]
-            sid = next((r["id"] for r in rows if "wsline" in (r.get("title") or "")), None)
-            time.sleep(0.05)
-        assert sid is not None
+        sid = live_session(relay, "wsline")
         res = subprocess.run(
             [
                 str(Path(os.sys.executable).parent / "castgate"),
@@ -313,7 +310,7 @@ def test_restart_with_pending_approval_lists_it_as_interrupted(
     relay.proc.kill()  # SIGKILL: no chance to clean up
     relay.proc.wait(10)
     held.finish()
-    relay2 = start_relay_again(relay, sshd_target)
+    relay2 = launch(relay)
     try:
         status, row = call(relay2, f"/api/v1/approvals/{aid}", TOKENS["alice"])
         assert status == 200 and row["status"] == "interrupted"
@@ -322,69 +319,3 @@ def test_restart_with_pending_approval_lists_it_as_interrupted(
         assert any(s["status"] == "interrupted" for s in sessions)
     finally:
         relay2.stop()
-
-
-def start_relay_again(old: Relay, target: SshTarget) -> Relay:
-    """Start a relay process again on the same working directory and config."""
-    import signal
-
-    del signal
-    proc = subprocess.Popen(
-        [str(Path(os.sys.executable).parent / "castgate"), "relay", "-c", str(old.config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    logs: list[dict[str, object]] = []
-    ready = threading.Event()
-    assert proc.stderr is not None
-    stderr = proc.stderr
-
-    def pump() -> None:
-        for raw in stderr:
-            try:
-                entry = json.loads(raw)
-            except ValueError:
-                continue
-            logs.append(entry)
-            if entry.get("msg") == "relay.listening":
-                ready.set()
-        stderr.close()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(30):
-        proc.kill()
-        proc.wait()
-        pytest.fail("relay did not restart")
-    listening = next(e for e in logs if e.get("msg") == "relay.listening")
-    new = Relay(
-        old.workdir,
-        old.config,
-        int(str(listening["ssh"]).rsplit(":", 1)[1]),
-        old.host_key_line,
-        old.agent_key,
-        old.known_hosts,
-        target,
-        proc,
-        old.jwt_key,
-        logs,
-    )
-    new.api_port = int(str(listening["api"]).rsplit(":", 1)[1])
-    return new
-
-
-def test_failed_logins_lock_the_address_out(sshd_target: SshTarget, tmp_path: Path) -> None:
-    relay = start_relay(tmp_path / "r", sshd_target, auth_limit=3)
-    try:
-        for _ in range(3):
-            assert call(relay, "/api/v1/sessions", "wrong-token")[0] == 401
-        status, body = call(relay, "/api/v1/sessions", TOKENS["alice"])
-        assert status == 429 and "too many" in body["error"]
-        # The SSH listener shares the lockout: even the right key is refused now.
-        res = relay.ssh("web", "echo locked-out")
-        assert res.returncode == 255 and b"locked-out" not in res.stdout
-        with pytest.raises(psycopg.OperationalError, match="too many failed"):
-            psycopg.connect(relay.pg_dsn())
-    finally:
-        relay.stop()
-    assert any("too many failed attempts" in str(e.get("reason")) for e in relay.logs)
