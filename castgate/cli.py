@@ -116,6 +116,23 @@ def _cmd_decide(args: argparse.Namespace) -> int:
     return cmd_decide(_api(args), args.id, approve, args.reason)
 
 
+def _cmd_console(args: argparse.Namespace) -> int:
+    import os
+
+    from castgate.client import Api, find_api
+
+    if args.api:
+        token = args.token or os.environ.get("CASTGATE_TOKEN")
+        if not token:
+            raise CliError("console: no token: give --token or set CASTGATE_TOKEN")
+        api = Api(args.api.rstrip("/"), token)
+    else:
+        api = find_api(args.config, args.token)
+    from console.app import run
+
+    return run(api.url, api.token)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from castgate.demo import run_demo
 
@@ -178,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("id", type=int)
         s.add_argument("--reason", "-r")
         s.set_defaults(func=_cmd_decide)
+
+    s = client("console", "the operator console (Textual): sessions, live watch, approvals")
+    s.add_argument("--api", help="control API URL, e.g. http://127.0.0.1:8420 (or CASTGATE_API)")
+    s.set_defaults(func=_cmd_console)
 
     s = sub.add_parser("demo", help="run the embedded default end to end")
     s.add_argument("--dir", help="working directory (default: a new temporary one)")
