@@ -79,7 +79,7 @@ async def _authenticate(request: web.Request) -> Identity:
     if ctx.limiter.blocked(peer):
         raise _Fail(429, "too many failed authentication attempts; try later")
     try:
-        ident = await asyncio.to_thread(ctx.auth.by_token, token.strip())
+        ident = await asyncio.to_thread(ctx.token_identity, token.strip())
     except AuthError as exc:
         ctx.limiter.failure(peer)
         ctx.emit("auth", None, "failure", peer, "api", {"method": "bearer", "reason": str(exc)})

@@ -4,6 +4,7 @@ store, the masker and the signing key."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import socket
@@ -19,7 +20,7 @@ from recorder.session import SessionRecorder
 from recorder.signing import SigningKey
 from recorder.store import Store
 from relay.approvals import Broker
-from relay.identity import Authenticator
+from relay.identity import Authenticator, Identity
 from relay.live import LiveHub
 from relay.policy import Policy
 from relay.ratelimit import AuthLimiter
@@ -45,6 +46,8 @@ class RelayContext:
     broker: Broker = field(init=False)
     hub: LiveHub = field(default_factory=LiveHub)
     limiter: AuthLimiter = field(init=False)
+    api_url: str | None = None
+    _ephemeral: dict[str, Identity] = field(default_factory=dict)
     node: str = field(default_factory=socket.gethostname)
     live: dict[str, Any] = field(default_factory=dict)
     _pending: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -168,6 +171,25 @@ class RelayContext:
             )
         except Exception:
             log.exception("store.write_failed", extra={"kind": kind})
+
+    def issue_token(self, ident: Identity) -> str:
+        """A random API token standing for ``ident`` until ``revoke_token`` (the console
+        an operator opens over SSH authenticates to the API with it)."""
+        token = "cgt_eph_" + secrets.token_urlsafe(32)
+        self._ephemeral[token] = ident
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        """End an ephemeral token."""
+        self._ephemeral.pop(token, None)
+
+    def token_identity(self, token: str) -> Identity:
+        """The identity of an API bearer token: ephemeral ones first, then the
+        authenticator (static tokens, OIDC). Raises AuthError."""
+        for known, ident in self._ephemeral.items():
+            if hmac.compare_digest(known, token):
+                return ident
+        return self.auth.by_token(token)
 
     def roles(self, groups: tuple[str, ...] | list[str]) -> set[str]:
         """The API/operator roles an identity with ``groups`` holds."""

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import shlex
+import signal
+import struct
+import sys
+import termios
 from typing import Any
 
 import asyncssh
@@ -26,12 +32,19 @@ log = logging.getLogger("castgate.operator")
 
 OPERATOR_USER = "castgate"
 OPERATOR_ROLES = {"approver", "auditor", "admin"}
+
+
+def _set_winsize(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
 HELP = """castgate operator commands:
   sessions                 live and recent sessions
   approvals                pending approval requests
   approve ID [REASON]      approve a held command
   deny ID REASON           deny a held command
   watch SESSION            watch a live session (q or Ctrl-C to stop)
+  console                  the operator console (needs ssh -t)
 """
 
 
@@ -52,13 +65,25 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.chan: asyncssh.SSHServerChannel[bytes]
+        self.term_type = "xterm-256color"
+        self.term_size = (80, 24)
+        self._master: int | None = None
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self.chan = chan
 
     def pty_requested(self, term_type: str, term_size: TermSize, term_modes: TermModes) -> bool:
         self.pty = True
+        self.term_type = term_type or "xterm-256color"
+        if term_size[0] and term_size[1]:
+            self.term_size = (term_size[0], term_size[1])
         return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if width and height:
+            self.term_size = (width, height)
+            if self._master is not None:
+                _set_winsize(self._master, width, height)
 
     def shell_requested(self) -> bool:
         return True
@@ -71,6 +96,10 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
         self._task = asyncio.ensure_future(self._run())
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._master is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._master, data)
+            return
         if b"q" in data or b"\x03" in data or b"\x04" in data:
             self._stop.set()
 
@@ -161,10 +190,85 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
                 return 2
             return await self._watch(args[0])
         if cmd == "console":
-            self._out("castgate: the console is not available over SSH in this version\n")
-            return 1
+            return await self._console()
         self._out(f"castgate: unknown command {cmd!r}\n{HELP}")
         return 2
+
+    async def _console(self) -> int:
+        """Run ``castgate console`` on a PTY bridged to this channel, authenticated to
+        the API with a token that lives as long as this session."""
+        if not self.pty:
+            self._out("castgate: the console needs a terminal: ssh -t castgate@relay console\n")
+            return 2
+        if self.ctx.api_url is None:
+            self._out("castgate: the control API is disabled (listen.api)\n")
+            return 1
+        token = self.ctx.issue_token(self.ident)
+        master, slave = os.openpty()
+        _set_winsize(slave, *self.term_size)
+
+        def ctty() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/"),
+            "LANG": "C.UTF-8",
+            "TERM": self.term_type,
+            "CASTGATE_TOKEN": token,  # not on the command line: ps would show it
+        }
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "castgate.cli",
+                "console",
+                "--api",
+                self.ctx.api_url,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+                preexec_fn=ctty,
+                env=env,
+            )
+        finally:
+            os.close(slave)
+        self._master = master
+        os.set_blocking(master, False)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def readable() -> None:
+            try:
+                data = os.read(master, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(master)
+                if not done.done():
+                    done.set_result(None)
+                return
+            self.chan.write(data)
+
+        loop.add_reader(master, readable)
+        try:
+            stopped = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if proc.returncode is None and not done.done():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGHUP)
+            status = await proc.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(master)
+            self._master = None
+            os.close(master)
+            self.ctx.revoke_token(token)
+        return status if status >= 0 else 128 - status
 
     async def _watch(self, session_id: str) -> int:
         stream = self.ctx.hub.get(session_id)

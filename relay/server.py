@@ -119,6 +119,8 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
             assert isinstance(server, asyncio.Server)
             sock = server.sockets[0].getsockname()
             listening["api"] = f"{sock[0]}:{sock[1]}"
+            api_host = "127.0.0.1" if sock[0] in ("0.0.0.0", "::") else sock[0]  # noqa: S104
+            ctx.api_url = f"http://{api_host}:{sock[1]}"
         write_runtime(cfg, listening)
         await ctx.event("relay.start", None, "success", ctx.node, "relay", {"listen": listening})
         log.info("relay.listening", extra=listening)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -362,3 +363,47 @@ def wait_for(predicate: object, timeout: float = 10, interval: float = 0.05) -> 
             return
         time.sleep(interval)
     pytest.fail("condition not met in time")
+
+
+class Held:
+    """An agent command held for approval, run with the real ssh client."""
+
+    def __init__(self, relay: Relay, command: str, key: Path | None = None) -> None:
+        self.proc = subprocess.Popen(
+            ["ssh", *relay.ssh_args(key), "web@127.0.0.1", command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.err = b""
+        self.out = b""
+        self.first_out: float | None = None
+        threading.Thread(target=self._read_err, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_out, daemon=True)
+        self._reader.start()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        while chunk := self.proc.stderr.read1(4096):  # type: ignore[attr-defined]
+            self.err += chunk
+
+    def _read_out(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(4096):  # type: ignore[attr-defined]
+            if self.first_out is None:
+                self.first_out = time.monotonic()
+            self.out += chunk
+
+    def approval_id(self) -> int:
+        wait_for(lambda: re.search(rb"approval #(\d+) required", self.err) is not None, 20)
+        m = re.search(rb"approval #(\d+) required", self.err)
+        assert m is not None
+        return int(m.group(1))
+
+    def finish(self) -> int:
+        code = self.proc.wait(30)
+        self._reader.join(10)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return code

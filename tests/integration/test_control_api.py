@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from recorder.masking import luhn_complete
-from tests.fix_relay import TOKENS, Relay, launch, mint_jwt, start_relay, wait_for
+from tests.fix_relay import TOKENS, Held, Relay, launch, mint_jwt, start_relay, wait_for
 from tests.fix_sshd import SshTarget
 
 VISA = luhn_complete("411111111111111")
@@ -102,50 +100,6 @@ def live_session(relay: Relay, title_part: str) -> str:
 
     wait_for(look, 15)
     return found[0]
-
-
-class Held:
-    """An agent command held for approval, run with the real ssh client."""
-
-    def __init__(self, relay: Relay, command: str, key: Path | None = None) -> None:
-        self.proc = subprocess.Popen(
-            ["ssh", *relay.ssh_args(key), "web@127.0.0.1", command],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.err = b""
-        self.out = b""
-        self.first_out: float | None = None
-        threading.Thread(target=self._read_err, daemon=True).start()
-        self._reader = threading.Thread(target=self._read_out, daemon=True)
-        self._reader.start()
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        while chunk := self.proc.stderr.read1(4096):  # type: ignore[attr-defined]
-            self.err += chunk
-
-    def _read_out(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(4096):  # type: ignore[attr-defined]
-            if self.first_out is None:
-                self.first_out = time.monotonic()
-            self.out += chunk
-
-    def approval_id(self) -> int:
-        wait_for(lambda: re.search(rb"approval #(\d+) required", self.err) is not None, 20)
-        m = re.search(rb"approval #(\d+) required", self.err)
-        assert m is not None
-        return int(m.group(1))
-
-    def finish(self) -> int:
-        code = self.proc.wait(30)
-        self._reader.join(10)
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return code
 
 
 def test_cli_approve_releases_within_a_second(relay: Relay) -> None:
