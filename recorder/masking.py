@@ -176,8 +176,20 @@ class Masker:
         """A masker for one byte stream (one direction of one session)."""
         return StreamMasker(self, hold_deadline)
 
-    def mask_bytes(self, data: bytes, counts: Counter[str] | None = None) -> bytes:
-        """Mask a complete byte string (nothing is held back)."""
+    def custom_in(self, data: bytes) -> bool:
+        """True when a custom pattern matches somewhere in ``data``."""
+        return any(full.search(data) for _n, full, _p in self._c.customs)  # type: ignore[attr-defined]
+
+    def mask_bytes(
+        self, data: bytes, counts: Counter[str] | None = None, *, customs: bool = True
+    ) -> bytes:
+        """Mask a complete byte string (nothing is held back). ``customs=False`` tells
+        that no custom pattern can match (the caller checked a larger buffer)."""
+        # Card numbers and track data need 13 digits: most strings are done here.
+        if len(data) - len(data.translate(None, b"0123456789")) < 13 and (
+            not customs or not self._c.customs or not self.custom_in(data)
+        ):
+            return data
         buf = bytearray(data)
         stars = self._find(data, len(data), glued_left=False, counts=counts)
         _apply(buf, stars, 0)

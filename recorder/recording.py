@@ -173,9 +173,10 @@ class CastWriter:
         with self._cond:
             while self._queued_bytes > _MAX_QUEUED and self._error is None:
                 self._cond.wait(1.0)  # back-pressure: the disk is slower than the session
+            if not self._queue:
+                self._cond.notify_all()  # the writer sleeps only on an empty queue
             self._queue.append(line)
             self._queued_bytes += len(line)
-            self._cond.notify_all()
 
     def _write_now(self, lines: list[bytes]) -> None:
         """Chain, hash and write lines (in the writer thread when threaded)."""

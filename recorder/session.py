@@ -87,6 +87,11 @@ class SessionRecorder:
         return what to send to the client now."""
         return self._emit(self._streams[stream].feed(data))
 
+    def output_masked(self, data: bytes) -> None:
+        """Record output that was built from already masked parts (the PostgreSQL
+        transcript), without a second pass through the masker."""
+        self._emit(data)
+
     def flush_output(self, stream: str = "out") -> bytes:
         """Release held output of ``stream`` (deadline passed or stream ended)."""
         return self._emit(self._streams[stream].flush())

@@ -196,6 +196,7 @@ class PgSession:
         self._last_flush = time.monotonic()
         self.statements = 0
         self._early = b""
+        self._cast_buf: list[str] = []
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -497,6 +498,7 @@ class PgSession:
         self._write_cast(
             self.transcript.banner(self.ident.name, self.target.database or self.target.name)
         )
+        self._flush_cast()
 
     def _checkpoint(self, lines: int, chain_hash: str) -> None:
         try:
@@ -505,11 +507,17 @@ class PgSession:
             log.exception("store.checkpoint_failed", extra={"session": self.id})
 
     def _write_cast(self, text: str) -> None:
-        if self.rec is None:
+        """Queue transcript text (built from masked parts); written by ``_flush_cast``
+        as one cast event per batch of messages."""
+        if self.rec is not None:
+            self._cast_buf.append(text)
+
+    def _flush_cast(self) -> None:
+        if self.rec is None or not self._cast_buf:
             return
+        text, self._cast_buf = "".join(self._cast_buf), []
         try:
-            self.rec.output(text.encode())
-            self.rec.flush_output()
+            self.rec.output_masked(text.encode())
         except RecordingError as exc:
             rec, self.rec = self.rec, None
             rec.writer.abort()
@@ -729,36 +737,70 @@ class PgSession:
         return _Columns(fields, masked, [f.name for f in fields])
 
     def _mask_row(self, body: bytes) -> bytes:
+        """Mask a DataRow body. Text masking keeps every length, so values are
+        rewritten in place; only a value that must become NULL forces a rebuild."""
         cols = self.columns
-        customs = bool(self.ctx.masker.policy.patterns)
-        if (cols is None or not cols.any_masked) and not customs and _digit_count(body) < 13:
+        masker = self.ctx.masker
+        any_masked = cols is not None and cols.any_masked
+        custom = bool(masker.policy.patterns) and masker.custom_in(body)
+        if not any_masked and not custom and _digit_count(body) < 13:
             return body
-        values = p.parse_data_row(body)
-        out: list[bytes | None] = []
         counts = self.rec.input_counts if self.rec else None
-        for i, v in enumerate(values):
+        out: bytearray | None = None
+        (n,) = struct.unpack_from("!h", body, 0)
+        pos = 2
+        for i in range(n):
+            (length,) = struct.unpack_from("!i", body, pos)
+            pos += 4
+            if length < 0:
+                continue
+            v = body[pos : pos + length]
+            field = cols.fields[i] if cols is not None and i < len(cols.fields) else None
+            fmt = field.format if field is not None else 0
+            new: bytes | None
+            if cols is not None and i < len(cols.masked) and cols.masked[i]:
+                if fmt == 1:
+                    return self._mask_row_rebuild(body, counts, custom)
+                new = self._mask_column_value(v, counts)
+            elif fmt == 0:
+                new = masker.mask_bytes(v, counts, customs=custom)
+            else:
+                new = self._mask_binary(field.type_oid if field else 0, v, counts)
+                if new is None:
+                    return self._mask_row_rebuild(body, counts, custom)
+            if new is not v and new != v:
+                if out is None:
+                    out = bytearray(body)
+                out[pos : pos + length] = new
+            pos += length
+        return bytes(out) if out is not None else body
+
+    def _mask_column_value(self, v: bytes, counts: Any) -> bytes:
+        """A text value of a ``mask_columns`` column: a card number keeps its
+        bin6-last4 form, anything else is hidden whole (same length)."""
+        masked = self.ctx.masker.mask_bytes(v, counts)
+        if counts is not None:
+            counts["mask_columns"] += 1
+        return masked if masked != v else v.translate(_ALNUM_STAR)
+
+    def _mask_row_rebuild(self, body: bytes, counts: Any, custom: bool) -> bytes:
+        """The slow path: values may become NULL, so the row is built again."""
+        cols = self.columns
+        masker = self.ctx.masker
+        out: list[bytes | None] = []
+        for i, v in enumerate(p.parse_data_row(body)):
             if v is None:
                 out.append(None)
                 continue
-            fmt = cols.fields[i].format if cols and i < len(cols.fields) else 0
+            field = cols.fields[i] if cols is not None and i < len(cols.fields) else None
+            fmt = field.format if field is not None else 0
             if cols is not None and i < len(cols.masked) and cols.masked[i]:
-                if fmt == 1:
-                    out.append(None)  # binary values cannot be masked in place
-                else:
-                    masked = self.ctx.masker.mask_bytes(v, counts)
-                    # A card number keeps its bin6-last4 form; anything else in a masked
-                    # column is hidden whole.
-                    out.append(masked if masked != v else v.translate(_ALNUM_STAR))
-                    if counts is not None:
-                        counts["mask_columns"] += 1
+                # Binary values cannot be masked in place: NULL rather than malformed.
+                out.append(None if fmt == 1 else self._mask_column_value(v, counts))
             elif fmt == 0:
-                out.append(self.ctx.masker.mask_bytes(v, counts))
+                out.append(masker.mask_bytes(v, counts, customs=custom))
             else:
-                out.append(
-                    self._mask_binary(
-                        cols.fields[i].type_oid if cols and i < len(cols.fields) else 0, v, counts
-                    )
-                )
+                out.append(self._mask_binary(field.type_oid if field else 0, v, counts))
         return p.data_row(out)[5:]
 
     def _mask_binary(self, type_oid: int, v: bytes, counts: Any) -> bytes | None:
@@ -958,7 +1000,8 @@ class PgSession:
                     out += msg.raw()
             if out:
                 self.cw.write(out)
-                await self.cw.drain()
+            self._flush_cast()
+            await self.cw.drain()
             await self._flush_log()
 
     def _execute_columns(self, ex: _Execute) -> _Columns | None:
@@ -984,6 +1027,7 @@ class PgSession:
         if self.ident is None or self.target is None:
             return
         await self._flush_log(force=True)
+        self._flush_cast()
         manifest = None
         rec = self.rec
         if rec is not None:
