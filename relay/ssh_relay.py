@@ -504,9 +504,9 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                 self.chan.write(masked, datatype)
 
     def target_eof(self) -> None:
+        # The agent's EOF is sent with the exit status, as sshd orders them: an OpenSSH
+        # multiplexing master that sees EOF first ends the session without the status.
         self._flush_all()
-        with contextlib.suppress(OSError, asyncssh.Error):
-            self.chan.write_eof()
 
     def target_closed(self, exc: Exception | None) -> None:
         if not self._done.done():

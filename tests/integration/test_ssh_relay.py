@@ -285,3 +285,24 @@ def test_approver_role_is_required(relay: Relay) -> None:
     assert res.returncode == 0
     client.finish()
     assert client.proc.returncode == 126
+
+
+def test_openssh_multiplexed_sessions_get_their_exit_status(relay: Relay, tmp_path: Path) -> None:
+    control = str(tmp_path / "cm")
+    mux = ["-o", f"ControlPath={control}", "-o", "ControlMaster=auto", "-o", "ControlPersist=5"]
+    codes = []
+    for i in range(3):
+        res = subprocess.run(
+            ["ssh", *relay.ssh_args(), *mux, "web@127.0.0.1", f"echo mux{i}; exit {i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # the backgrounded master keeps a pipe open
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+        )
+        codes.append((res.returncode, res.stdout))
+    subprocess.run(
+        ["ssh", "-o", f"ControlPath={control}", "-O", "exit", "web@127.0.0.1"],
+        capture_output=True,
+        timeout=15,
+    )
+    assert codes == [(0, b"mux0\n"), (1, b"mux1\n"), (2, b"mux2\n")]
