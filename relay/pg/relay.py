@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from recorder.config import TargetConfig
+from recorder.masking import luhn_valid
 from recorder.recording import CastWriter, RecordingError
 from recorder.session import SessionRecorder
 from relay.context import RelayContext, new_session_id
@@ -778,9 +779,18 @@ class PgSession:
     def _mask_column_value(self, v: bytes, counts: Any) -> bytes:
         """A text value of a ``mask_columns`` column: a card number keeps its
         bin6-last4 form, anything else is hidden whole (same length)."""
-        masked = self.ctx.masker.mask_bytes(v, counts)
         if counts is not None:
             counts["mask_columns"] += 1
+        # The common case, a bare card number, without the scanner.
+        if 13 <= len(v) <= 19 and v.isdigit():
+            if not luhn_valid(v):
+                return b"*" * len(v)
+            if counts is not None:
+                counts["pan"] += 1
+            if self.ctx.masker.policy.style == "full":
+                return b"*" * len(v)
+            return v[:6] + b"*" * (len(v) - 10) + v[-4:]
+        masked = self.ctx.masker.mask_bytes(v, counts)
         return masked if masked != v else v.translate(_ALNUM_STAR)
 
     def _mask_row_rebuild(self, body: bytes, counts: Any, custom: bool) -> bytes:
