@@ -11,6 +11,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
+
 from recorder.masking import luhn_complete
 from tests.fix_relay import TOKENS, Held, Relay, launch, mint_jwt, start_relay, wait_for
 from tests.fix_sshd import SshTarget
@@ -84,7 +87,7 @@ def test_session_record_and_cast_reads_are_audited(relay: Relay) -> None:
             e.get("msg") == "recording.read" and e.get("actor") == "alice" for e in relay.logs
         )
     )
-    assert any(e.get("msg") == "record.read" for e in relay.logs)
+    wait_for(lambda: any(e.get("msg") == "record.read" for e in relay.logs))
     metrics = call(relay, "/metrics", token)[1].decode()
     assert 'castgate_events_total{kind="recording.read",outcome="success"}' in metrics
 
@@ -273,3 +276,20 @@ def test_restart_with_pending_approval_lists_it_as_interrupted(
         assert any(s["status"] == "interrupted" for s in sessions)
     finally:
         relay2.stop()
+
+
+def test_failed_logins_lock_the_address_out(sshd_target: SshTarget, tmp_path: Path) -> None:
+    relay = start_relay(tmp_path / "r", sshd_target, auth_limit=3)
+    try:
+        for _ in range(3):
+            assert call(relay, "/api/v1/sessions", "wrong-token")[0] == 401
+        status, body = call(relay, "/api/v1/sessions", TOKENS["alice"])
+        assert status == 429 and "too many" in body["error"]
+        # The SSH listener shares the lockout: even the right key is refused now.
+        res = relay.ssh("web", "echo locked-out")
+        assert res.returncode == 255 and b"locked-out" not in res.stdout
+        with pytest.raises(psycopg.OperationalError, match="too many failed"):
+            psycopg.connect(relay.pg_dsn())
+    finally:
+        relay.stop()
+    wait_for(lambda: any("too many failed attempts" in str(e.get("reason")) for e in relay.logs))
