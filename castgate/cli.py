@@ -136,7 +136,7 @@ def _cmd_console(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from castgate.demo import run_demo
 
-    return run_demo(Path(args.dir) if args.dir else None)
+    return run_demo(Path(args.dir) if args.dir else None, console=not args.no_console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run the embedded default end to end")
     s.add_argument("--dir", help="working directory (default: a new temporary one)")
+    s.add_argument("--no-console", action="store_true", help="do not open the console at the end")
     s.set_defaults(func=_cmd_demo)
 
     add_replay_commands(sub)

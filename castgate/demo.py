@@ -1,71 +1,209 @@
 """``castgate demo``: the embedded default, end to end, in a temporary directory.
 
-Until the relay lands this shows the recorder: ``init``, a recorded agent that prints
-card numbers, the masked cast as ``asciinema cat`` would print it, ``verify`` on the
-sealed cast and on a tampered copy.
+It creates a working directory, starts a local SSH target (a shell behind an embedded
+SSH server, so no sshd is needed) and the relay in front of it, then runs a scripted
+agent through the relay: it prints card numbers (masked on the way), runs a command a
+rule blocks, and one that waits for approval, which the demo approves as an on-call
+engineer through the control API. It ends in the operator console when run in a
+terminal, or with the session list and ``castgate verify`` on every cast otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
-import shutil
+import re
+import secrets
+import signal
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
+from typing import Any
+
+import asyncssh
 
 from castgate.initdir import init_dir
-from castgate.rec import record_command
-from castgate.runtime import load_runtime
-from recorder.integrity import chain_path, manifest_path, verify_cast
-from recorder.signing import load_public
+from castgate.localtarget import LocalTarget
+from recorder.integrity import verify_cast
+from recorder.masking import luhn_complete
+from recorder.signing import PUBLIC_NAME, load_public
+
+_DEMO_CONFIG = """
+[[identities]]
+name = "alice"
+groups = ["sre"]
+token_sha256 = "{alice_sha}"
+
+[[targets]]
+name = "web"
+kind = "ssh"
+address = "127.0.0.1:{port}"
+user = "demo"
+key_file = "{key_file}"
+host_key = "{host_key}"
+groups = ["agents", "sre"]
+
+[[rules]]
+name = "no-rm-rf"
+command = '^rm -rf'
+action = "block"
+
+[[rules]]
+name = "restart-needs-approval"
+command = '^systemctl restart'
+action = "approve"
+approvers = ["sre"]
+timeout = "2m"
+"""
 
 
-def cast_output(path: Path) -> str:
-    """The concatenated ``o`` events of a cast (what ``asciinema cat`` prints)."""
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        next(fh)
-        for line in fh:
-            ev = json.loads(line)
-            if ev[1] == "o":
-                out.append(ev[2])
-    return "".join(out)
+class DemoError(Exception):
+    """The demo could not run."""
 
 
-def run_demo(workdir: Path | None = None) -> int:
+def _say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _start_relay(config: Path, data: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    log = (data / "relay.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "castgate.cli", "relay", "-c", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    log.close()
+    runtime = data / "relay.json"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if runtime.exists():
+            info = json.loads(runtime.read_text())
+            if info.get("pid") == proc.pid:
+                return proc, dict(info["listen"])
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise DemoError(f"the relay did not start; see {data / 'relay.log'}")
+
+
+def _api(url: str, token: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    req = urllib.request.Request(  # noqa: S310 - the demo's own loopback relay
+        url + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        method="POST" if body is not None else "GET",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=15) as resp:  # noqa: S310
+        return json.loads(resp.read())
+
+
+async def _agent(ssh_port: int, token: str, api: str, alice: str) -> None:
+    visa = luhn_complete("411111111111111")
+    mc = luhn_complete("555555555555444")
+    async with asyncssh.connect(
+        "127.0.0.1",
+        ssh_port,
+        username="web",
+        password=token,
+        known_hosts=None,  # the demo's own relay on loopback
+        client_keys=None,
+        agent_path=None,
+        config=[],
+    ) as conn:
+        _say("$ ssh web@relay 'psql -c \"select * from cards\"'   # the agent reads card data")
+        table = (
+            f"printf ' id | holder | pan\\n----+--------+------------------\\n"
+            f"  1 | alice  | {visa}\\n  2 | bob    | {mc[:4]} {mc[4:8]} {mc[8:12]} {mc[12:]}\\n'"
+        )
+        res = await conn.run(table, check=False)
+        sys.stdout.write(str(res.stdout))
+        _say("(the agent, the recording and every watcher saw only the masked form)\n")
+
+        _say("$ ssh web@relay 'rm -rf /var/lib/app'   # a rule blocks this")
+        res = await conn.run("rm -rf /var/lib/app-castgate-demo", check=False)
+        sys.stdout.write(str(res.stderr))
+        _say(f"[exit status {res.exit_status}]\n")
+
+        _say("$ ssh web@relay 'systemctl restart app'   # a rule makes this wait for approval")
+        proc = await conn.create_process(
+            "systemctl restart app 2>/dev/null || echo 'app restarted (simulated)'"
+        )
+        line = await proc.stderr.readline()
+        sys.stdout.write(str(line))
+        match = re.search(r"approval #(\d+)", str(line))
+        if match:
+            await asyncio.sleep(1.0)
+            _say(f"(on-call engineer alice approves #{match.group(1)} through the control API)")
+            await asyncio.to_thread(
+                _api, api, alice, f"/api/v1/approvals/{match.group(1)}/approve", {"reason": "demo"}
+            )
+        out, err = await proc.communicate()
+        sys.stdout.write(str(err) + str(out))
+        _say(f"[exit status {proc.exit_status}]\n")
+
+
+def run_demo(workdir: Path | None = None, console: bool = True) -> int:
     """Run the demo; returns the process exit status."""
     base = workdir or Path(tempfile.mkdtemp(prefix="castgate-demo-"))
-    say = sys.stdout.write
-    say(f"castgate demo in {base}\n\n== castgate init\n")
+    _say(f"castgate demo in {base}\n")
     res = init_dir(base)
-    say(f"config {res.config_path}\nsigning public key {res.public_key}\n")
-    rt = load_runtime(str(res.config_path))
-    cast = rt.config.recordings_dir / "demo-agent.cast"
-    say("\n== castgate rec: the demo agent prints card numbers (what the agent sees)\n")
-    sys.stdout.flush()
-    status = record_command(rt, cast, [sys.executable, "-m", "castgate.demo_agent"])
-    say(f"\n[agent exited with status {status}]\n")
-    say(f"\n== the recording, as 'asciinema cat {cast.name}' prints it\n")
-    say(cast_output(cast).replace("\r\n", "\n"))
-    pub = load_public(res.public_key)
-    say("\n== castgate verify\n")
-    report = verify_cast(cast, pub)
-    say(report.line() + "\n")
-    tampered = base / "tampered.cast"
-    shutil.copy(cast, tampered)
-    shutil.copy(chain_path(cast), chain_path(tampered))
-    shutil.copy(manifest_path(cast), manifest_path(tampered))
-    # An insider edits the transcript: "declined" becomes "approved".
-    tampered.write_bytes(tampered.read_bytes().replace(b"declined", b"approved", 1))
-    say('\n== castgate verify on a copy where "declined" was edited to "approved"\n')
-    say(verify_cast(tampered, pub).line() + "\n")
-    store = rt.store
-    if store is not None:
-        session = store.list_sessions(limit=1)[0]
-        say(
-            f"\n== audit store: session {session['id']} identity={session['identity']} "
-            f"status={session['status']} masked={session['masking_counts']}\n"
-        )
-    rt.close()
-    say(f"\nFiles are in {base}; play the cast with: asciinema play {cast}\n")
-    return 0 if report.verdict.exit_code == 0 and status == 0 else 1
+    config = res.config_path
+    data = base / "data"
+    target = LocalTarget().start(data / "keys")
+    alice = "cgt_" + secrets.token_urlsafe(24)
+    text = config.read_text()
+    for name in ("ssh", "postgres", "api"):
+        text = re.sub(rf'^{name} = "127\.0\.0\.1:\d+"', f'{name} = "127.0.0.1:0"', text, flags=re.M)
+    text = text.replace('postgres = "127.0.0.1:0"', 'postgres = ""')
+    text += _DEMO_CONFIG.format(
+        alice_sha=hashlib.sha256(alice.encode()).hexdigest(),
+        port=target.port,
+        key_file=target.client_key,
+        host_key=target.host_key_line,
+    )
+    config.write_text(text)
+    relay, listen = _start_relay(config, data)
+    api = "http://" + listen["api"]
+    ssh_port = int(listen["ssh"].rsplit(":", 1)[1])
+    status = 0
+    try:
+        _say(f"relay: SSH {listen['ssh']}, control API {api}; target 'web' is a local shell\n")
+        asyncio.run(_agent(ssh_port, res.token, api, alice))
+        time.sleep(0.5)  # let the relay seal the last cast
+        sessions = _api(api, alice, "/api/v1/sessions")["sessions"]
+        _say("== castgate sessions")
+        for s in sessions:
+            _say(
+                f"{s['id']}  {s['status']:<8} {s['identity']}@{s['target']}  {s.get('title') or ''}"
+            )
+        _say("\n== castgate verify (hash chain and Ed25519 signature of every cast)")
+        pub = load_public(data / "keys" / PUBLIC_NAME)
+        for cast in sorted((data / "recordings").glob("*.cast")):
+            report = verify_cast(cast, pub)
+            _say(report.line())
+            status |= report.verdict.exit_code
+        if console and sys.stdin.isatty() and sys.stdout.isatty():
+            _say("\nOpening the operator console as alice (q or Ctrl-C to leave)...")
+            time.sleep(1.5)
+            from console.app import run as run_console
+
+            run_console(api, alice)
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        try:
+            relay.wait(20)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+        target.stop()
+    _say(f"\nFiles are in {base}: castgate.toml, data/recordings/*.cast, data/castgate.db")
+    _say(
+        f"Replay one: castgate play {next(iter(sorted((data / 'recordings').glob('*.cast'))), '')}"
+    )
+    return status
