@@ -190,7 +190,7 @@ def run_demo(workdir: Path | None = None, console: bool = True) -> int:
             _say(report.line())
             status |= report.verdict.exit_code
         if console and sys.stdin.isatty() and sys.stdout.isatty():
-            _say("\nOpening the operator console as alice (q or Ctrl-C to leave)...")
+            _say("\nOpening the operator console as alice (Ctrl-Q to leave)...")
             time.sleep(1.5)
             from console.app import run as run_console
 

@@ -67,6 +67,7 @@ class LocalTarget:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             loop.run_until_complete(serve())
             loop.run_forever()
