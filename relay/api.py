@@ -312,53 +312,17 @@ async def live(request: web.Request) -> web.StreamResponse:
             }
         )
         reader = asyncio.ensure_future(_drain_ws(ws))
-        ended = False
-        while not ended:
+        while True:
             ev = await watcher.next()
             if ev is None:
                 break
-            # A watcher that fell behind gets what queued up as few frames: consecutive
-            # output events are merged, so a busy session costs fewer sends.
-            batch = [ev]
-            while not watcher.queue.empty() and len(batch) < 512:
-                nxt = watcher.queue.get_nowait()
-                if nxt is None:
-                    ended = True
-                    break
-                batch.append(nxt)
-            for frame in _frames(batch):
-                await ws.send_str(frame)
+            await ws.send_str(_wire(ev))
         reader.cancel()
     finally:
         watcher.close()
         with contextlib.suppress(Exception):
             await ws.close()
     return ws
-
-
-def _frames(batch: list[Event]) -> list[str]:
-    """Wire frames for a batch of events, merging runs of output."""
-    if len(batch) == 1:
-        return [_wire(batch[0])]
-    frames: list[str] = []
-    run: list[Event] = []
-    for ev in batch:
-        if ev.kind == "o":
-            run.append(ev)
-            continue
-        if run:
-            frames.append(_merged(run))
-            run = []
-        frames.append(_wire(ev))
-    if run:
-        frames.append(_merged(run))
-    return frames
-
-
-def _merged(run: list[Event]) -> str:
-    if len(run) == 1:
-        return _wire(run[0])
-    return json.dumps({"type": "o", "data": "".join(e.data for e in run), "t": run[-1].t})
 
 
 def _wire(ev: Event) -> str:
