@@ -233,6 +233,27 @@ class PgSession:
         finally:
             await self._close()
 
+    async def _refuse(
+        self,
+        user: str,
+        database: str,
+        reason: str,
+        sqlstate: str,
+        message: str,
+        method: str = "token",
+    ) -> bool:
+        """Log a failed authentication (PCI DSS 10.2.1.4) and end the connection."""
+        self.ctx.emit(
+            "auth",
+            user or None,
+            "failure",
+            self.peer,
+            f"postgres:{database}",
+            {"method": method, "reason": reason},
+        )
+        await self._fatal(sqlstate, message)
+        return False
+
     async def _read_startup(self, dec: p.StartupDecoder) -> p.Startup:
         while True:
             pkt = dec.feed(b"")
@@ -286,19 +307,13 @@ class PgSession:
             await self._fatal("28000", "castgate: replication connections are not relayed")
             return False
         if self.listener.require_tls and not self.tls:
-            self.ctx.emit(
-                "auth",
-                user or None,
-                "failure",
-                self.peer,
-                f"postgres:{database}",
-                {"method": "token", "reason": "password without TLS"},
-            )
-            await self._fatal(
+            return await self._refuse(
+                user,
+                database,
+                "password without TLS",
                 "28000",
                 "castgate: this listener requires TLS (sslmode=require) before a token is sent",
             )
-            return False
         await self._send(p.auth_request(3))
         msgs = p.MessageDecoder(max_message=65536)
         password: bytes | None = None
@@ -319,47 +334,35 @@ class PgSession:
             data = b""
         self._early = bytes(early) + msgs.take_rest()
         if self.ctx.limiter.blocked(self.peer):
-            self.ctx.emit(
-                "auth",
-                user or None,
-                "failure",
-                self.peer,
-                f"postgres:{database}",
-                {"method": "token", "reason": "too many failed attempts from this address"},
+            return await self._refuse(
+                user,
+                database,
+                "too many failed attempts from this address",
+                "28000",
+                "castgate: too many failed authentication attempts; try later",
             )
-            await self._fatal(
-                "28000", "castgate: too many failed authentication attempts; try later"
-            )
-            return False
         try:
             ident = await asyncio.to_thread(
                 self.ctx.auth.by_token, password.decode("utf-8", "replace")
             )
         except AuthError as exc:
             self.ctx.limiter.failure(self.peer)
-            self.ctx.emit(
-                "auth",
-                user or None,
-                "failure",
-                self.peer,
-                f"postgres:{database}",
-                {"method": "token", "reason": str(exc)},
+            return await self._refuse(
+                user,
+                database,
+                str(exc),
+                "28P01",
+                f"castgate: authentication failed for {user!r}: {exc}",
             )
-            await self._fatal("28P01", f"castgate: authentication failed for {user!r}: {exc}")
-            return False
         if ident.name != user:
-            self.ctx.emit(
-                "auth",
-                user or None,
-                "failure",
-                self.peer,
-                f"postgres:{database}",
-                {"method": ident.method, "reason": f"token belongs to {ident.name}"},
+            return await self._refuse(
+                user,
+                database,
+                f"token belongs to {ident.name}",
+                "28P01",
+                f"castgate: the token is not {user!r}'s (user must be the identity name)",
+                method=ident.method,
             )
-            await self._fatal(
-                "28P01", f"castgate: the token is not {user!r}'s (user must be the identity name)"
-            )
-            return False
         self.ident = ident
         self.ctx.emit(
             "auth",
