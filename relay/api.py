@@ -185,18 +185,15 @@ async def metrics(request: web.Request) -> web.Response:
 async def list_sessions(request: web.Request) -> web.Response:
     """Sessions, newest first, with filters."""
     ctx = _ctx(request)
-    try:
-        rows = await asyncio.to_thread(
-            ctx.store.list_sessions,
-            live=_bool_param(request, "live"),
-            identity=request.query.get("identity"),
-            target=request.query.get("target"),
-            since=_time_param(request, "since"),
-            until=_time_param(request, "until"),
-            limit=_int_param(request, "limit") or 200,
-        )
-    except _Fail as exc:
-        return _error(exc.status, str(exc))
+    rows = await asyncio.to_thread(
+        ctx.store.list_sessions,
+        live=_bool_param(request, "live"),
+        identity=request.query.get("identity"),
+        target=request.query.get("target"),
+        since=_time_param(request, "since"),
+        until=_time_param(request, "until"),
+        limit=_int_param(request, "limit") or 200,
+    )
     for row in rows:
         stream = ctx.hub.get(row["id"])
         row["live_here"] = stream is not None
@@ -218,10 +215,7 @@ async def get_session(request: web.Request) -> web.Response:
     """One session's audit record: the session, its commands, approvals and events."""
     ctx = _ctx(request)
     ident: Identity = request[IDENT]
-    try:
-        row = await _session_or_404(request)
-    except _Fail as exc:
-        return _error(exc.status, str(exc))
+    row = await _session_or_404(request)  # a _Fail becomes the response in requires()
     sid = row["id"]
     commands = await asyncio.to_thread(ctx.store.list_commands, sid)
     approvals = await asyncio.to_thread(ctx.store.list_approvals, session_id=sid)
@@ -253,10 +247,7 @@ async def get_cast(request: web.Request) -> web.StreamResponse:
     """Download the session's cast (asciicast v2, as recorded)."""
     ctx = _ctx(request)
     ident: Identity = request[IDENT]
-    try:
-        row = await _session_or_404(request)
-    except _Fail as exc:
-        return _error(exc.status, str(exc))
+    row = await _session_or_404(request)  # a _Fail becomes the response in requires()
     path = Path(row["cast_path"] or "")
     if not row["cast_path"] or not path.is_file():
         return _error(404, f"no recording for session {row['id']}")
@@ -366,10 +357,7 @@ def _approval_id(request: web.Request) -> int:
 async def get_approval(request: web.Request) -> web.Response:
     """One approval with its decisions."""
     ctx = _ctx(request)
-    try:
-        aid = _approval_id(request)
-    except _Fail as exc:
-        return _error(exc.status, str(exc))
+    aid = _approval_id(request)
     row = await asyncio.to_thread(ctx.store.get_approval, aid)
     if row is None:
         return _error(404, f"no approval {aid}")
@@ -379,10 +367,7 @@ async def get_approval(request: web.Request) -> web.Response:
 async def _decide(request: web.Request, approve: bool) -> web.Response:
     ctx = _ctx(request)
     ident: Identity = request[IDENT]
-    try:
-        aid = _approval_id(request)
-    except _Fail as exc:
-        return _error(exc.status, str(exc))
+    aid = _approval_id(request)
     reason = None
     if request.can_read_body:
         try:
