@@ -241,6 +241,10 @@ def interrupt_stale(store: Store, node: str | None = None) -> tuple[int, int]:
     sessions that are gone; close them as ``interrupted`` (history intact)."""
     approvals = 0
     for row in store.list_approvals(status="pending"):
+        # Only this relay's: with a shared store another relay may hold the session.
+        session = store.get_session(row["session_id"])
+        if node is not None and session is not None and session.get("node") not in (None, node):
+            continue
         store.set_approval_status(row["id"], "interrupted", reason="relay restarted")
         approvals += 1
     sessions = 0
