@@ -314,7 +314,10 @@ async def connect_target(ctx: RelayContext, target: TargetConfig) -> asyncssh.SS
     except asyncssh.PermissionDenied:
         raise TargetError(f"target {target.name} refused the relay's credential") from None
     except (OSError, asyncssh.Error, TimeoutError) as exc:
-        raise TargetError(f"cannot reach target {target.name}: {exc}") from None
+        # A timeout carries no message: name it, so the agent and the log say something.
+        raise TargetError(
+            f"cannot reach target {target.name}: {exc or type(exc).__name__}"
+        ) from None
 
 
 class RelaySession(asyncssh.SSHServerSession[bytes]):
