@@ -8,7 +8,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from recorder.config import DEFAULT_CONFIG_NAME, load_config
+from castgate.paths import DEFAULT_CONFIG_NAME
+from recorder.config import load_config
 from recorder.errors import CastgateError
 from recorder.signing import PUBLIC_NAME, SigningKey
 from recorder.store import Store

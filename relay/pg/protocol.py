@@ -116,11 +116,6 @@ class MessageDecoder:
         if pos:
             del buf[:pos]
 
-    @property
-    def buffered(self) -> int:
-        """Bytes of an incomplete message held."""
-        return len(self._buf)
-
     def take_rest(self) -> bytes:
         """Hand over the bytes of an incomplete message (to another decoder)."""
         data = bytes(self._buf)

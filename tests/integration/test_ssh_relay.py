@@ -4,9 +4,7 @@ real OpenSSH sshd."""
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
-import threading
 from pathlib import Path
 
 import asyncssh
@@ -16,7 +14,7 @@ import pytest
 from recorder.integrity import Verdict, verify_cast
 from recorder.masking import luhn_complete
 from recorder.signing import PUBLIC_NAME, load_public
-from tests.fix_relay import TOKENS, Relay, wait_for
+from tests.fix_relay import TOKENS, Held, Relay, wait_for
 
 VISA = luhn_complete("411111111111111")
 
@@ -183,109 +181,33 @@ def test_port_forwarding_is_refused(relay: Relay) -> None:
     assert relay.ssh("web", "echo after-forward").stdout == b"after-forward\n"
 
 
-results_join: list[threading.Thread] = []
-
-
-def _decided(results: list[subprocess.CompletedProcess[str]]) -> bool:
-    for t in results_join:
-        t.join(30)
-    results_join.clear()
-    return bool(results) and results[0].returncode == 0
-
-
-def _approve_when_asked(
-    relay: Relay, stderr_chunks: list[bytes], approver: str, deny: bool
-) -> list[subprocess.CompletedProcess[str]]:
-    results: list[subprocess.CompletedProcess[str]] = []
-
-    def run() -> None:
-        wait_for(
-            lambda: re.search(rb"approval #(\d+) required", b"".join(stderr_chunks)) is not None, 20
-        )
-        m = re.search(rb"approval #(\d+) required", b"".join(stderr_chunks))
-        assert m is not None
-        args = (
-            ["deny", m.group(1).decode(), "--reason", "not during peak"]
-            if deny
-            else [
-                "approve",
-                m.group(1).decode(),
-            ]
-        )
-        results.append(relay.castgate(*args, "--token", TOKENS[approver]))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    results_join.append(thread)
-    return results
-
-
-class Streaming:
-    """An ``ssh`` client whose stderr is collected as it arrives."""
-
-    def __init__(self, relay: Relay, target: str, command: str) -> None:
-        self.proc = subprocess.Popen(
-            ["ssh", *relay.ssh_args(), f"{target}@127.0.0.1", command],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.chunks: list[bytes] = []
-        self._pump = threading.Thread(target=self._read, daemon=True)
-        self._pump.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        while chunk := self.proc.stderr.read1(4096):
-            self.chunks.append(chunk)
-
-    @property
-    def stderr(self) -> bytes:
-        return b"".join(self.chunks)
-
-    def finish(self, timeout: float = 40) -> bytes:
-        """Wait for the client to exit; returns its stdout."""
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        out = self.proc.stdout.read()
-        self.proc.wait(timeout=timeout)
-        self._pump.join(timeout)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return out
-
-
 def test_approval_releases_held_command(relay: Relay) -> None:
-    client = Streaming(relay, "web", "systemctl restart app 2>/dev/null; echo restarted")
-    decided = _approve_when_asked(relay, client.chunks, "alice", deny=False)
-    out = client.finish()
-    assert _decided(decided), decided
-    assert b"restarted" in out
-    assert b"granted by alice" in client.stderr
+    held = Held(relay, "systemctl restart app 2>/dev/null; echo restarted")
+    decided = relay.castgate("approve", str(held.approval_id()), "--token", TOKENS["alice"])
+    held.finish()
+    assert decided.returncode == 0, decided
+    assert b"restarted" in held.out
+    assert b"granted by alice" in held.err
 
 
 def test_denial_returns_reason(relay: Relay) -> None:
-    client = Streaming(relay, "web", "systemctl restart app; echo restarted")
-    decided = _approve_when_asked(relay, client.chunks, "bob", deny=True)
-    out = client.finish()
-    assert _decided(decided), decided
-    assert client.proc.returncode == 126
-    assert b"restarted" not in out
-    assert b"denied by bob: not during peak" in client.stderr
+    held = Held(relay, "systemctl restart app; echo restarted")
+    aid = str(held.approval_id())
+    decided = relay.castgate("deny", aid, "--reason", "not during peak", "--token", TOKENS["bob"])
+    assert decided.returncode == 0, decided
+    assert held.finish() == 126
+    assert b"restarted" not in held.out
+    assert b"denied by bob: not during peak" in held.err
 
 
 def test_approver_role_is_required(relay: Relay) -> None:
-    client = Streaming(relay, "web", "systemctl restart self")
-    wait_for(lambda: b"required" in client.stderr, 20)
-    m = re.search(rb"approval #(\d+)", client.stderr)
-    assert m is not None
-    res = relay.castgate("approve", m.group(1).decode(), "--token", TOKENS["ci-agent"])
+    held = Held(relay, "systemctl restart self")
+    aid = str(held.approval_id())
+    res = relay.castgate("approve", aid, "--token", TOKENS["ci-agent"])
     assert res.returncode == 2 and "lacks the role" in res.stderr
-    res = relay.castgate(
-        "deny", m.group(1).decode(), "--reason", "cleanup", "--token", TOKENS["alice"]
-    )
+    res = relay.castgate("deny", aid, "--reason", "cleanup", "--token", TOKENS["alice"])
     assert res.returncode == 0
-    client.finish()
-    assert client.proc.returncode == 126
+    assert held.finish() == 126
 
 
 def test_openssh_multiplexed_sessions_get_their_exit_status(relay: Relay, tmp_path: Path) -> None:
