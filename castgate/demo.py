@@ -1,18 +1,23 @@
 """``castgate demo``: the embedded default, end to end, in a temporary directory.
 
 It creates a working directory, starts a local SSH target (a shell behind an embedded
-SSH server, so no sshd is needed) and the relay in front of it, then runs a scripted
+SSH server, so no sshd is needed), a local PostgreSQL target when the server binaries
+are installed (castgate.localpg), and the relay in front of them, then runs a scripted
 agent through the relay: it prints card numbers (masked on the way), runs a command a
 rule blocks, and one that waits for approval, which the demo approves as an on-call
-engineer through the control API. It ends in the operator console when run in a
+engineer through the control API; on PostgreSQL it reads a table of card numbers
+(masked) and tries a DROP a rule blocks. It ends in the operator console when run in a
 terminal, or with the session list and ``castgate verify`` on every cast otherwise.
+The targets and the relay are stopped on the way out, on Ctrl-C and errors too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import re
 import secrets
 import signal
@@ -21,13 +26,17 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import asyncssh
 
 from castgate.initdir import init_dir
+from castgate.localpg import BINDIR_ENV, LocalPostgres, find_bindir
 from castgate.localtarget import LocalTarget
+from recorder.errors import CastgateError
 from recorder.integrity import verify_cast
 from recorder.masking import luhn_complete
 from recorder.signing import PUBLIC_NAME, load_public
@@ -61,7 +70,29 @@ timeout = "2m"
 """
 
 
-class DemoError(Exception):
+_PG_CONFIG = """
+[[targets]]
+name = "appdb"
+kind = "postgres"
+address = "127.0.0.1:{port}"
+database = "app"
+user = "app"
+password_env = "{password_env}"
+tls = "disable"
+groups = ["agents", "sre"]
+mask_columns = ["cards.pan"]
+
+[[rules]]
+name = "no-drop"
+sql = ["DropStmt", "DropdbStmt"]
+action = "block"
+"""
+
+# The relay reads the demo database's password from here (never from the config file).
+_PG_PASSWORD_ENV = "CASTGATE_DEMO_APPDB_PASSWORD"  # noqa: S105 - a variable name
+
+
+class DemoError(CastgateError):
     """The demo could not run."""
 
 
@@ -70,13 +101,16 @@ def _say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def _start_relay(config: Path, data: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def _start_relay(
+    config: Path, data: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     log = (data / "relay.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "castgate.cli", "relay", "-c", str(config)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=log,
+        env={**os.environ, **env},
     )
     log.close()
     runtime = data / "relay.json"
@@ -149,59 +183,157 @@ async def _agent(ssh_port: int, token: str, api: str, alice: str) -> None:
         _say(f"[exit status {proc.exit_status}]\n")
 
 
+def _demo_pans() -> list[str]:
+    # Standard test card numbers (Visa, Mastercard, Amex), never real ones.
+    return [luhn_complete(p) for p in ("411111111111111", "555555555555444", "37828224631000")]
+
+
+def _seed(pg: LocalPostgres) -> str:
+    """Role ``app``, database ``app`` and its ``cards`` table; returns app's password."""
+    import psycopg
+    from psycopg import sql
+
+    password = secrets.token_urlsafe(18)
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE app LOGIN PASSWORD {}").format(sql.Literal(password)))
+        conn.execute("CREATE DATABASE app OWNER app")
+    holders = ("alice", "bob", "carol")
+    with psycopg.connect(pg.dsn("app", "app", password), autocommit=True) as conn:
+        conn.execute("CREATE TABLE cards (id int PRIMARY KEY, holder text, pan text, note text)")
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO cards VALUES (%s, %s, %s, %s)",
+                [
+                    (i + 1, holders[i], pan, f"paid with {pan}")
+                    for i, pan in enumerate(_demo_pans())
+                ],
+            )
+    return password
+
+
+def _pg_agent(pg_port: int, token: str) -> None:
+    """The agent on PostgreSQL: reads card numbers, then tries a DROP."""
+    import psycopg
+
+    dsn = (
+        f"host=127.0.0.1 port={pg_port} dbname=appdb user=ci-agent password={token} "
+        "sslmode=disable connect_timeout=15"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        _say('$ psql "host=relay dbname=appdb user=ci-agent" -c "select * from cards"')
+        cur = conn.execute("SELECT id, holder, pan, note FROM cards ORDER BY id")
+        _say(" id | holder | pan              | note")
+        _say("----+--------+------------------+---------------------------")
+        for row in cur.fetchall():
+            _say(f" {row[0]:>2} | {row[1]:<6} | {row[2]:<16} | {row[3]}")
+        _say("(pan is a masked column; the card number in note was found by its content)\n")
+        _say('$ psql ... -c "drop table cards"   # a rule blocks this')
+        try:
+            conn.execute("DROP TABLE cards")
+        except psycopg.Error as exc:
+            state = exc.diag.sqlstate or ""
+            _say(f"ERROR:  {exc.diag.message_primary or exc}  (SQLSTATE {state})\n")
+        else:
+            raise DemoError("the relay let DROP TABLE through")
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the targets and the relay are stopped."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_relay(relay: subprocess.Popen[bytes]) -> None:
+    relay.send_signal(signal.SIGTERM)
+    try:
+        relay.wait(20)
+    except subprocess.TimeoutExpired:
+        relay.kill()
+        relay.wait(10)
+
+
 def run_demo(workdir: Path | None = None, console: bool = True) -> int:
     """Run the demo; returns the process exit status."""
+    with _sigterm_as_exit(), contextlib.ExitStack() as stack:
+        return _run(workdir, console, stack)
+
+
+def _run(workdir: Path | None, console: bool, stack: contextlib.ExitStack) -> int:
     base = workdir or Path(tempfile.mkdtemp(prefix="castgate-demo-"))
     _say(f"castgate demo in {base}\n")
     res = init_dir(base)
     config = res.config_path
     data = base / "data"
     target = LocalTarget().start(data / "keys")
+    stack.callback(target.stop)
+    pg: LocalPostgres | None = None
+    relay_env: dict[str, str] = {}
+    bindir = find_bindir()
+    if bindir is None:
+        _say(
+            "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: skipped the "
+            f"PostgreSQL target (install them, or point {BINDIR_ENV} at their directory)\n"
+        )
+    else:
+        pg = LocalPostgres.start(bindir, base)
+        stack.callback(pg.stop)
+        relay_env[_PG_PASSWORD_ENV] = _seed(pg)
+        _say(f"PostgreSQL target 'appdb': a local server from {bindir}, cluster in {pg.base}")
     alice = "cgt_" + secrets.token_urlsafe(24)
     text = config.read_text()
     for name in ("ssh", "postgres", "api"):
         text = re.sub(rf'^{name} = "127\.0\.0\.1:\d+"', f'{name} = "127.0.0.1:0"', text, flags=re.M)
-    text = text.replace('postgres = "127.0.0.1:0"', 'postgres = ""')
+    if pg is None:
+        text = text.replace('postgres = "127.0.0.1:0"', 'postgres = ""')
     text += _DEMO_CONFIG.format(
         alice_sha=hashlib.sha256(alice.encode()).hexdigest(),
         port=target.port,
         key_file=target.client_key,
         host_key=target.host_key_line,
     )
+    if pg is not None:
+        text += _PG_CONFIG.format(port=pg.port, password_env=_PG_PASSWORD_ENV)
     config.write_text(text)
-    relay, listen = _start_relay(config, data)
+    relay, listen = _start_relay(config, data, relay_env)
+    stack.callback(_stop_relay, relay)
     api = "http://" + listen["api"]
     ssh_port = int(listen["ssh"].rsplit(":", 1)[1])
     status = 0
-    try:
-        _say(f"relay: SSH {listen['ssh']}, control API {api}; target 'web' is a local shell\n")
-        asyncio.run(_agent(ssh_port, res.token, api, alice))
-        time.sleep(0.5)  # let the relay seal the last cast
-        sessions = _api(api, alice, "/api/v1/sessions")["sessions"]
-        _say("== castgate sessions")
-        for s in sessions:
-            _say(
-                f"{s['id']}  {s['status']:<8} {s['identity']}@{s['target']}  {s.get('title') or ''}"
-            )
-        _say("\n== castgate verify (hash chain and Ed25519 signature of every cast)")
-        pub = load_public(data / "keys" / PUBLIC_NAME)
-        for cast in sorted((data / "recordings").glob("*.cast")):
-            report = verify_cast(cast, pub)
-            _say(report.line())
-            status |= report.verdict.exit_code
-        if console and sys.stdin.isatty() and sys.stdout.isatty():
-            _say("\nOpening the operator console as alice (Ctrl-Q to leave)...")
-            time.sleep(1.5)
-            from console.app import run as run_console
+    pg_note = f", PostgreSQL {listen['postgres']}" if pg is not None else ""
+    _say(f"relay: SSH {listen['ssh']}{pg_note}, control API {api}; target 'web' is a local shell\n")
+    asyncio.run(_agent(ssh_port, res.token, api, alice))
+    if pg is not None:
+        _pg_agent(int(listen["postgres"].rsplit(":", 1)[1]), res.token)
+    time.sleep(0.5)  # let the relay seal the last cast
+    sessions = _api(api, alice, "/api/v1/sessions")["sessions"]
+    _say("== castgate sessions")
+    for s in sessions:
+        _say(f"{s['id']}  {s['status']:<8} {s['identity']}@{s['target']}  {s.get('title') or ''}")
+    _say("\n== castgate verify (hash chain and Ed25519 signature of every cast)")
+    pub = load_public(data / "keys" / PUBLIC_NAME)
+    for cast in sorted((data / "recordings").glob("*.cast")):
+        report = verify_cast(cast, pub)
+        _say(report.line())
+        status |= report.verdict.exit_code
+    if console and sys.stdin.isatty() and sys.stdout.isatty():
+        _say("\nOpening the operator console as alice (Ctrl-Q to leave)...")
+        time.sleep(1.5)
+        from console.app import run as run_console
 
-            run_console(api, alice)
-    finally:
-        relay.send_signal(signal.SIGTERM)
-        try:
-            relay.wait(20)
-        except subprocess.TimeoutExpired:
-            relay.kill()
-        target.stop()
+        run_console(api, alice)
+    stack.close()  # relay, PostgreSQL and the SSH target stop before the last words
     _say(f"\nFiles are in {base}: castgate.toml, data/recordings/*.cast, data/castgate.db")
     _say(
         f"Replay one: castgate play {next(iter(sorted((data / 'recordings').glob('*.cast'))), '')}"

@@ -98,7 +98,9 @@ class ApprovalsScreen(ConsoleScreen):
         keep = self.selected_id()
         table.clear()
         for cells in shown:
-            table.add_row(*cells, key=cells[0])
+            # Text, not str: a str cell is parsed as Textual markup, and the command
+            # is whatever the agent typed.
+            table.add_row(*(Text(c) for c in cells), key=cells[0])
         for i, cells in enumerate(shown):
             if keep is not None and cells[0] == str(keep):
                 table.move_cursor(row=i)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+from rich.cells import cell_len
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -79,7 +81,16 @@ class SessionsScreen(ConsoleScreen):
         self.set_interval(self.console.sessions_interval, self._reload_tick)
 
     def _reload_tick(self) -> None:
+        # Under a live watch or the player this screen is hidden: polling it there
+        # would spend the watch's frames on a table nobody sees.
+        if self.app.screen is not self:
+            return
         if not any(w.group == "sessions" and w.is_running for w in self.workers):
+            self.reload()
+
+    def on_screen_resume(self) -> None:
+        """Back from another screen: show the current list at once."""
+        if self.is_mounted and self.rows:
             self.reload()
 
     def action_reload(self) -> None:
@@ -109,14 +120,26 @@ class SessionsScreen(ConsoleScreen):
                 shown.append((sid, cells))
         if shown == self._shown:
             return
-        self._shown = shown
+        before, self._shown = self._shown, shown
         table = self.query_one("#sessions", DataTable)
+        if table.row_count == len(before) and [s for s, _ in before] == [s for s, _ in shown]:
+            # The usual refresh (the same rows, durations ticking): update the cells
+            # that changed rather than rebuild and re-measure every row.
+            for (sid, cells), (_, old) in zip(shown, before, strict=True):
+                for name, new, was in zip(COLUMNS, cells, old, strict=True):
+                    if new != was:
+                        table.update_cell(
+                            sid, name, Text(new), update_width=cell_len(new) > cell_len(was)
+                        )
+            return
         keep = None
         if table.row_count and table.cursor_row < table.row_count:
             keep = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
         table.clear()
         for sid, cells in shown:
-            table.add_row(*cells, key=sid)
+            # Text, not str: a str cell is parsed as Textual markup, and titles are
+            # whatever the agent typed.
+            table.add_row(*(Text(c) for c in cells), key=sid)
         if keep is not None:
             for i, (sid, _) in enumerate(shown):
                 if sid == keep:
@@ -156,7 +179,8 @@ class SessionsScreen(ConsoleScreen):
         row = next((r for r in self.rows if str(r["id"]) == session_id), None)
         if row is None:
             return
-        if row.get("status") == "live" and row.get("live_here", True):
+        # Any relay's API streams any live session (it proxies one held by another).
+        if row.get("status") == "live":
             from console.screens.live import LiveScreen
 
             self.app.push_screen(LiveScreen(row))
