@@ -16,6 +16,8 @@ so a reader can resume from any position with the time of the event before it. F
 
 from __future__ import annotations
 
+import math
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,9 @@ import orjson
 from recorder.errors import CastgateError
 
 _READ_BUFFER = 1 << 20
+# Largest terminal side a cast may declare: a terminal model allocates every cell, and a
+# 65535x65535 header would take hundreds of gigabytes. No real terminal comes close.
+MAX_SIZE = 1000
 
 
 class CastFormatError(CastgateError):
@@ -61,7 +66,10 @@ class Header:
 
 
 def _opt_float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    return None
 
 
 def _opt_str(value: Any) -> str | None:
@@ -86,17 +94,21 @@ def parse_header(raw: dict[str, Any], where: str) -> Header:
             theme = raw.get("theme")
         else:
             raise CastFormatError(f"{where}: unsupported asciicast version {version!r}")
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise CastFormatError(f"{where}: header lacks a valid terminal size") from None
     if width < 1 or height < 1:
         raise CastFormatError(f"{where}: terminal size {width}x{height} is not positive")
+    if width > MAX_SIZE or height > MAX_SIZE:
+        raise CastFormatError(
+            f"{where}: terminal size {width}x{height} is too large (at most {MAX_SIZE} a side)"
+        )
     env = raw.get("env")
-    timestamp = raw.get("timestamp")
+    timestamp = _opt_float(raw.get("timestamp"))
     return Header(
         version=int(version),
         width=width,
         height=height,
-        timestamp=int(timestamp) if isinstance(timestamp, int | float) else None,
+        timestamp=int(timestamp) if timestamp is not None else None,
         duration=_opt_float(raw.get("duration")),
         idle_time_limit=_opt_float(raw.get("idle_time_limit")),
         title=_opt_str(raw.get("title")),
@@ -109,15 +121,16 @@ def parse_header(raw: dict[str, Any], where: str) -> Header:
 
 
 def parse_size(data: str) -> tuple[int, int] | None:
-    """``"COLSxROWS"`` of an ``r`` event, or None when malformed."""
+    """``"COLSxROWS"`` of an ``r`` event, or None when malformed or larger than
+    ``MAX_SIZE`` a side (readers ignore such an event)."""
     cols, sep, rows = data.partition("x")
-    if not sep:
+    if not sep or len(data) > 16:
         return None
     try:
         c, r = int(cols), int(rows)
     except ValueError:
         return None
-    return (c, r) if c > 0 and r > 0 else None
+    return (c, r) if 0 < c <= MAX_SIZE and 0 < r <= MAX_SIZE else None
 
 
 class CastFile:
@@ -129,6 +142,15 @@ class CastFile:
         self.path = path
         self.torn = False
         self._v1_events: list[Event] | None = None
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise CastFormatError(f"{path}: no such file") from None
+        if stat.S_ISDIR(mode):
+            raise CastFormatError(f"{path}: is a directory, not a cast")
+        if not stat.S_ISREG(mode):
+            # A FIFO would block the reader forever, a device never end.
+            raise CastFormatError(f"{path}: not a regular file")
         try:
             with path.open("rb") as fh:
                 first = fh.readline()
@@ -158,7 +180,12 @@ class CastFile:
         frames = doc.get("stdout")
         for frame in frames if isinstance(frames, list) else []:
             if isinstance(frame, list) and len(frame) >= 2 and isinstance(frame[1], str):
-                t += max(0.0, float(frame[0]))
+                delay = _opt_float(frame[0])
+                if delay is None:
+                    raise CastFormatError(f"{self.path}: a v1 frame's delay is not a number")
+                t += max(0.0, delay)
+                if not math.isfinite(t):
+                    raise CastFormatError(f"{self.path}: v1 frame times overflow")
                 events.append(Event(t, "o", frame[1]))
         self._v1_events = events
         self.data_start = 0
@@ -193,10 +220,12 @@ class CastFile:
                 continue
             try:
                 ev = loads(line)
+                if not isinstance(ev, list):
+                    raise TypeError
                 when = float(ev[0])
                 code = ev[1]
                 data = ev[2]
-            except (orjson.JSONDecodeError, TypeError, ValueError, IndexError, KeyError):
+            except (orjson.JSONDecodeError, TypeError, ValueError, IndexError, OverflowError):
                 if not line.endswith(b"\n"):
                     self.torn = True  # cut mid-write: the end of the recording
                     return
@@ -209,6 +238,8 @@ class CastFile:
                 t += when if when > 0 else 0.0
             elif when > t:
                 t = when
+            if not math.isfinite(t):
+                raise CastFormatError(f"{self.path}: byte {start}: event time is not finite")
             yield offset, Event(t, code, data if isinstance(data, str) else str(data))
 
 

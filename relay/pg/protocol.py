@@ -31,6 +31,15 @@ class ProtocolError(Exception):
     """The peer broke the protocol; the message is fit to send back in an ErrorResponse."""
 
 
+# What reading past the end of a body, or a missing NUL, raises inside the parsers below:
+# each parser turns them into one ProtocolError naming the message.
+_MALFORMED = (IndexError, ValueError, struct.error)
+
+
+def _malformed(what: str) -> ProtocolError:
+    return ProtocolError(f"malformed {what} message")
+
+
 @dataclass(frozen=True)
 class Message:
     """One typed message: its type byte and body (without type and length)."""
@@ -127,8 +136,11 @@ class MessageDecoder:
 
 
 def cstring(body: bytes, pos: int) -> tuple[str, int]:
-    """A NUL-terminated string at ``pos``; returns it and the position after it."""
-    end = body.index(b"\0", pos)
+    """A NUL-terminated string at ``pos``; returns it and the position after it.
+    Raises ProtocolError when there is no NUL."""
+    end = body.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolError("malformed message: a string is not NUL-terminated")
     return body[pos:end].decode("utf-8", "replace"), end + 1
 
 
@@ -148,10 +160,13 @@ class Parse:
 
 def parse_parse(body: bytes) -> Parse:
     """Decode Parse."""
-    name, pos = cstring(body, 0)
-    query, pos = cstring(body, pos)
-    (n,) = _I16.unpack_from(body, pos)
-    types = struct.unpack_from(f"!{n}i", body, pos + 2) if n > 0 else ()
+    try:
+        name, pos = cstring(body, 0)
+        query, pos = cstring(body, pos)
+        (n,) = _I16.unpack_from(body, pos)
+        types = struct.unpack_from(f"!{n}i", body, pos + 2) if n > 0 else ()
+    except _MALFORMED:
+        raise _malformed("Parse") from None
     return Parse(name, query, tuple(types))
 
 
@@ -166,29 +181,40 @@ class Bind:
 
 def parse_bind(body: bytes) -> Bind:
     """Decode Bind (parameter values are skipped, not copied)."""
-    portal, pos = cstring(body, 0)
-    stmt, pos = cstring(body, pos)
-    (nfmt,) = _I16.unpack_from(body, pos)
-    pos += 2 + 2 * nfmt
-    (nparams,) = _I16.unpack_from(body, pos)
-    pos += 2
-    for _ in range(nparams):
-        (length,) = _I32.unpack_from(body, pos)
-        pos += 4 + max(length, 0)
-    (nres,) = _I16.unpack_from(body, pos)
-    res = struct.unpack_from(f"!{nres}h", body, pos + 2) if nres > 0 else ()
+    try:
+        portal, pos = cstring(body, 0)
+        stmt, pos = cstring(body, pos)
+        (nfmt,) = _I16.unpack_from(body, pos)
+        # Negative counts would move the position backwards (and loop on garbage).
+        if nfmt < 0:
+            raise ValueError
+        pos += 2 + 2 * nfmt
+        (nparams,) = _I16.unpack_from(body, pos)
+        pos += 2
+        for _ in range(nparams):
+            (length,) = _I32.unpack_from(body, pos)
+            pos += 4 + max(length, 0)
+        (nres,) = _I16.unpack_from(body, pos)
+        res = struct.unpack_from(f"!{nres}h", body, pos + 2) if nres > 0 else ()
+    except _MALFORMED:
+        raise _malformed("Bind") from None
     return Bind(portal, stmt, tuple(res))
 
 
 def parse_describe(body: bytes) -> tuple[str, str]:
     """(``S`` or ``P``, name) of a Describe or Close."""
+    if body[:1] not in (b"S", b"P"):
+        raise _malformed("Describe/Close")
     return chr(body[0]), cstring(body, 1)[0]
 
 
 def parse_execute(body: bytes) -> tuple[str, int]:
     """(portal, max rows) of an Execute."""
-    portal, pos = cstring(body, 0)
-    return portal, _I32.unpack_from(body, pos)[0]
+    try:
+        portal, pos = cstring(body, 0)
+        return portal, _I32.unpack_from(body, pos)[0]
+    except _MALFORMED:
+        raise _malformed("Execute") from None
 
 
 @dataclass(frozen=True)
@@ -207,14 +233,17 @@ _FIELD = struct.Struct("!ihihih")
 
 def parse_row_description(body: bytes) -> list[Field]:
     """Decode RowDescription."""
-    (n,) = _I16.unpack_from(body, 0)
-    pos = 2
-    fields = []
-    for _ in range(n):
-        name, pos = cstring(body, pos)
-        table, attnum, typ, _len, _mod, fmt = _FIELD.unpack_from(body, pos)
-        pos += _FIELD.size
-        fields.append(Field(name, table, attnum, typ, fmt))
+    try:
+        (n,) = _I16.unpack_from(body, 0)
+        pos = 2
+        fields = []
+        for _ in range(n):
+            name, pos = cstring(body, pos)
+            table, attnum, typ, _len, _mod, fmt = _FIELD.unpack_from(body, pos)
+            pos += _FIELD.size
+            fields.append(Field(name, table, attnum, typ, fmt))
+    except _MALFORMED:
+        raise _malformed("RowDescription") from None
     return fields
 
 
@@ -233,18 +262,24 @@ def with_formats(fields: Sequence[Field], formats: Sequence[int]) -> list[Field]
 
 
 def parse_data_row(body: bytes) -> list[bytes | None]:
-    """Decode DataRow values (None is SQL NULL)."""
-    (n,) = _I16.unpack_from(body, 0)
-    pos = 2
-    values: list[bytes | None] = []
-    for _ in range(n):
-        (length,) = _I32.unpack_from(body, pos)
-        pos += 4
-        if length < 0:
-            values.append(None)
-        else:
-            values.append(body[pos : pos + length])
-            pos += length
+    """Decode DataRow values (None is SQL NULL); ProtocolError when a length runs past
+    the body."""
+    try:
+        (n,) = _I16.unpack_from(body, 0)
+        pos = 2
+        values: list[bytes | None] = []
+        for _ in range(n):
+            (length,) = _I32.unpack_from(body, pos)
+            pos += 4
+            if length < 0:
+                values.append(None)
+            else:
+                if pos + length > len(body):
+                    raise ValueError
+                values.append(body[pos : pos + length])
+                pos += length
+    except _MALFORMED:
+        raise _malformed("DataRow") from None
     return values
 
 
@@ -261,9 +296,11 @@ def parse_fields(body: bytes) -> list[tuple[str, str]]:
 
 def parse_command_complete(body: bytes) -> tuple[str, int | None]:
     """(tag, row count) of CommandComplete, e.g. ('SELECT 3', 3)."""
-    tag = body[: body.index(b"\0")].decode() if b"\0" in body else body.decode()
+    end = body.find(b"\0")
+    tag = (body[:end] if end >= 0 else body).decode("utf-8", "replace")
     last = tag.rsplit(" ", 1)[-1]
-    return tag, int(last) if last.isdigit() else None
+    # isdigit() alone accepts characters int() refuses ('²').
+    return tag, int(last) if last.isascii() and last.isdigit() else None
 
 
 # -- building messages ------------------------------------------------------------------
