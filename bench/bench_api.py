@@ -352,7 +352,7 @@ async def _watchers_main(url: str, n: int) -> None:
 
     async def one(http: aiohttp.ClientSession) -> None:
         nonlocal ready
-        got = msgs = 0
+        got = msgs = screens = 0
         dropped = False
         end = ""
         async with http.ws_connect(url, headers=headers, max_msg_size=0) as ws:
@@ -367,11 +367,16 @@ async def _watchers_main(url: str, n: int) -> None:
                     break
                 msgs += 1
                 got += len(msg.data)
-                if msg.data.startswith('{"type": "end"'):
+                head = msg.data[:16].replace(" ", "")
+                if head.startswith('{"type":"screen"'):
+                    screens += 1  # the relay skipped output past its watcher rate
+                elif head.startswith('{"type":"end"'):
                     end = json.loads(msg.data)["data"]
                     dropped = "dropped" in end
                     break
-        results.append({"messages": msgs, "chars": got, "dropped": dropped, "end": end})
+        results.append(
+            {"messages": msgs, "chars": got, "dropped": dropped, "end": end, "screens": screens}
+        )
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         await asyncio.gather(*(one(http) for _ in range(n)))
@@ -418,7 +423,7 @@ def _fanout_run(
     r: Relay, workload: str, size: int, crc: int, watchers: int, run: int
 ) -> dict[str, Any]:
     marker = f"busy-{run}-{watchers}"
-    command = f": {marker}; sleep 1.5; {workload}"
+    command = f": {marker}; sleep 4; {workload}"
     res: dict[str, Any] = {}
     relay_cpu = _cpu_s(r.proc.pid)
     drain = threading.Thread(target=_drain, args=(_ssh(r, command), size, crc, res))
@@ -466,6 +471,8 @@ def _fanout_run(
                 "dropped_as_too_slow": sum(w["dropped"] for w in per),
                 "received_chars_min": min(w["chars"] for w in per),
                 "received_chars_max": max(w["chars"] for w in per),
+                "screens_max": max(w["screens"] for w in per),
+                "ended_normally": sum(1 for w in per if w["end"] and not w["dropped"]),
                 "messages_max": max(w["messages"] for w in per),
             }
         return out

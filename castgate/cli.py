@@ -52,21 +52,31 @@ def _cmd_rec(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from castgate.paths import find_config
-    from castgate.verify import exit_code, verify_paths
+    from castgate.verify import StoreCheckpoints, exit_code, fetch_missing, verify_paths
     from recorder.signing import PUBLIC_NAME, load_public
 
-    pinned = None
+    pinned = []
     if args.key:
-        pinned = load_public(Path(args.key))
+        pinned.append(load_public(Path(args.key)))
     else:
         cfg_path = find_config(args.config)
         if cfg_path is not None:
             from recorder.config import load_config
 
-            pub = load_config(cfg_path).keys_dir / PUBLIC_NAME
+            cfg = load_config(cfg_path)
+            pub = cfg.keys_dir / PUBLIC_NAME
             if pub.exists():
-                pinned = load_public(pub)
-    reports = verify_paths([Path(p) for p in args.files], pinned)
+                pinned.append(load_public(pub))
+            # The other relays of the deployment (casts recorded there, read from S3).
+            pinned.extend(load_public(cfg.resolve(k)) for k in cfg.cluster.trusted_keys)
+    cfg_path = find_config(args.config)
+    checkpoints = StoreCheckpoints(cfg_path) if cfg_path is not None else None
+    try:
+        files = fetch_missing([Path(p) for p in args.files], cfg_path)  # from [s3]
+        reports = verify_paths(files, pinned, checkpoints)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
     for r in reports:
         print(r.line())
     return exit_code(reports)
@@ -159,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "verify",
-        help="check casts: exit 0 intact, 1 tampered/truncated/unsealed, 2 unreadable",
+        help="check casts: exit 0 intact, 1 tampered, truncated (also truncated-authentic) "
+        "or unsealed, 2 unreadable",
     )
     s.add_argument("files", nargs="+", metavar="FILE|DIR")
     s.add_argument("--key", help="relay public key (PEM) to pin the signature to")

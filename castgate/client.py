@@ -98,6 +98,8 @@ def _fmt_time(value: Any) -> str:
 
 def cmd_sessions(api: Api, live: bool, as_json: bool) -> int:
     """List sessions."""
+    from relay.live import printable
+
     rows = api.request("GET", "/api/v1/sessions" + ("?live=true" if live else ""))["sessions"]
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -106,14 +108,18 @@ def cmd_sessions(api: Api, live: bool, as_json: bool) -> int:
         print("no sessions")
     for r in rows:
         print(
-            f"{r['id']}  {r['status']:<12} {r['identity']}@{r['target']} ({r['protocol']})  "
-            f"{_fmt_time(r.get('started_at'))}  {r.get('title') or ''}"
+            printable(
+                f"{r['id']}  {r['status']:<12} {r['identity']}@{r['target']} ({r['protocol']})  "
+                f"{_fmt_time(r.get('started_at'))}  {r.get('title') or ''}"
+            )
         )
     return 0
 
 
 def cmd_approvals(api: Api, show_all: bool, as_json: bool) -> int:
     """List approvals."""
+    from relay.live import printable
+
     rows = api.request("GET", "/api/v1/approvals" + ("?status=all" if show_all else ""))[
         "approvals"
     ]
@@ -123,9 +129,13 @@ def cmd_approvals(api: Api, show_all: bool, as_json: bool) -> int:
     if not rows:
         print("no pending approvals" if not show_all else "no approvals")
     for r in rows:
+        # The command is the agent's: an escape sequence in it must not redraw the line
+        # (hiding what is really asked) on the approver's terminal.
         print(
-            f"#{r['id']:<5} {r['status']:<11} {r['identity']}@{r['target']}  rule {r['rule']}  "
-            f"expires {_fmt_time(r.get('expires_at'))}  {r['command']}"
+            printable(
+                f"#{r['id']:<5} {r['status']:<11} {r['identity']}@{r['target']}  rule {r['rule']}  "
+                f"expires {_fmt_time(r.get('expires_at'))}  {r['command']}"
+            )
         )
     return 0
 
@@ -143,10 +153,11 @@ def cmd_decide(api: Api, approval_id: int, approve: bool, reason: str | None) ->
 async def _watch(api: Api, session_id: str, out: Any) -> int:
     import aiohttp
 
-    from relay.live import render_event
+    from relay.live import Neutraliser, render_event
 
     url = api.url.replace("http", "ws", 1) + f"/api/v1/sessions/{session_id}/live"
     headers = {"Authorization": f"Bearer {api.token}"}
+    clean = Neutraliser()  # one per watch: sequences cut between events are removed too
     try:
         async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
             async for msg in ws:
@@ -155,7 +166,7 @@ async def _watch(api: Api, session_id: str, out: Any) -> int:
                 event = json.loads(msg.data)
                 if event.get("type") == "screen":
                     out.write("\x1b[H\x1b[2J")
-                out.write(render_event(event))
+                out.write(render_event(event, clean))
                 out.flush()
                 if event.get("type") == "end":
                     return 0

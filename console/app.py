@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from rich.text import Text
 from textual import on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
@@ -22,6 +21,7 @@ from console.api import ApiClient, ApiError
 from console.messages import ApprovalsChanged
 from console.screens.approvals import ApprovalsScreen
 from console.screens.help import HelpScreen
+from console.screens.live import clean
 from console.screens.sessions import SessionsScreen
 
 
@@ -80,10 +80,10 @@ class ConsoleApp(App[None]):
             for r in rows:
                 if int(r["id"]) not in self._known:
                     self.notify(
-                        Text(
+                        clean(
                             f"{r.get('identity')}@{r.get('target')} (rule {r.get('rule')}): "
                             f"{r.get('command')}"
-                        ).plain,
+                        ),
                         title=f"approval #{r['id']} requested (F3)",
                         severity="warning",
                         timeout=10,

@@ -12,7 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from recorder.errors import CastgateError
 from recorder.masking import CustomPattern, MaskPolicy, PatternError, compile_check
@@ -89,6 +96,85 @@ class RecordingConfig(_Section):
     max_result_rows: int = Field(default=100, ge=0, le=100_000)
     """Rows of each SQL result drawn in a PostgreSQL session's transcript (the row
     count and the query log are always complete)."""
+
+
+class ClusterConfig(_Section):
+    node: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    """Unique id of this relay among those sharing one store; default: the host name and
+    a short hash of the data directory (stable across restarts, distinct for two relays
+    on one machine)."""
+    advertise_api: str | None = Field(default=None, pattern=r"^https?://[^/\s]+/?$")
+    """Base URL other relays reach this relay's control API at (watch proxying);
+    default: the API listener's own address."""
+    heartbeat: float = Field(default=5.0, gt=0, le=3600)
+    """Seconds between this relay's heartbeats in the store (and its scans for lost
+    relays)."""
+    node_timeout: float = Field(default=20.0, gt=0, le=86400)
+    """A relay whose last heartbeat is older than this is lost: another relay marks its
+    live sessions and pending approvals interrupted."""
+    peer_token_env: str | None = Field(default=None, min_length=1)
+    """Environment variable holding the secret relays present to each other to proxy a
+    live watch; unset: a relay neither proxies nor accepts relay-to-relay watches."""
+    trusted_keys: list[str] = []
+    """Public signing keys of the other relays of the deployment (their
+    ``keys/signing_ed25519.pub.pem``, paths relative to this file): ``castgate verify``
+    with this config accepts casts signed by any of them as well as by this relay."""
+
+    @field_validator("heartbeat", "node_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _timeout_spans_heartbeats(self) -> ClusterConfig:
+        # One late heartbeat must not get a healthy relay's sessions interrupted.
+        if self.node_timeout < 2 * self.heartbeat:
+            raise ValueError("node_timeout must be at least twice the heartbeat")
+        return self
+
+
+class S3Config(_Section):
+    bucket: str = Field(min_length=3, max_length=63)
+    """Bucket that receives sealed casts, their chain, index and manifest."""
+    prefix: str = "recordings/"
+    """Key prefix; an object's key is the prefix followed by the file name."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph RGW, moto); default: AWS for ``region``."""
+    region: str | None = None
+    """Region of the bucket (default: boto3's own lookup, then ``us-east-1``)."""
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """``path`` for servers without per-bucket host names (many MinIO setups)."""
+    access_key_id_env: str | None = None
+    """Name of the environment variable holding the access key id; credentials are
+    never in this file (default: boto3's chain: AWS_* variables, profile, instance role)."""
+    secret_access_key_env: str | None = None
+    """Name of the environment variable holding the secret access key."""
+    session_token_env: str | None = None
+    """Name of the environment variable holding a session token, if any."""
+    object_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
+    """Object Lock mode sent with every upload (the bucket must have Object Lock on)."""
+    retention_days: int | None = Field(default=None, ge=1, le=36_500)
+    """Days each object is locked from its upload (PCI DSS 10.5.1: 365 or more)."""
+    keep_local: bool = True
+    """Keep local copies; false deletes them once every file of the session is
+    confirmed in the bucket (size and SHA-256 checked with a HEAD)."""
+    retry_initial: float = Field(default=2.0, gt=0)
+    """Seconds before the first retry of a failed upload; doubles up to ``retry_max``."""
+    retry_max: float = Field(default=300.0, gt=0)
+    """Longest wait between retries of a failed upload."""
+
+    @field_validator("retry_initial", "retry_max", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _lock_complete(self) -> S3Config:
+        if (self.object_lock_mode is None) != (self.retention_days is None):
+            raise ValueError("object_lock_mode and retention_days go together")
+        if (self.access_key_id_env is None) != (self.secret_access_key_env is None):
+            raise ValueError("access_key_id_env and secret_access_key_env go together")
+        return self
 
 
 class PatternConfig(_Section):
@@ -226,6 +312,9 @@ class Config(_Section):
     security: SecurityConfig = SecurityConfig()
     recording: RecordingConfig = RecordingConfig()
     masking: MaskingConfig = MaskingConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    s3: S3Config | None = None
+    """Ship sealed recordings to S3-compatible object storage (off when absent)."""
     roles: dict[Literal["approver", "auditor", "admin"], list[str]] = {}
     """API and operator roles, each a list of groups."""
     oidc: OidcConfig | None = None

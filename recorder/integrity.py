@@ -11,13 +11,18 @@ without their newline, hashes as 32 raw bytes. Next to ``NAME.cast`` the recorde
   relay's Ed25519 key.
 
 An unsealed cast (the recorder was killed) still verifies line by line against its chain
-file up to the last complete line, and is reported as unsealed, never as intact.
+file up to the last complete line, and is reported as unsealed, never as intact. Given the
+store's last checkpoint of the session (line count and chain hash, written at every
+fsync), the lines it covers are checked against it: an unsealed cast is then authentic up
+to its last fsync, or tampered. A cast sealed by crash recovery (``recorder.recovery``)
+carries a signed ``recovered`` record and verifies as truncated but authentic.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -37,6 +42,8 @@ CHAIN_SUFFIX = ".chain"
 MANIFEST_SUFFIX = ".manifest.json"
 CHAIN_ENTRY = 8
 MANIFEST_FORMAT = "castgate-manifest/1"
+# The store's last checkpoint of a session: (lines, chain hash hex), or None.
+CheckpointLookup = Callable[[str], tuple[int, str] | None]
 
 
 def chain_path(cast: Path) -> Path:
@@ -106,6 +113,10 @@ class Verdict(Enum):
     """Outcome of verifying one cast."""
 
     INTACT = "intact"
+    # Sealed by crash recovery: every line present is chained and signed, and the signed
+    # manifest says how many lines the store's last checkpoint covered and that what the
+    # relay had not written when it stopped is missing.
+    TRUNCATED_AUTHENTIC = "truncated-authentic"
     UNSEALED = "unsealed"
     TRUNCATED = "truncated"
     TAMPERED = "tampered"
@@ -113,7 +124,8 @@ class Verdict(Enum):
 
     @property
     def exit_code(self) -> int:
-        """0 intact, 1 tampered/truncated/unsealed, 2 unreadable."""
+        """DESIGN.md's contract: 0 intact, 1 tampered or truncated (a recovered cast is
+        truncated, however authentic its lines: its verdict says which), 2 unreadable."""
         return {"intact": 0, "unreadable": 2}.get(self.value, 1)
 
 
@@ -145,7 +157,7 @@ def file_sha256(path: Path) -> str:
 def _check_event(line: bytes, last_t: float) -> tuple[float | None, str | None]:
     try:
         ev = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
         return None, "not valid JSON"
     if (
         not isinstance(ev, list)
@@ -160,10 +172,56 @@ def _check_event(line: bytes, last_t: float) -> tuple[float | None, str | None]:
     return float(ev[0]), None
 
 
-def verify_cast(path: Path, pinned: Ed25519PublicKey | None = None) -> Report:
+def session_of(header: dict[str, Any]) -> str | None:
+    """The session id castgate writes into a cast's header, if any."""
+    meta = header.get("castgate")
+    sid = meta.get("session") if isinstance(meta, dict) else None
+    return sid if isinstance(sid, str) else None
+
+
+def _against_checkpoint(
+    path: Path, anchor: tuple[int, str], anchored: str | None, complete: int
+) -> Report | None:
+    """Compare an unsealed cast with the store's last checkpoint of its session."""
+    lines, chain_hash = anchor
+    if complete < lines:
+        return Report(
+            path,
+            Verdict.TRUNCATED,
+            f"unsealed, and {lines - complete} line(s) the store's last checkpoint covers "
+            f"are missing ({complete} complete lines, the checkpoint covers {lines})",
+            first_bad_line=complete + 1,
+            lines=complete,
+        )
+    if anchored != chain_hash:
+        return Report(
+            path,
+            Verdict.TAMPERED,
+            f"lines 1-{lines} do not chain to the store's checkpoint (changed after they "
+            "were fsynced)",
+            lines=complete,
+        )
+    return None
+
+
+def verify_cast(
+    path: Path,
+    pinned: Ed25519PublicKey | None = None,
+    checkpoint: CheckpointLookup | None = None,
+) -> Report:
     """Recompute a cast's chain, compare it with its sidecar and manifest, check the
-    signature, and name the first line that does not match."""
+    signature, and name the first line that does not match.
+
+    Args:
+        path: the cast.
+        pinned: the relay's public key; default: the key embedded in the manifest.
+        checkpoint: looks up the store's last checkpoint of a session; consulted only
+            for an unsealed cast, whose fsynced lines it then authenticates.
+    """
     try:
+        if not path.is_file():
+            # A FIFO would block forever and a device never end.
+            return Report(path, Verdict.UNREADABLE, "not a regular file")
         data = path.read_bytes()
     except OSError as exc:
         return Report(path, Verdict.UNREADABLE, f"cannot read: {exc.strerror or exc}")
@@ -172,7 +230,7 @@ def verify_cast(path: Path, pinned: Ed25519PublicKey | None = None) -> Report:
     lines = raw_lines if torn else raw_lines[:-1]
     try:
         header = json.loads(lines[0]) if lines else None
-    except ValueError:
+    except (ValueError, RecursionError):
         header = None
     if not isinstance(header, dict) or header.get("version") != 2:
         return Report(path, Verdict.UNREADABLE, "not an asciicast v2 file (bad header line)")
@@ -186,11 +244,17 @@ def verify_cast(path: Path, pinned: Ed25519PublicKey | None = None) -> Report:
     if man_file.exists():
         try:
             loaded = json.loads(man_file.read_bytes())
-        except ValueError:
+        except (ValueError, RecursionError):
             return Report(path, Verdict.TAMPERED, f"{man_file.name} is not valid JSON")
         if not isinstance(loaded, dict):
             return Report(path, Verdict.TAMPERED, f"{man_file.name} is not a manifest")
         manifest = loaded
+
+    anchor: tuple[int, str] | None = None
+    sid = session_of(header)
+    if manifest is None and checkpoint is not None and sid is not None:
+        anchor = checkpoint(sid)
+    anchored: str | None = None
 
     chain = HashChain()
     last_t = 0.0
@@ -198,6 +262,8 @@ def verify_cast(path: Path, pinned: Ed25519PublicKey | None = None) -> Report:
         if torn and n == len(lines):
             break  # a line cut by a crash or truncation: reported below, not compared
         h = chain.add(line)
+        if anchor is not None and n == anchor[0]:
+            anchored = h.hex()
         if expected is not None:
             ref = expected[(n - 1) * CHAIN_ENTRY : n * CHAIN_ENTRY]
             if len(ref) == CHAIN_ENTRY and ref != h[:CHAIN_ENTRY]:
@@ -223,6 +289,14 @@ def verify_cast(path: Path, pinned: Ed25519PublicKey | None = None) -> Report:
         detail = f"{complete} complete lines"
         if expected is not None:
             detail += f", {min(covered, complete)} of them checked against the chain file"
+        if anchor is not None:
+            mismatch = _against_checkpoint(path, anchor, anchored, complete)
+            if mismatch is not None:
+                return mismatch
+            detail = (
+                f"authentic up to the last fsync: lines 1-{anchor[0]} chain to the store's "
+                f"checkpoint, {complete - anchor[0]} later line(s) not covered; {detail}"
+            )
         if torn:
             return Report(
                 path,
@@ -242,7 +316,9 @@ def verify_cast(path: Path, pinned: Ed25519PublicKey | None = None) -> Report:
     ok, key_desc = check_manifest_signature(manifest, pinned)
     if not ok:
         return Report(path, Verdict.TAMPERED, f"manifest signature invalid: {key_desc}")
-    m_lines = int(manifest.get("lines", -1))
+    m_lines = manifest.get("lines")
+    if not isinstance(m_lines, int) or isinstance(m_lines, bool) or m_lines < 1:
+        return Report(path, Verdict.TAMPERED, f"{man_file.name} has no valid line count")
     if torn or len(lines) < m_lines:
         return Report(
             path,
@@ -270,6 +346,16 @@ def verify_cast(path: Path, pinned: Ed25519PublicKey | None = None) -> Report:
         )
     if file_sha256(path) != manifest.get("file_sha256"):
         return Report(path, Verdict.TAMPERED, "file SHA-256 differs from the manifest")
+    recovered = manifest.get("recovered")
+    if isinstance(recovered, dict):
+        return Report(
+            path,
+            Verdict.TRUNCATED_AUTHENTIC,
+            f"{m_lines} lines, sealed by crash recovery ({manifest.get('end_reason')}); "
+            f"what the relay had not written when it stopped is missing; chain and "
+            f"signature valid ({key_desc}), session {manifest.get('session_id')}",
+            lines=m_lines,
+        )
     return Report(
         path,
         Verdict.INTACT,

@@ -6,9 +6,10 @@ see it); ``fsync`` runs at most every ``fsync_interval`` seconds, and each fsync
 reports a checkpoint (line count, chain hash) to the caller, which stores it.
 
 With ``threaded=True`` (what the relay uses) the hash chain, the file hashes, the writes
-and the fsyncs run in a writer thread fed by a bounded queue: hashing and writing release
-the GIL, so a busy session's recording uses the second core instead of the event loop.
-Errors in the thread surface on the next call; a full queue makes the caller wait.
+and the fsyncs run in the process's writer pool (recorder/writerpool.py): hashing and
+writing release the GIL, so a busy session's recording uses the second core instead of
+the event loop. Errors in the pool surface on the next call; more than 32 MiB queued
+makes the caller wait.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import json
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +35,7 @@ from recorder.integrity import (
     sign_manifest,
 )
 from recorder.signing import SigningKey
+from recorder.writerpool import shared_pool
 
 CheckpointHook = Callable[[int, str], None]
 _MAX_QUEUED = 32 << 20
@@ -71,6 +72,9 @@ class CastWriter:
         fsync_interval: seconds between fsyncs.
         on_checkpoint: called with (lines, chain hash hex) after each fsync.
         clock: monotonic clock, for tests.
+        on_error: with ``threaded``, called once with the error text when a write or
+            fsync in the writer pool fails (in that thread), so the owner can act at once
+            instead of at its next write.
     """
 
     def __init__(
@@ -88,8 +92,10 @@ class CastWriter:
         clock: Callable[[], float] = time.monotonic,
         extra_header: dict[str, Any] | None = None,
         threaded: bool = False,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.path = path
+        self._on_error = on_error
         self.session_id = session_id
         self.width, self.height = width, height
         self._key = signing_key
@@ -100,15 +106,17 @@ class CastWriter:
         self._enc = EventEncoder()
         self._closed = False
         self.bytes_out = 0
+        self.nul_bytes = 0
         self.bytes_in = 0
         self._lines = 0
         self._file_hash = hashlib.sha256()
         self._chain_file_hash = hashlib.sha256()
         self._error: str | None = None
-        self._queue: deque[Any] = deque()
-        self._queued_bytes = 0
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        # Bytes handed to the pool and bytes it has written: each counter has one writer
+        # thread, so their difference is the backlog without a lock.
+        self._enq_bytes = 0
+        self._done_bytes = 0
+        self._worker: Any = None
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
@@ -116,28 +124,31 @@ class CastWriter:
             self._chain_fd = os.open(chain_path(path), flags, 0o600)
         except OSError as exc:
             raise RecordingError(f"cannot create {path}: {exc.strerror}") from None
-        if threaded:
-            self._thread = threading.Thread(
-                target=self._drain, name=f"cast-{session_id}", daemon=True
-            )
-            self._thread.start()
         self.started = clock()
         self.started_wall = datetime.now(UTC)
         header = {"castgate": {"session": session_id}}
         if extra_header:
             header["castgate"].update(extra_header)
-        self._write(
-            header_line(
-                width,
-                height,
-                int(self.started_wall.timestamp()),
-                title=title,
-                env=env,
-                extra=header,
+        try:
+            self._write(
+                header_line(
+                    width,
+                    height,
+                    int(self.started_wall.timestamp()),
+                    title=title,
+                    env=env,
+                    extra=header,
+                )
             )
-        )
+        except RecordingError:
+            self._discard_files()
+            raise
         self._last_sync = self.started
         self._synced_lines = 0
+        if threaded:
+            # Only now: the header above was written synchronously, so a directory that
+            # is full or read-only refuses the recording here, before the session starts.
+            self._worker = shared_pool().assign()
 
     @property
     def lines(self) -> int:
@@ -163,20 +174,19 @@ class CastWriter:
         if self._closed:
             raise RecordingError(f"{self.path}: recording already closed")
         if self._error is not None:
+            if self._reported():
+                return
             raise RecordingError(self._error)
         self._lines += 1
-        if self._thread is None:
+        if self._worker is None:
             self._write_now([line])
             if self._error is not None:
                 raise RecordingError(self._error)
             return
-        with self._cond:
-            while self._queued_bytes > _MAX_QUEUED and self._error is None:
-                self._cond.wait(1.0)  # back-pressure: the disk is slower than the session
-            if not self._queue:
-                self._cond.notify_all()  # the writer sleeps only on an empty queue
-            self._queue.append(line)
-            self._queued_bytes += len(line)
+        while self._enq_bytes - self._done_bytes > _MAX_QUEUED and self._error is None:
+            time.sleep(0.001)  # back-pressure: the disk is slower than the session
+        self._enq_bytes += len(line)
+        self._worker.submit(self, line)
 
     def _write_now(self, lines: list[bytes]) -> None:
         """Chain, hash and write lines (in the writer thread when threaded)."""
@@ -198,47 +208,37 @@ class CastWriter:
                 _writev_all(self._fd, parts[i : i + 512])
             _write_all(self._chain_fd, chain)
         except OSError as exc:
-            self._error = f"cannot write {self.path}: {exc.strerror}"
+            self._fail(f"cannot write {self.path}: {exc.strerror}")
             return
         self._chain_file_hash.update(chain)
 
-    def _drain(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
-                batch = list(self._queue)
-                self._queue.clear()
-                self._queued_bytes = 0
-                self._cond.notify_all()
-            stop = False
-            lines: list[bytes] = []
-            for item in batch:
-                if item is None:
-                    stop = True
-                elif item is _SYNC:
-                    self._write_now(lines)
-                    lines = []
-                    self._sync_now()
-                elif isinstance(item, threading.Event):
-                    self._write_now(lines)
-                    lines = []
-                    item.set()
-                else:
-                    lines.append(item)
-            self._write_now(lines)
-            if stop:
-                return
+    def process(self, items: list[Any]) -> None:
+        """Write a batch of queued items (called by the writer pool, in order)."""
+        lines: list[bytes] = []
+        done = 0
+        for item in items:
+            if isinstance(item, bytes):
+                lines.append(item)
+                done += len(item)
+            elif item is _SYNC:
+                self._write_now(lines)
+                lines = []
+                self._sync_now()
+            elif isinstance(item, threading.Event):
+                self._write_now(lines)
+                lines = []
+                item.set()
+        self._write_now(lines)
+        self._done_bytes += done
 
     def _flush_queue(self) -> None:
-        """Wait until the writer thread has written everything queued so far."""
-        if self._thread is None or not self._thread.is_alive():
+        """Wait until the pool has written everything queued so far."""
+        worker = self._worker
+        if worker is None:
             return
         done = threading.Event()
-        with self._cond:
-            self._queue.append(done)
-            self._cond.notify_all()
-        while not done.wait(1.0) and self._thread is not None and self._thread.is_alive():
+        worker.submit(self, done)
+        while not done.wait(1.0) and worker.thread.is_alive():
             pass
 
     def event(self, code: str, data: bytes | str, t: float | None = None) -> None:
@@ -249,8 +249,18 @@ class CastWriter:
         self.maybe_sync()
 
     def output(self, data: bytes) -> None:
-        """Masked output bytes."""
+        """Masked output bytes. NUL bytes are left out of the cast and counted instead
+        (``nul_bytes`` in the manifest): terminals ignore them, so replay is unchanged,
+        while asciicast's JSON would spend six bytes (``\u0000``) on each, which made a
+        binary stream cost its session six times its size in recording work."""
         self.bytes_out += len(data)
+        if b"\x00" in data:
+            kept = data.translate(None, b"\x00")
+            self.nul_bytes += len(data) - len(kept)
+            if not kept:
+                self.maybe_sync()
+                return
+            data = kept
         self.event("o", data)
 
     def input(self, data: bytes | str) -> None:
@@ -278,16 +288,16 @@ class CastWriter:
         if self._closed:
             return
         self._last_sync = self._clock()
-        if self._thread is None:
+        if self._worker is None:
             self._sync_now()
             if self._error is not None:
                 raise RecordingError(self._error)
             return
         if self._error is not None:
+            if self._reported():
+                return
             raise RecordingError(self._error)
-        with self._cond:
-            self._queue.append(_SYNC)
-            self._cond.notify_all()
+        self._worker.submit(self, _SYNC)
 
     def _sync_now(self) -> None:
         if self._error is not None:
@@ -296,7 +306,7 @@ class CastWriter:
             os.fsync(self._fd)
             os.fsync(self._chain_fd)
         except OSError as exc:
-            self._error = f"cannot fsync {self.path}: {exc.strerror}"
+            self._fail(f"cannot fsync {self.path}: {exc.strerror}")
             return
         if self._on_checkpoint is not None and self._chain.lines != self._synced_lines:
             self._synced_lines = self._chain.lines
@@ -304,13 +314,35 @@ class CastWriter:
             with contextlib.suppress(Exception):
                 self._on_checkpoint(self._chain.lines, self._chain.hex)
 
+    def _fail(self, message: str) -> None:
+        """Remember the first write failure (later calls raise it) and report it."""
+        self._error = message
+        # Only from the writer pool: in the caller's thread the error is raised to it.
+        if self._on_error is not None and self._worker is not None:
+            # The owner's hook must not break the writer thread that serves other casts.
+            with contextlib.suppress(Exception):
+                self._on_error(message)
+
+    def _reported(self) -> bool:
+        """A pool failure goes to ``on_error``, which deals with it: later events are
+        dropped rather than raised, so the chunk the caller holds (already masked, not
+        yet sent) still reaches the client."""
+        return self._on_error is not None and self._worker is not None
+
+    def _discard_files(self) -> None:
+        """The header could not be written: nothing was recorded, so leave no files."""
+        self._closed = True
+        for fd in (self._fd, self._chain_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for leftover in (self.path, chain_path(self.path)):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
     def _stop_thread(self) -> None:
-        if self._thread is not None:
-            with self._cond:
-                self._queue.append(None)
-                self._cond.notify_all()
-            self._thread.join()
-            self._thread = None
+        if self._worker is not None:
+            self._flush_queue()
+            self._worker = None
 
     def close(self, reason: str = "closed", extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Seal the recording: flush, fsync, write the signed manifest; returns it."""
@@ -335,6 +367,7 @@ class CastWriter:
             "sealed_at": datetime.now(UTC).isoformat(),
             "duration": round(self.elapsed(), 6),
             "end_reason": reason,
+            "nul_bytes": self.nul_bytes,
         }
         if extra:
             manifest.update(extra)
@@ -358,3 +391,90 @@ class CastWriter:
                 os.close(self._fd)
             with contextlib.suppress(OSError):
                 os.close(self._chain_fd)
+
+
+class DiscardWriter(CastWriter):
+    """What a session records into once its recording has failed and it goes on anyway
+    (``recording.on_failure = "continue"``), or while it is being terminated: events are
+    dropped, so masking, the live view and the byte counts carry on while nothing more
+    is written. ``close`` returns an empty manifest: nothing was sealed.
+
+    Args:
+        path: the cast that failed (or could not be created).
+        session_id, width, height: as for CastWriter.
+        error: why nothing is recorded.
+        lines, chain_hash: how far the failed cast got.
+    """
+
+    def __init__(  # deliberately not CastWriter.__init__: no files, no writer thread
+        self,
+        path: Path,
+        *,
+        session_id: str,
+        width: int,
+        height: int,
+        error: str,
+        lines: int = 0,
+        chain_hash: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.session_id = session_id
+        self.width, self.height = width, height
+        self.error = error
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.nul_bytes = 0
+        self._lines = lines
+        self._hex = chain_hash
+        self._clock = clock
+        self._closed = False
+        self._error = error
+        self._worker = None
+        self.started = clock()
+        self.started_wall = datetime.now(UTC)
+
+    @classmethod
+    def replacing(cls, writer: CastWriter, error: str) -> DiscardWriter:
+        """Stand in for ``writer``, which must be aborted already."""
+        spare = cls(
+            writer.path,
+            session_id=writer.session_id,
+            width=writer.width,
+            height=writer.height,
+            error=error,
+            lines=writer._chain.lines,
+            chain_hash=writer._chain.hex,
+            clock=writer._clock,
+        )
+        spare.started, spare.started_wall = writer.started, writer.started_wall
+        spare.bytes_out, spare.bytes_in = writer.bytes_out, writer.bytes_in
+        return spare
+
+    @property
+    def lines(self) -> int:
+        """Lines the failed cast holds (as far as its chain got)."""
+        return self._lines
+
+    @property
+    def chain_hash(self) -> str:
+        """Chain hash of the failed cast's last line."""
+        return self._hex
+
+    def event(self, code: str, data: bytes | str, t: float | None = None) -> None:
+        """Dropped."""
+
+    def maybe_sync(self) -> None:
+        """Nothing to sync."""
+
+    def sync(self) -> None:
+        """Nothing to sync."""
+
+    def close(self, reason: str = "closed", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Nothing to seal: an empty manifest."""
+        self._closed = True
+        return {}
+
+    def abort(self) -> None:
+        """Nothing to close."""
+        self._closed = True

@@ -20,11 +20,14 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from recorder.objectstore import ObjectStoreError, locate_cast
 from recorder.store import StoreError
+from recorder.store.spool import store_unavailable
+from relay import peer
 from relay.approvals import ApprovalError
 from relay.context import RelayContext
 from relay.identity import AuthError, Identity
-from relay.live import Event
+from relay.live import Event, LiveStream
 
 log = logging.getLogger("castgate.api")
 
@@ -146,8 +149,49 @@ async def healthz(request: web.Request) -> web.Response:
     try:
         await asyncio.to_thread(ctx.store.list_sessions, limit=1)
     except StoreError as exc:
-        return _json({"status": "error", "error": str(exc)}, 503)
-    return _json({"status": "ok", "node": ctx.node, "live_sessions": len(ctx.live)})
+        # Sessions go on meanwhile: their store writes are spooled on disk.
+        return _json(
+            {"status": "error", "error": str(exc), "spooled_writes": ctx.spool.pending}, 503
+        )
+    return _json(
+        {
+            "status": "ok",
+            "node": ctx.node,
+            "live_sessions": len(ctx.live),
+            "spooled_writes": ctx.spool.pending,
+        }
+    )
+
+
+def _fault_metrics(ctx: RelayContext) -> list[str]:
+    """Recording failures and the store spool (alerts for on-call)."""
+    spool = ctx.spool
+    lines = [
+        "# HELP castgate_recording_failures_total Sessions whose recording failed, by what "
+        "was done (terminated, refused, continued).",
+        "# TYPE castgate_recording_failures_total counter",
+    ]
+    for action in ("terminated", "refused", "continued"):
+        n = ctx.recording_failures[action]
+        lines.append(f'castgate_recording_failures_total{{action="{action}"}} {n}')
+    return [
+        *lines,
+        "# HELP castgate_store_available The audit store takes writes (0: they are spooled).",
+        "# TYPE castgate_store_available gauge",
+        f"castgate_store_available {int(spool.available)}",
+        "# HELP castgate_store_spool_pending Store writes waiting in the on-disk spool.",
+        "# TYPE castgate_store_spool_pending gauge",
+        f"castgate_store_spool_pending {spool.pending}",
+        "# HELP castgate_store_spooled_total Store writes spooled during outages.",
+        "# TYPE castgate_store_spooled_total counter",
+        f"castgate_store_spooled_total {spool.spooled}",
+        "# HELP castgate_store_replayed_total Spooled store writes replayed to the store.",
+        "# TYPE castgate_store_replayed_total counter",
+        f"castgate_store_replayed_total {spool.replayed}",
+        "# HELP castgate_store_rejected_total Spooled writes the store refused (kept aside).",
+        "# TYPE castgate_store_rejected_total counter",
+        f"castgate_store_rejected_total {spool.rejected}",
+    ]
 
 
 @requires("auditor", "admin")
@@ -178,6 +222,34 @@ async def metrics(request: web.Request) -> web.Response:
     ]
     for (kind, outcome), n in sorted(ctx.counters.items()):
         lines.append(f'castgate_events_total{{kind="{kind}",outcome="{outcome}"}} {n}')
+    lines += _fault_metrics(ctx)
+    if ctx.uploader is not None:
+        up = ctx.uploader
+        lines += [
+            "# HELP castgate_uploads_total Casts shipped to object storage, by outcome.",
+            "# TYPE castgate_uploads_total counter",
+            f'castgate_uploads_total{{outcome="success"}} {up.uploaded}',
+            f'castgate_uploads_total{{outcome="failure"}} {up.failed}',
+            "# HELP castgate_upload_bytes_total Bytes of casts confirmed in object storage.",
+            "# TYPE castgate_upload_bytes_total counter",
+            f"castgate_upload_bytes_total {up.bytes}",
+            "# HELP castgate_uploads_pending Casts waiting for an upload (attempt).",
+            "# TYPE castgate_uploads_pending gauge",
+            f"castgate_uploads_pending {up.pending}",
+        ]
+    if ctx.cluster is not None:
+        status = ctx.cluster.status()
+        lines += [
+            "# HELP castgate_cluster_listening Listening for approval decisions of other relays.",
+            "# TYPE castgate_cluster_listening gauge",
+            f"castgate_cluster_listening {int(status['listening'])}",
+            "# HELP castgate_approval_notifications_total Decisions announced by LISTEN/NOTIFY.",
+            "# TYPE castgate_approval_notifications_total counter",
+            f"castgate_approval_notifications_total {status['notifications']}",
+            "# HELP castgate_cluster_listen_reconnects_total LISTEN connections lost.",
+            "# TYPE castgate_cluster_listen_reconnects_total counter",
+            f"castgate_cluster_listen_reconnects_total {status['reconnects']}",
+        ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
@@ -248,8 +320,14 @@ async def get_cast(request: web.Request) -> web.StreamResponse:
     ctx = _ctx(request)
     ident: Identity = request[IDENT]
     row = await _session_or_404(request)  # a _Fail becomes the response in requires()
-    path = Path(row["cast_path"] or "")
-    if not row["cast_path"] or not path.is_file():
+    if not row["cast_path"]:
+        return _error(404, f"no recording for session {row['id']}")
+    try:
+        # Not here (another relay's, or shipped with keep_local off): from [s3].
+        path = await asyncio.to_thread(locate_cast, ctx.cfg, Path(row["cast_path"]))
+    except ObjectStoreError as exc:
+        return _error(502, str(exc))
+    if not path.is_file():
         return _error(404, f"no recording for session {row['id']}")
     ctx.emit(
         "recording.read",
@@ -277,7 +355,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     sid = request.match_info["id"]
     stream = ctx.hub.get(sid)
     if stream is None:
-        return _error(404, f"session {sid} is not live on this relay")
+        return await _live_elsewhere(request, ident, sid)
     ws = web.WebSocketResponse(heartbeat=30)
     if not ws.can_prepare(request).ok:  # aiohttp would answer a text/plain 400
         return _error(400, "a WebSocket upgrade is required")
@@ -291,6 +369,19 @@ async def live(request: web.Request) -> web.StreamResponse:
         {"via": "api"},
         session_id=sid,
     )
+    return await _serve_stream(ws, stream, request)
+
+
+async def _serve_stream(
+    ws: web.WebSocketResponse, stream: LiveStream, request: web.Request | None = None
+) -> web.WebSocketResponse:
+    """Send a prepared WebSocket the stream's screen, then its events until the end.
+
+    Given the ``request``, the events are written to its connection as frames the stream
+    builds once for all its watchers (see relay/live.py); without, one by one."""
+    transport = request.transport if request is not None else None
+    if isinstance(transport, asyncio.Transport):
+        return await _serve_frames(ws, stream, transport)
     watcher, screen = stream.subscribe()
     try:
         await ws.send_json(
@@ -314,6 +405,115 @@ async def live(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(Exception):
             await ws.close()
     return ws
+
+
+async def _serve_frames(
+    ws: web.WebSocketResponse, stream: LiveStream, transport: asyncio.Transport
+) -> web.WebSocketResponse:
+    watcher, screen = stream.subscribe_frames(transport)
+    reader = asyncio.ensure_future(_drain_ws(ws))
+    ended = asyncio.ensure_future(watcher.next())
+    try:
+        await ws.send_json(
+            {
+                "type": "screen",
+                "data": screen,
+                "width": stream.width,
+                "height": stream.height,
+                "meta": stream.meta,
+            }
+        )
+        watcher.start()
+        # Until the session ends (or this watcher is dropped) or the client leaves.
+        await asyncio.wait((reader, ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        reader.cancel()
+        ended.cancel()
+        watcher.close()
+        with contextlib.suppress(Exception):
+            await ws.close()
+    return ws
+
+
+async def _live_elsewhere(request: web.Request, ident: Identity, sid: str) -> web.StreamResponse:
+    """A session live on another relay of the deployment: proxy the owner's stream."""
+    ctx = _ctx(request)
+    try:
+        owner = await peer.owner_url(ctx, sid)
+    except peer.PeerError as exc:
+        return _error(exc.status, str(exc))
+    ws = web.WebSocketResponse(heartbeat=30)
+    if not ws.can_prepare(request).ok:
+        return _error(400, "a WebSocket upgrade is required")
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            remote = await stack.enter_async_context(peer.open_live(ctx, sid, ident.name, owner))
+        except peer.PeerError as exc:
+            return _error(exc.status, str(exc))
+        await ws.prepare(request)
+        ctx.emit(
+            "recording.watch",
+            ident.name,
+            "success",
+            _peer(request),
+            f"session:{sid}",
+            {"via": "api", "node": remote.node},
+            session_id=sid,
+        )
+        reader = asyncio.ensure_future(_drain_ws(ws))
+        forward = asyncio.ensure_future(_forward(remote, ws))
+        try:
+            # Until the owner's stream ends or our watcher leaves, whichever is first.
+            await asyncio.wait({reader, forward}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, forward):
+                task.cancel()
+            await asyncio.gather(reader, forward, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await ws.close()
+    return ws
+
+
+async def _forward(remote: peer.RemoteLive, ws: web.WebSocketResponse) -> None:
+    async for text in peer.events(remote):
+        await ws.send_str(text)
+
+
+async def peer_live(request: web.Request) -> web.StreamResponse:
+    """Relay to relay (not in the OpenAPI document): the live stream of a session held
+    here, for another relay that proxies it to its watcher. Authenticated with the
+    deployment's peer secret; the watch's audit event is written by that relay."""
+    ctx = _ctx(request)
+    if ctx.peer_token is None:
+        return _error(404, "not found")
+    origin = _peer(request)
+    if ctx.limiter.blocked(origin):
+        return _error(429, "too many failed authentication attempts; try later")
+    if not peer.peer_token_ok(ctx, request.headers.get(peer.PEER_HEADER)):
+        ctx.limiter.failure(origin)
+        ctx.emit(
+            "auth", None, "failure", origin, "peer", {"method": "peer", "reason": "bad secret"}
+        )
+        return _error(401, "invalid peer token")
+    ctx.limiter.success(origin)
+    sid = request.match_info["id"]
+    stream = ctx.hub.get(sid)
+    if stream is None:
+        return _error(404, f"session {sid} is not live on this relay")
+    ws = web.WebSocketResponse(heartbeat=30)
+    if not ws.can_prepare(request).ok:
+        return _error(400, "a WebSocket upgrade is required")
+    await ws.prepare(request)
+    log.info(
+        "peer.watch",
+        extra={
+            "session": sid,
+            "actor": request.headers.get(peer.ACTOR_HEADER, "?")[:200],
+            "peer_node": request.headers.get(peer.NODE_HEADER, "?")[:200],
+            "origin": origin,
+        },
+    )
+    return await _serve_stream(ws, stream, request)
 
 
 def _wire(ev: Event) -> str:
@@ -388,6 +588,8 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
     except ApprovalError as exc:
         return _error(403, str(exc))
     except StoreError as exc:
+        if store_unavailable(exc):
+            raise  # a 503, from the middleware
         return _error(409, str(exc))
     return _json(row)
 
@@ -416,6 +618,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except web.HTTPException:
         raise
+    except StoreError as exc:
+        if store_unavailable(exc):
+            # An outage, not a bug: reads wait for the store (writes are spooled).
+            log.warning("api.store_unavailable", extra={"path": request.path, "error": str(exc)})
+            return _error(503, f"audit store unavailable: {exc}")
+        log.exception("api.error", extra={"path": request.path})
+        return _error(500, "internal error")
     except Exception:
         log.exception("api.error", extra={"path": request.path})
         return _error(500, "internal error")
@@ -432,6 +641,7 @@ def build_app(ctx: RelayContext) -> web.Application:
     app.router.add_get("/api/v1/sessions/{id}", get_session)
     app.router.add_get("/api/v1/sessions/{id}/cast", get_cast)
     app.router.add_get("/api/v1/sessions/{id}/live", live)
+    app.router.add_get(peer.LIVE_PATH, peer_live)
     app.router.add_get("/api/v1/approvals", list_approvals)
     app.router.add_get("/api/v1/approvals/{id}", get_approval)
     app.router.add_post("/api/v1/approvals/{id}/approve", approve)
@@ -462,6 +672,7 @@ def _op(
     if auth:
         responses.setdefault("401", _ERR)
         responses.setdefault("403", _ERR)
+        responses.setdefault("503", _ERR)  # the audit store is unavailable
     op: dict[str, Any] = {"summary": summary, "responses": responses}
     if params:
         op["parameters"] = params
@@ -600,14 +811,22 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/v1/sessions/{id}/cast": {
             "get": _op(
-                "Download the cast",
+                "Download the cast (fetched from [s3] when not on this relay)",
                 _ok({"type": "string"}, "application/x-asciicast"),
                 404,
+                502,
                 params=[_ID],
             )
         },
         "/api/v1/sessions/{id}/live": {
-            "get": _op("WebSocket live stream (upgrade)", _ok(_OBJ), 400, 404, params=[_ID])
+            "get": _op(
+                "WebSocket live stream (upgrade); proxied from the relay holding the session",
+                _ok(_OBJ),
+                400,
+                404,
+                502,
+                params=[_ID],
+            )
         },
         "/api/v1/approvals": {
             "get": _op(

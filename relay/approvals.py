@@ -20,7 +20,7 @@ from typing import Any
 from recorder.config import Config, RuleConfig, mask_policy
 from recorder.errors import CastgateError
 from recorder.masking import Masker
-from recorder.store import Store
+from recorder.store import Store, StoreError
 
 
 class ApprovalError(CastgateError):
@@ -100,6 +100,12 @@ def decide(
         {"decision": "approve" if approve else "deny", "reason": reason, "rule": row["rule"]},
         session_id=row["session_id"],
     )
+    try:
+        # Wakes the relay holding the session if it is another one (PostgreSQL).
+        store.notify_approval(approval_id)
+    except StoreError as exc:
+        # The decision is recorded; the holder's poll will find it.
+        log.warning("approval.notify_failed", extra={"approval": approval_id, "error": str(exc)})
     return row
 
 
@@ -194,10 +200,20 @@ class Broker:
             reason=reason,
             origin=origin,
         )
+        self.wake(approval_id)
+        return row
+
+    def wake(self, approval_id: int) -> None:
+        """Make a command held here for ``approval_id`` re-read its approval now."""
         event = self._events.get(approval_id)
         if event is not None:
             event.set()
-        return row
+
+    def wake_all(self) -> None:
+        """Make every held command re-read its approval (after notifications may have
+        been missed)."""
+        for event in list(self._events.values()):
+            event.set()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -250,6 +266,9 @@ def interrupt_stale(store: Store, node: str | None = None) -> tuple[int, int]:
     sessions = 0
     for sess in store.list_sessions(live=True):
         if node is None or sess.get("node") in (None, node):
-            store.end_session(sess["id"], status="interrupted")
+            try:
+                store.end_session(sess["id"], status="interrupted")
+            except StoreError:
+                continue  # another relay's reaper ended it a moment ago
             sessions += 1
     return approvals, sessions

@@ -7,8 +7,8 @@ import asyncio
 import hmac
 import logging
 import secrets
-import socket
-from collections import Counter
+import threading
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,11 +19,14 @@ from recorder.masking import Masker
 from recorder.session import SessionRecorder
 from recorder.signing import SigningKey
 from recorder.store import Store
+from recorder.store.spool import StoreSpool
 from relay.approvals import Broker
+from relay.cluster import Cluster, default_node_id, peer_token
 from relay.identity import Authenticator, Identity
 from relay.live import LiveHub
 from relay.policy import Policy
 from relay.ratelimit import AuthLimiter
+from relay.uploader import Uploader
 
 log = logging.getLogger("castgate.relay")
 
@@ -48,10 +51,18 @@ class RelayContext:
     limiter: AuthLimiter = field(init=False)
     api_url: str | None = None
     _ephemeral: dict[str, Identity] = field(default_factory=dict)
-    node: str = field(default_factory=socket.gethostname)
+    node: str = ""
     live: dict[str, Any] = field(default_factory=dict)
     _pending: set[asyncio.Task[Any]] = field(default_factory=set)
+    _checkpoints: deque[tuple[str, int, str]] = field(default_factory=deque)
+    _checkpoint_lock: threading.Lock = field(default_factory=threading.Lock)
     counters: Counter[tuple[str, str]] = field(default_factory=Counter)
+    uploader: Uploader | None = None
+    cluster: Cluster | None = None
+    peer_token: str | None = field(default=None, repr=False)
+    _indexing: dict[Path, asyncio.Task[None]] = field(default_factory=dict)
+    spool: StoreSpool = field(init=False)
+    recording_failures: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.cfg)
@@ -60,6 +71,11 @@ class RelayContext:
         self.broker = Broker(self.cfg, self.store, self.masker)
         sec = self.cfg.security
         self.limiter = AuthLimiter(sec.auth_failure_limit, sec.auth_window, sec.auth_lockout)
+        self.node = self.node or default_node_id(self.cfg)
+        if self.peer_token is None:
+            self.peer_token = peer_token(self.cfg)
+        # Every store write of the relay goes through the spool (see recorder/store/spool.py).
+        self.spool = StoreSpool(self.store, self.cfg.data_path / "spool")
 
     @property
     def hold_deadline(self) -> float:
@@ -94,10 +110,13 @@ class RelayContext:
     ) -> None:
         """Close a session's store row with its recording's figures and manifest, and
         start its seek index; store failures are logged, never raised."""
-        manifest = getattr(rec, "manifest", None) if rec is not None else None
+        # An empty manifest: the recording failed and nothing was sealed.
+        manifest = (getattr(rec, "manifest", None) if rec is not None else None) or None
+        # The seal's own checkpoint (queued by the writer pool) goes in before the end.
+        await asyncio.to_thread(self._store_checkpoints)
         try:
             await asyncio.to_thread(
-                self.store.end_session,
+                self.spool.end_session,
                 session_id,
                 status=status,
                 exit_status=exit_status,
@@ -105,14 +124,65 @@ class RelayContext:
                 final_hash=rec.writer.chain_hash if rec else None,
                 masking_counts=dict(rec.counts) if rec else None,
             )
-            if manifest is not None:
-                await asyncio.to_thread(self.store.put_manifest, session_id, manifest)
         except Exception:
             log.exception("store.end_session_failed", extra={"session": session_id})
+        try:
+            # Even when the end is already recorded (another relay declared this one
+            # lost and ended the row): the signed manifest still belongs in the store.
+            if manifest is not None:
+                await asyncio.to_thread(self.spool.put_manifest, session_id, manifest)
+        except Exception:
+            log.exception("store.put_manifest_failed", extra={"session": session_id})
+        if manifest is not None and rec is not None and self.uploader is not None:
+            path = rec.writer.path
+            self.track(asyncio.ensure_future(self._ship(path, self._indexing.pop(path, None))))
 
-    async def index_cast(self, path: Path) -> None:
+    async def _ship(self, path: Path, indexing: asyncio.Task[None] | None) -> None:
+        # The index is uploaded with the cast (before the manifest), so wait for it.
+        if indexing is not None:
+            await asyncio.gather(indexing, return_exceptions=True)
+        if self.uploader is not None:
+            self.uploader.submit(path)
+
+    def start_uploads(self) -> None:
+        """Start shipping sealed casts to ``[s3]`` (no-op without it); upload audit
+        events come back from the worker thread to this loop."""
+        from recorder.objectstore import ObjectStore
+
+        if self.cfg.s3 is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_event(
+            kind: str, outcome: str, resource: str, detail: dict[str, Any], sid: str | None
+        ) -> None:
+            loop.call_soon_threadsafe(
+                self.emit, kind, None, outcome, self.node, resource, detail, sid
+            )
+
+        self.uploader = Uploader(self.cfg, ObjectStore(self.cfg.s3), on_event)
+        self.uploader.start()
+
+    async def stop_uploads(self) -> None:
+        """Let the worker finish what is due (bounded), then flush its audit events."""
+        if self.uploader is not None:
+            await asyncio.to_thread(self.uploader.stop)
+            await asyncio.sleep(0)  # run the events it handed over before drain()
+
+    def index_cast(self, path: Path) -> asyncio.Task[None]:
         """Build the seek index of a sealed cast in a thread, if it is small enough;
-        failures are logged (the index is rebuilt on demand anyway)."""
+        failures are logged (the index is rebuilt on demand anyway). The task is
+        remembered so the cast's upload can wait for it."""
+        task = asyncio.ensure_future(self._index(path))
+        self._indexing[path] = task
+        task.add_done_callback(lambda _: self._forget_index(path, task))
+        return task
+
+    def _forget_index(self, path: Path, task: asyncio.Task[None]) -> None:
+        if self._indexing.get(path) is task:
+            del self._indexing[path]
+
+    async def _index(self, path: Path) -> None:
         limit = self.cfg.recording.index_max_mb * 1024 * 1024
         try:
             if not path.is_file() or path.stat().st_size > limit:
@@ -160,7 +230,7 @@ class RelayContext:
         )
         try:
             await asyncio.to_thread(
-                self.store.add_event,
+                self.spool.add_event,
                 kind,
                 actor,
                 outcome,
@@ -171,6 +241,84 @@ class RelayContext:
             )
         except Exception:
             log.exception("store.write_failed", extra={"kind": kind})
+
+    def recording_failed(
+        self,
+        *,
+        session_id: str,
+        actor: str | None,
+        origin: str | None,
+        resource: str,
+        error: str,
+        action: str,
+    ) -> None:
+        """Alert that a session's recording failed: an ERROR log line, a
+        ``recording.failed`` audit event (the error text, ``recording.on_failure`` and
+        what was done: ``terminated``, ``refused`` or ``continued``) and the
+        ``castgate_recording_failures_total`` metric."""
+        policy = self.cfg.recording.on_failure
+        self.recording_failures[action] += 1
+        log.error(
+            "recording.failed",
+            extra={"session": session_id, "error": error, "on_failure": policy, "action": action},
+        )
+        self.emit(
+            "recording.failed",
+            actor,
+            "failure",
+            origin,
+            resource,
+            {"error": error, "on_failure": policy, "action": action},
+            session_id=session_id,
+        )
+
+    def checkpoint(self, session_id: str, lines: int, chain_hash: str) -> None:
+        """Queue a cast's checkpoint (called by the writer pool after each fsync); the
+        event loop stores it (``store_checkpoints``). Storing it in the pool thread
+        itself would let a slow or hanging store stall every cast that thread writes."""
+        self._checkpoints.append((session_id, lines, chain_hash))
+
+    def _store_checkpoints(self) -> None:
+        # One thread at a time: two could otherwise store a session's checkpoints out
+        # of order, and the store's latest would not be the last.
+        with self._checkpoint_lock:
+            latest: dict[str, tuple[int, str]] = {}
+            while self._checkpoints:
+                sid, lines, chain_hash = self._checkpoints.popleft()
+                latest[sid] = (lines, chain_hash)  # a later one covers the earlier
+            for sid, (lines, chain_hash) in latest.items():
+                try:
+                    self.spool.add_checkpoint(sid, lines, chain_hash)
+                except Exception:
+                    log.exception("store.checkpoint_failed", extra={"session": sid})
+
+    async def store_checkpoints(self, every: float = 0.2) -> None:
+        """Store queued checkpoints every ``every`` seconds until cancelled (then once
+        more, so a clean shutdown keeps them all)."""
+        try:
+            while True:
+                await asyncio.sleep(every)
+                if self._checkpoints:
+                    await asyncio.to_thread(self._store_checkpoints)
+        finally:
+            if self._checkpoints:
+                await asyncio.to_thread(self._store_checkpoints)
+
+    async def replay_spool(self, idle: float = 0.5, backoff: float = 5.0) -> None:
+        """Replay store writes spooled during an outage, in the background, for as long
+        as the relay runs: a look every ``idle`` seconds, at most one attempt every
+        ``backoff`` seconds while the store stays away (no retry storm)."""
+        delay = idle
+        while True:
+            await asyncio.sleep(delay)
+            if not self.spool.pending:
+                delay = idle
+                continue
+            try:
+                await asyncio.to_thread(self.spool.replay)
+            except Exception:
+                log.exception("spool.replay_failed")
+            delay = idle if not self.spool.pending else min(delay * 2, backoff)
 
     def issue_token(self, ident: Identity) -> str:
         """A random API token standing for ``ident`` until ``revoke_token`` (the console

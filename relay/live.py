@@ -12,14 +12,43 @@ from __future__ import annotations
 import asyncio
 import codecs
 import re
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import avt
+import orjson
 
 _TAIL_BYTES = 256 * 1024
 _QUEUE = 2048
+# WebSocket watchers: events are written at most this often, and a watcher whose socket
+# buffer holds more than the limit is too slow and dropped.
+FRAME_INTERVAL = 0.010
+FRAME_BACKLOG = 8 << 20
+# Output WebSocket watchers get byte for byte, up to this rate (a burst of FRAME_BURST):
+# more than anyone reads, and enough for full-screen programs. Past it, as asciinema's
+# live streaming does for a lagging viewer, they get a fresh screen every
+# SNAPSHOT_INTERVAL instead of the bytes in between (markers, resizes and the end are
+# always sent): twenty watchers of a session printing 100 MB/s would otherwise cost the
+# relay 2 GB/s of socket writes. The recording always keeps every byte.
+FRAME_RATE = 4 << 20
+FRAME_BURST = 1 << 20
+SNAPSHOT_INTERVAL = 0.100
+_SNAPSHOT_TAIL = 64 * 1024
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """One unmasked, uncompressed WebSocket text frame (RFC 6455 5.2), as a server sends
+    it; legal whether or not permessage-deflate was negotiated (RSV1 clear)."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x81, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, n)
+    return head + payload
 
 
 @dataclass
@@ -34,14 +63,55 @@ class Event:
         """Wire form for WebSocket watchers."""
         return {"type": self.kind, "data": self.data, "t": self.t}
 
+    def frame(self) -> bytes:
+        """The event as a WebSocket text frame of its JSON form."""
+        return ws_text_frame(orjson.dumps(self.as_json()))
+
 
 class Watcher:
-    """A subscription; iterate ``next()`` until it returns None."""
+    """A subscription; iterate ``next()`` until it returns None.
 
-    def __init__(self, stream: LiveStream) -> None:
+    A watcher made by ``subscribe_frames`` gets its events written straight to its
+    socket as WebSocket frames instead: the stream builds each frame once for all such
+    watchers and writes what gathered every ``FRAME_INTERVAL``, one write per watcher,
+    so twenty watchers cost a busy session twenty small writes per interval rather than
+    twenty queue hand-offs and task wake-ups per event. Its queue only carries the end.
+    """
+
+    def __init__(self, stream: LiveStream, transport: asyncio.WriteTransport | None = None) -> None:
         self.stream = stream
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue(_QUEUE)
         self.dropped = False
+        self.transport = transport
+        # Frames produced before ``start``: the screen goes first.
+        self._held: list[bytes] | None = [] if transport is not None else None
+
+    def write_end(self, why: str) -> None:
+        """Frame mode: tell the watcher why its stream ends (after what it was sent)."""
+        frame = Event("end", why).frame()
+        if self._held is not None:
+            self._held.append(frame)  # ``start`` sends it after the screen
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
+
+    def start(self) -> None:
+        """Frame mode: the screen has been sent, write events from now on."""
+        held, self._held = self._held, None
+        if held and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(held))
+
+    def write(self, frames: bytes) -> bool:
+        """Frame mode: write ``frames``; False if this watcher is gone or too slow."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return False
+        if self._held is not None:
+            self._held.append(frames)
+            return sum(map(len, self._held)) <= FRAME_BACKLOG
+        if t.get_write_buffer_size() > FRAME_BACKLOG:
+            return False
+        t.write(frames)
+        return True
 
     async def next(self) -> Event | None:
         """The next event, or None when the session ended or this watcher was dropped."""
@@ -62,8 +132,15 @@ class LiveStream:
         self._tail = bytearray()
         self._dec = codecs.getincrementaldecoder("utf-8")("replace")
         self.watchers: set[Watcher] = set()
+        self.framed: set[Watcher] = set()
         self.ended = False
         self.bytes = 0
+        self._batch: list[Event] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._tokens = float(FRAME_BURST)
+        self._refilled = time.monotonic()
+        self._snapshot_handle: asyncio.TimerHandle | None = None
+        self.snapshots = 0
 
     def output(self, data: bytes) -> None:
         """Masked output of the session."""
@@ -71,7 +148,7 @@ class LiveStream:
         self._tail += data
         if len(self._tail) > _TAIL_BYTES * 2:
             del self._tail[: len(self._tail) - _TAIL_BYTES]
-        if self.watchers:
+        if self.watchers or self.framed:
             self._publish(Event("o", self._dec.decode(data)))
 
     def resize(self, width: int, height: int) -> None:
@@ -85,15 +162,83 @@ class LiveStream:
 
     def end(self, status: str) -> None:
         """The session is over: watchers get ``end`` then None."""
+        if self._snapshot_handle is not None:
+            # Output was being skipped: the last screen goes before the end.
+            self._snapshot_handle.cancel()
+            self._snapshot_handle = None
+            batch, self._batch = self._batch, []
+            self._write_frames(b"".join(ev.frame() for ev in batch if ev.kind != "o"))
+            if self.framed:
+                self._write_frames(self._screen_frame())
         self.ended = True
         self._publish(Event("end", status))
-        for w in list(self.watchers):
+        self._flush()
+        for w in list(self.watchers | self.framed):
             self._put(w, None)
         self.watchers.clear()
+        self.framed.clear()
 
     def _publish(self, event: Event) -> None:
         for w in list(self.watchers):
             self._put(w, event)
+        if self.framed:
+            self._batch.append(event)
+            if self._flush_handle is None:
+                loop = asyncio.get_running_loop()
+                self._flush_handle = loop.call_later(FRAME_INTERVAL, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        if self._snapshot_handle is None:
+            now = time.monotonic()
+            self._tokens = min(FRAME_BURST, self._tokens + (now - self._refilled) * FRAME_RATE)
+            self._refilled = now
+            size = sum(len(ev.data) for ev in batch if ev.kind == "o")
+            if size <= self._tokens:
+                self._tokens -= size
+            else:
+                self._snapshot_handle = asyncio.get_running_loop().call_later(
+                    SNAPSHOT_INTERVAL, self._snapshot
+                )
+        if self._snapshot_handle is not None:
+            batch = [ev for ev in batch if ev.kind != "o"]
+        self._write_frames(b"".join(ev.frame() for ev in batch))
+
+    def _snapshot(self) -> None:
+        """Send framed watchers the current screen in place of the output skipped."""
+        self._snapshot_handle = None
+        self._flush()  # markers gathered since; output of this batch is in the screen
+        if self.ended or not self.framed:
+            return
+        self._tokens = 0.0
+        self._refilled = time.monotonic()
+        self._write_frames(self._screen_frame())
+
+    def _screen_frame(self) -> bytes:
+        self.snapshots += 1
+        screen = {
+            "type": "screen",
+            "data": self.screen(_SNAPSHOT_TAIL),
+            "width": self.width,
+            "height": self.height,
+            "t": time.time(),
+        }
+        return ws_text_frame(orjson.dumps(screen))
+
+    def _write_frames(self, frames: bytes) -> None:
+        if not frames:
+            return
+        for w in list(self.framed):
+            if not w.write(frames):
+                self.framed.discard(w)
+                w.dropped = True
+                w.write_end("watcher too slow, dropped")
+                w.queue.put_nowait(None)
 
     def _put(self, w: Watcher, event: Event | None) -> None:
         try:
@@ -107,10 +252,11 @@ class LiveStream:
             w.queue.put_nowait(Event("end", "watcher too slow, dropped"))
             w.queue.put_nowait(None)
 
-    def screen(self) -> str:
-        """The current screen as terminal output that redraws it (avt's dump)."""
+    def screen(self, tail: int = _TAIL_BYTES) -> str:
+        """The current screen as terminal output that redraws it (avt's dump), from the
+        last ``tail`` bytes of output."""
         vt = avt.Vt(self.width, self.height)  # type: ignore[attr-defined]
-        vt.feed_str(bytes(self._tail[-_TAIL_BYTES:]).decode("utf-8", "replace"))
+        vt.feed_str(bytes(self._tail[-tail:]).decode("utf-8", "replace"))
         return str(vt.dump())
 
     def subscribe(self) -> tuple[Watcher, str]:
@@ -124,9 +270,22 @@ class LiveStream:
             self.watchers.add(w)
         return w, screen
 
+    def subscribe_frames(self, transport: asyncio.WriteTransport) -> tuple[Watcher, str]:
+        """A WebSocket watcher fed frames on ``transport`` (see Watcher), and the screen
+        to send before calling its ``start``. Its ``next()`` returns None at the end."""
+        w = Watcher(self, transport)
+        screen = self.screen()
+        if self.ended:
+            w.write_end("session already ended")
+            w.queue.put_nowait(None)
+        else:
+            self.framed.add(w)
+        return w, screen
+
     def unsubscribe(self, w: Watcher) -> None:
         """Remove a watcher."""
         self.watchers.discard(w)
+        self.framed.discard(w)
 
 
 class LiveHub:
@@ -152,34 +311,125 @@ class LiveHub:
         return self.streams.get(session_id)
 
 
-# Escape sequences a watched session could use against the operator's terminal: OSC
-# (window title, clipboard writes with OSC 52, hyperlinks, colour palette), DCS, APC, PM
-# and SOS strings (including the 8-bit C1 forms). Stripped from what watchers render;
-# the recording itself keeps the session's bytes as they were.
-_HOSTILE = re.compile(
-    r"(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
-    r"|(?:\x1b[P_^X]|[\x90\x9e\x9f\x98])[^\x1b\x9c]*(?:\x1b\\|\x9c)?"
-)
+# What a watched session could use against the operator's terminal: OSC strings (window
+# title, OSC 52 clipboard writes, OSC 8 hyperlinks, palette changes), DCS (terminal
+# queries and their answers typed back), APC, PM and SOS strings, their 8-bit C1 forms
+# and every other C1 control (8-bit CSI is passed as ESC [), window operations (CSI ... t:
+# resize, iconify, report the title into the operator's input) and ENQ (answerback). Removed from what watchers
+# render; the recording keeps the session's bytes as they were.
+_SPECIAL = re.compile(r"[\x05\x1b\x80-\x9f]")
+_STRING_INTRODUCERS = "]PX^_"
+_C1_STRINGS = "\x90\x98\x9d\x9e\x9f"
+_STRING_END = re.compile(r"[\x07\x18\x1a\x1b\x9c]")
+_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+_CSI_PREFIX = re.compile(r"\x1b\[[0-?]*[ -/]*\Z")
+_MAX_HELD = 256
+
+
+class Neutraliser:
+    """Removes the hostile sequences above from a stream of text chunks. It keeps state
+    between chunks, so a sequence the session cuts in two (``ESC`` now, ``]52;...`` a
+    second later) is removed whole, never passed on in halves that the operator's
+    terminal would join. Colours, cursor movement and the rest pass unchanged."""
+
+    def __init__(self) -> None:
+        self._held = ""  # an escape sequence cut by the end of the last chunk
+        self._in_string = False
+        self._esc_in_string = False  # the last chunk ended with ESC inside a string
+
+    def feed(self, text: str) -> str:
+        """The safe part of ``text``; a sequence cut at its end waits for the next."""
+        if self._esc_in_string:
+            self._esc_in_string = False
+            # ESC \ ends the string; ESC and anything else starts a new sequence.
+            text = text[1:] if text.startswith("\\") else "\x1b" + text
+        text, self._held = self._held + text, ""
+        if "\x9b" in text:
+            # 8-bit CSI (avt's own screen dumps position the cursor with it): the 7-bit
+            # form, so it is kept or dropped by the same rule as any CSI.
+            text = text.replace("\x9b", "\x1b[")
+        out: list[str] = []
+        i, n = 0, len(text)
+        while i < n:
+            if self._in_string:
+                m = _STRING_END.search(text, i)
+                if m is None:
+                    return "".join(out)  # all of it is string content: dropped
+                self._in_string = False
+                i = m.end()
+                if m.group() == "\x1b":
+                    if i == n:
+                        self._esc_in_string = True
+                    elif text[i] == "\\":
+                        i += 1
+                    else:
+                        i -= 1  # ESC aborts the string and starts a new sequence
+                continue
+            m = _SPECIAL.search(text, i)
+            if m is None:
+                out.append(text[i:])
+                break
+            j = m.start()
+            out.append(text[i:j])
+            ch = m.group()
+            if ch != "\x1b":
+                # ENQ and C1 controls are dropped; the string ones open a string.
+                self._in_string = ch in _C1_STRINGS
+                i = j + 1
+                continue
+            if j + 1 == n:
+                self._held = "\x1b"
+                break
+            nxt = text[j + 1]
+            if nxt in _STRING_INTRODUCERS:
+                self._in_string = True
+                i = j + 2
+                continue
+            if nxt == "[":
+                csi = _CSI.match(text, j)
+                if csi is None:
+                    if _CSI_PREFIX.match(text, j) and n - j <= _MAX_HELD:
+                        self._held = text[j:]  # cut by the chunk: decide with the rest
+                        break
+                    i = j + 1  # malformed or absurdly long: the ESC alone is dropped
+                    continue
+                if not csi.group().endswith("t"):  # window operations are dropped
+                    out.append(csi.group())
+                i = csi.end()
+                continue
+            out.append("\x1b")
+            i = j + 1
+        return "".join(out)
 
 
 def neutralise(text: str) -> str:
-    """Remove escape strings that could act on the operator's terminal or clipboard."""
-    return (
-        _HOSTILE.sub("", text)
-        if ("\x1b" in text or any(c in text for c in "\x90\x9d\x9e\x9f\x98"))
-        else text
-    )
+    """Remove what could act on the operator's terminal or clipboard from one complete
+    text (a sequence cut at its end is dropped)."""
+    return Neutraliser().feed(text) if _SPECIAL.search(text) else text
 
 
-def render_event(event: dict[str, Any]) -> str:
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Plain text for one line (a marker, a title, a command): every control character,
+    ESC included, becomes a space."""
+    return _CONTROLS.sub(" ", text)
+
+
+def render_event(event: dict[str, Any], stream: Neutraliser | None = None) -> str:
     """Terminal text for one live event as watchers print it (markers in reverse video
-    on their own line), with escape strings that could attack the operator's terminal
-    removed."""
+    on their own line), with what could attack the operator's terminal removed. Pass the
+    watch's ``stream`` so sequences cut between events are removed too."""
     kind = event.get("type")
-    if kind in ("o", "screen"):
+    if kind == "o":
+        data = str(event.get("data", ""))
+        return stream.feed(data) if stream is not None else neutralise(data)
+    if kind == "screen":
         return neutralise(str(event.get("data", "")))
     if kind == "m":
-        return f"\r\n\x1b[7m castgate: {neutralise(str(event.get('data')))} \x1b[0m\r\n"
+        return f"\r\n\x1b[7m castgate: {printable(str(event.get('data')))} \x1b[0m\r\n"
     if kind == "end":
-        return f"\r\n\x1b[7m castgate: session ended ({neutralise(str(event.get('data')))}) \x1b[0m\r\n"
+        why = printable(str(event.get("data")))
+        return f"\r\n\x1b[7m castgate: session ended ({why}) \x1b[0m\r\n"
     return ""

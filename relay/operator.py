@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shlex
@@ -23,10 +24,11 @@ import asyncssh
 from asyncssh.misc import TermModes, TermSize
 
 from recorder.store import StoreError
+from relay import peer
 from relay.approvals import ApprovalError
 from relay.context import RelayContext
 from relay.identity import Identity
-from relay.live import render_event
+from relay.live import Neutraliser, neutralise, printable, render_event
 
 log = logging.getLogger("castgate.operator")
 
@@ -154,9 +156,8 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
         if cmd == "approvals":
             rows = await asyncio.to_thread(self.ctx.store.list_approvals, status="pending")
             for r in rows:
-                self._out(
-                    f"#{r['id']} {r['identity']}@{r['target']} rule {r['rule']}: {r['command']}\n"
-                )
+                line = f"#{r['id']} {r['identity']}@{r['target']} rule {r['rule']}: {r['command']}"
+                self._out(printable(line) + "\n")  # the agent's command: no escapes
             if not rows:
                 self._out("no pending approvals\n")
             return 0
@@ -270,11 +271,47 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
             self.ctx.revoke_token(token)
         return status if status >= 0 else 128 - status
 
+    async def _watch_elsewhere(self, session_id: str) -> int:
+        """Watch a session another relay of the deployment holds, through its API."""
+        try:
+            async with peer.open_live(self.ctx, session_id, self.ident.name) as remote:
+                self.ctx.emit(
+                    "recording.watch",
+                    self.ident.name,
+                    "success",
+                    self.peer,
+                    f"session:{session_id}",
+                    {"via": "ssh", "node": remote.node},
+                    session_id=session_id,
+                )
+                texts = peer.events(remote)
+                clean = Neutraliser()  # one per watch: sequences cut between events
+                while not self._stop.is_set():
+                    nxt = asyncio.ensure_future(anext(texts, None))
+                    stop = asyncio.ensure_future(self._stop.wait())
+                    done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    stop.cancel()
+                    if nxt not in done:
+                        nxt.cancel()
+                        await asyncio.gather(nxt, return_exceptions=True)
+                        break
+                    text = nxt.result()
+                    if text is None:
+                        break
+                    event = json.loads(text)
+                    if event.get("type") == "screen":
+                        self.chan.write(b"\x1b[H\x1b[2J")
+                    self.chan.write(render_event(event, clean).encode())
+                await texts.aclose()
+        except peer.PeerError as exc:
+            self._out(f"castgate: {exc}\n")
+            return 1
+        return 0
+
     async def _watch(self, session_id: str) -> int:
         stream = self.ctx.hub.get(session_id)
         if stream is None:
-            self._out(f"castgate: session {session_id} is not live on this relay\n")
-            return 1
+            return await self._watch_elsewhere(session_id)
         self.ctx.emit(
             "recording.watch",
             self.ident.name,
@@ -285,8 +322,9 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
             session_id=session_id,
         )
         watcher, screen = stream.subscribe()
+        clean = Neutraliser()  # one per watch: sequences cut between events
         try:
-            self.chan.write(b"\x1b[H\x1b[2J" + screen.encode())
+            self.chan.write(b"\x1b[H\x1b[2J" + neutralise(screen).encode())
             while not self._stop.is_set():
                 nxt = asyncio.ensure_future(watcher.next())
                 stop = asyncio.ensure_future(self._stop.wait())
@@ -298,7 +336,7 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
                 ev = nxt.result()
                 if ev is None:
                     break
-                self.chan.write(render_event(ev.as_json()).encode())
+                self.chan.write(render_event(ev.as_json(), clean).encode())
         finally:
             watcher.close()
         return 0

@@ -16,10 +16,13 @@ import asyncssh
 from aiohttp import web
 
 from recorder.config import Config, ConfigError
+from recorder.recovery import recover_crashed
 from recorder.signing import SigningKey
 from recorder.store import Store
 from relay.api import build_app
 from relay.approvals import interrupt_stale
+from relay.cast_sync import sync_open_casts
+from relay.cluster import Cluster
 from relay.context import RelayContext
 from relay.pg.relay import PgListener
 from relay.pg.tls import server_context
@@ -71,11 +74,35 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
     store = await asyncio.to_thread(Store.open, cfg.store_url())
     cfg.recordings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ctx = RelayContext(cfg, store, SigningKey.load_or_create(cfg.keys_dir))
+    # First: the writes an earlier run spooled while the store was away, so that crash
+    # recovery and the stale-session sweep below see the store as that run left it.
+    if ctx.spool.pending:
+        replayed = await asyncio.to_thread(ctx.spool.replay)
+        log.warning(
+            "relay.spool_replayed", extra={"replayed": replayed, "pending": ctx.spool.pending}
+        )
+    # Before listening: casts a crash left open are sealed (and their sessions ended as
+    # interrupted) before anything else can see or ship them.
+    recovered = await asyncio.to_thread(
+        recover_crashed, store, cfg.recordings_dir, ctx.signing_key, ctx.node
+    )
+    if recovered:
+        log.warning(
+            "relay.recovered_casts",
+            extra={
+                "sealed": sum(r.sealed for r in recovered),
+                "left_unsealed": [r.path.name for r in recovered if not r.sealed],
+            },
+        )
     stale = await asyncio.to_thread(interrupt_stale, store, ctx.node)
     if any(stale):
         log.warning(
             "relay.interrupted_on_restart", extra={"approvals": stale[0], "sessions": stale[1]}
         )
+    # Registered before the listeners open: from here on other relays see this node
+    # alive, and none of them can take a session opened below for a lost relay's.
+    cluster = ctx.cluster = Cluster(ctx)
+    await cluster.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,7 +111,13 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
     ssh_server: asyncssh.SSHAcceptor | None = None
     pg_server: asyncio.Server | None = None
     api_runner: web.AppRunner | None = None
+    spool_task = asyncio.ensure_future(ctx.replay_spool())
+    sync_task = asyncio.ensure_future(sync_open_casts(ctx))
+    checkpoint_task = asyncio.ensure_future(ctx.store_checkpoints())
     try:
+        # After crash recovery, so its start scan ships the casts recovery sealed; before
+        # the listeners, so a bad [s3] setting stops the relay before it accepts anyone.
+        ctx.start_uploads()
         if cfg.listen.ssh:
             host, port = split_address(cfg.listen.ssh, "ssh")
             ssh_server = await asyncssh.create_server(
@@ -121,6 +154,7 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
             listening["api"] = f"{sock[0]}:{sock[1]}"
             api_host = "127.0.0.1" if sock[0] in ("0.0.0.0", "::") else sock[0]  # noqa: S104
             ctx.api_url = f"http://{api_host}:{sock[1]}"
+            await cluster.advertise()
         write_runtime(cfg, listening)
         await ctx.event("relay.start", None, "success", ctx.node, "relay", {"listen": listening})
         log.info("relay.listening", extra=listening)
@@ -142,7 +176,17 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ssh_server.wait_closed(), 5)
         await ctx.drain()
+        await ctx.stop_uploads()
+        await ctx.drain()
+        await cluster.stop()
         await ctx.event("relay.stop", None, "success", ctx.node, "relay", None)
+        # What is still spooled stays on disk; the next start replays it.
+        spool_task.cancel()
+        sync_task.cancel()
+        checkpoint_task.cancel()  # stores what is queued on its way out
+        with contextlib.suppress(asyncio.CancelledError):
+            await checkpoint_task
+        ctx.spool.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         store.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -23,14 +24,16 @@ from asyncssh.auth import KbdIntChallenge, KbdIntResponse
 from asyncssh.misc import TermModes, TermSize
 
 from recorder.config import TargetConfig
-from recorder.recording import CastWriter, RecordingError
+from recorder.recording import CastWriter, DiscardWriter, RecordingError
 from recorder.session import SessionRecorder
+from recorder.store import StoreError
 from relay.approvals import Outcome
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
 from relay.operator import OPERATOR_ROLES, OPERATOR_USER, OperatorSession
 from relay.policy import Decision
 from relay.shell_line import ShellLine, TypedLine
+from replay.castfile import MAX_SIZE as MAX_TERMINAL
 
 log = logging.getLogger("castgate.ssh")
 
@@ -49,6 +52,16 @@ ENV_ALLOW = re.compile(r"^(LANG|LC_[A-Z]+|GIT_PROTOCOL|TZ)$")
 _SUBMIT = re.compile(rb"[\r\n]")
 _ECHO_QUIET = 0.03
 _ECHO_MAX = 0.5
+_CONNECT_TIMEOUT = 15
+# Sessions (channels) one agent connection may hold open at once, as OpenSSH's
+# MaxSessions: each costs a recording, an upstream channel and a store row.
+MAX_SESSIONS_PER_CONNECTION = 10
+
+
+def _clamp_size(width: int, height: int) -> tuple[int, int]:
+    """A terminal size no larger than any recording or terminal model accepts (a
+    hostile client may ask for 4294967295 x 4294967295)."""
+    return min(width, MAX_TERMINAL), min(height, MAX_TERMINAL)
 
 
 class _Upstream(asyncssh.SSHClientSession[bytes]):
@@ -91,6 +104,7 @@ class RelayServer(asyncssh.SSHServer):
         self.peer = "?"
         self.conn: asyncssh.SSHServerConnection | None = None
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
+        self.sessions: set[RelaySession] = set()
 
     # -- connection and authentication -------------------------------------------
 
@@ -227,7 +241,14 @@ class RelayServer(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"castgate: {reason}"
             )
-        return RelaySession(self.ctx, self, ident, target)
+        if len(self.sessions) >= MAX_SESSIONS_PER_CONNECTION:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE,
+                f"castgate: at most {MAX_SESSIONS_PER_CONNECTION} sessions per connection",
+            )
+        session = RelaySession(self.ctx, self, ident, target)
+        self.sessions.add(session)
+        return session
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
@@ -288,7 +309,7 @@ async def connect_target(ctx: RelayContext, target: TargetConfig) -> asyncssh.SS
         "encryption_algs": ENCRYPTION,
         "client_keys": None,
         "password": None,
-        "connect_timeout": 15,
+        "connect_timeout": _CONNECT_TIMEOUT,
     }
     if target.host_key:
         try:
@@ -301,8 +322,6 @@ async def connect_target(ctx: RelayContext, target: TargetConfig) -> asyncssh.SS
     if target.key_file:
         kwargs["client_keys"] = [str(ctx.cfg.resolve(target.key_file))]
     if target.password_env:
-        import os
-
         kwargs["password"] = os.environ.get(target.password_env)
     try:
         return await asyncssh.connect(host.strip("[]"), int(port), **kwargs)
@@ -314,10 +333,17 @@ async def connect_target(ctx: RelayContext, target: TargetConfig) -> asyncssh.SS
     except asyncssh.PermissionDenied:
         raise TargetError(f"target {target.name} refused the relay's credential") from None
     except (OSError, asyncssh.Error, TimeoutError) as exc:
-        # A timeout carries no message: name it, so the agent and the log say something.
-        raise TargetError(
-            f"cannot reach target {target.name}: {exc or type(exc).__name__}"
-        ) from None
+        # A timeout carries no message (and an exception is always truthy): name it, so
+        # the agent and the log say something.
+        if isinstance(exc, OSError) and exc.errno:
+            # asyncio's "[Errno 111] Connect call failed ('10.0.0.5', 22)": the cause,
+            # without the target's internal address.
+            reason = os.strerror(exc.errno)
+        elif isinstance(exc, TimeoutError):
+            reason = f"no SSH handshake within {_CONNECT_TIMEOUT} s"
+        else:
+            reason = str(exc) or type(exc).__name__
+        raise TargetError(f"cannot reach target {target.name}: {reason}") from None
 
 
 class RelaySession(asyncssh.SSHServerSession[bytes]):
@@ -343,7 +369,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.up_chan: asyncssh.SSHClientChannel[bytes] | None = None
         self.rec: SessionRecorder | None = None
         self._early: list[bytes | None] = []
-        self._done = asyncio.get_event_loop().create_future()
+        self._loop = asyncio.get_event_loop()
+        self._done = self._loop.create_future()
         self._task: asyncio.Task[None] | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._input: asyncio.Queue[bytes | None] | None = None
@@ -358,6 +385,9 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.bytes_out = 0
         self.status = "closed"
         self._command_id: int | None = None
+        self._rec_failed = False
+        # Set when the relay ends the session (recording failed): nothing more flows.
+        self._stopped = False
 
     # -- channel requests ----------------------------------------------------------
 
@@ -365,10 +395,12 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.chan = chan
 
     def pty_requested(self, term_type: str, term_size: TermSize, term_modes: TermModes) -> bool:
+        if "\x00" in term_type or len(term_type) > 256:
+            return False  # forwarded as is, OpenSSH would drop the shared upstream
         self.term_type = term_type
         if term_size[0] and term_size[1]:
-            self.term_size = (term_size[0], term_size[1])
-            self._line = ShellLine(term_size[0])
+            self.term_size = _clamp_size(term_size[0], term_size[1])
+            self._line = ShellLine(self.term_size[0])
         return True
 
     def shell_requested(self) -> bool:
@@ -376,6 +408,18 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def exec_requested(self, command: str) -> bool:
+        if "\x00" in command:
+            # No shell command holds a NUL, and OpenSSH drops the whole (shared)
+            # upstream connection on one: refuse the request instead.
+            self.ctx.emit(
+                "exec",
+                self.ident.name,
+                "failure",
+                self.server.peer,
+                f"ssh:{self.target.name}",
+                {"reason": "NUL byte in the command"},
+            )
+            return False
         self.kind = "exec"
         self.command = command
         self.binary = bool(_BINARY.match(command))
@@ -403,9 +447,14 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
     # -- agent to target -----------------------------------------------------------
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._stopped:
+            return
         self.bytes_in += len(data)
         if self.up_chan is None:
+            # Held until the target session exists (an approval may take minutes):
+            # stop reading so the agent's window, not our memory, holds the rest.
             self._early.append(data)
+            self.chan.pause_reading()
         elif self._input is not None:
             self._input.put_nowait(data)
         else:
@@ -424,6 +473,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         if not (width and height):
             return
+        width, height = _clamp_size(width, height)
         self.term_size = (width, height)
         self._line.resize(width)
         if self.up_chan is not None:
@@ -449,9 +499,11 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self.up_chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.server.sessions.discard(self)
         if self._ended:
             return  # the session finished normally and is sealing its recording
-        self.status = "disconnected"
+        if not self._stopped:  # else the relay ended it, and its status says why
+            self.status = "disconnected"
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self.up_chan is not None:
@@ -465,6 +517,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     def from_target(self, data: bytes, datatype: asyncssh.DataType) -> None:
         """Output of the target: masked (unless binary), recorded, sent on."""
+        if self._stopped:
+            return
         self.bytes_out += len(data)
         if self.binary or self.rec is None:
             self.chan.write(data, datatype)
@@ -498,6 +552,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self.chan.write(masked, datatype)
 
     def _flush_all(self) -> None:
+        if self._stopped:
+            return  # the channel is closed
         for stream, datatype in (("err", asyncssh.EXTENDED_DATA_STDERR), ("out", None)):
             timer = self._timers.pop(stream, None)
             if timer is not None:
@@ -527,52 +583,96 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._recording_failed(str(exc))
             return None
 
-    def _recording_failed(self, message: str) -> None:
-        rec, self.rec = self.rec, None
-        if rec is not None:
-            rec.writer.abort()
+    def _recording_failed(self, message: str, *, at_start: bool = False) -> None:
+        """Apply ``recording.on_failure`` once: the recording is aborted (left unsealed,
+        verifiable up to its last complete line) and replaced by a DiscardWriter, so
+        masking and the live view go on; ``terminate`` ends the session with a message,
+        ``continue`` tells the agent and goes on unrecorded. Also the writer pool's
+        ``on_error`` hook, called on the loop."""
+        if self._rec_failed:
+            return
+        self._rec_failed = True
         policy = self.ctx.cfg.recording.on_failure
-        log.error("recording.failed", extra={"session": self.id, "error": message})
-        self.ctx.emit(
-            "recording.failure",
-            self.ident.name,
-            "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"error": message, "on_failure": policy},
+        rec = self.rec
+        if rec is not None and not isinstance(rec.writer, DiscardWriter):
+            rec.writer.abort()
+            rec.writer = DiscardWriter.replacing(rec.writer, message)
+        terminate = policy == "terminate"
+        action = ("refused" if at_start else "terminated") if terminate else "continued"
+        self.ctx.recording_failed(
             session_id=self.id,
+            actor=self.ident.name,
+            origin=self.server.peer,
+            resource=f"ssh:{self.target.name}",
+            error=message,
+            action=action,
         )
-        if policy == "terminate":
-            self.status = "recording failed"
+        # The agent learns the cause, not the relay's file paths.
+        why = message.rsplit(": ", 1)[-1]
+        if not terminate:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.chan.write_stderr(
-                    f"\r\ncastgate: recording failed ({message}); session terminated\r\n".encode()
+                    f"castgate: this session cannot be recorded ({why}); it continues "
+                    "unrecorded\r\n".encode()
                 )
-                self.chan.exit(255)
-            if self.up_chan is not None:
-                self.up_chan.close()
+            return
+        self.status = "recording failed"
+        self._stopped = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        text = "session refused" if at_start else "session terminated"
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self.chan.write_stderr(
+                f"\r\ncastgate: this session cannot be recorded ({why}); {text}\r\n".encode()
+            )
+            self.chan.exit(255)
+        if self.up_chan is not None:
+            self.up_chan.close()
 
-    def _open_recording(self) -> None:
+    def _writer_failed(self, message: str) -> None:
+        """``on_error`` of the cast writer: runs in a writer thread."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to end
+            self._loop.call_soon_threadsafe(self._recording_failed, message)
+
+    def _open_recording(self) -> str | None:
+        """Open the cast; returns why it could not be, or None. A failed cast is
+        replaced by a DiscardWriter (masking still applies to everything sent)."""
         title = self.command if self.command is not None else (self.subsystem or "shell")
         masked_title = self.ctx.masker.mask(title)
-        writer = CastWriter(
-            self.ctx.cfg.recordings_dir / f"{self.id}.cast",
-            width=self.term_size[0],
-            height=self.term_size[1],
-            session_id=self.id,
-            signing_key=self.ctx.signing_key,
-            title=f"{self.ident.name}@{self.target.name}: {masked_title}",
-            env={"TERM": self.term_type or "dumb", "SHELL": "/bin/sh"},
-            fsync_interval=self.ctx.cfg.recording.fsync_interval,
-            on_checkpoint=self._checkpoint,
-            threaded=True,
-            extra_header={
-                "identity": self.ident.name,
-                "target": self.target.name,
-                "protocol": "ssh",
-                "kind": self.kind,
-            },
-        )
+        self.masked_command = masked_title
+        path = self.ctx.cfg.recordings_dir / f"{self.id}.cast"
+        failure = None
+        writer: CastWriter
+        try:
+            writer = CastWriter(
+                path,
+                width=self.term_size[0],
+                height=self.term_size[1],
+                session_id=self.id,
+                signing_key=self.ctx.signing_key,
+                title=f"{self.ident.name}@{self.target.name}: {masked_title}",
+                env={"TERM": self.term_type or "dumb", "SHELL": "/bin/sh"},
+                fsync_interval=self.ctx.cfg.recording.fsync_interval,
+                on_checkpoint=self._checkpoint,
+                threaded=True,
+                extra_header={
+                    "identity": self.ident.name,
+                    "target": self.target.name,
+                    "protocol": "ssh",
+                    "kind": self.kind,
+                },
+                on_error=self._writer_failed,
+            )
+        except RecordingError as exc:
+            failure = str(exc)
+            writer = DiscardWriter(
+                path,
+                session_id=self.id,
+                width=self.term_size[0],
+                height=self.term_size[1],
+                error=failure,
+            )
         self.live = self.ctx.hub.open(
             self.id,
             {
@@ -591,13 +691,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             hold_deadline=self.ctx.hold_deadline,
             live=self.live,
         )
-        self.masked_command = masked_title
+        return failure
 
     def _checkpoint(self, lines: int, chain_hash: str) -> None:
-        try:
-            self.ctx.store.add_checkpoint(self.id, lines, chain_hash)
-        except Exception:
-            log.exception("store.checkpoint_failed", extra={"session": self.id})
+        self.ctx.checkpoint(self.id, lines, chain_hash)  # from the writer pool
 
     def _to_agent(self, text: str) -> None:
         """A message from the relay, shown in the agent's terminal (or stderr) and kept
@@ -638,26 +735,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     async def _run_inner(self) -> None:
         ctx = self.ctx
-        try:
-            self._open_recording()
-        except RecordingError as exc:
-            await ctx.event(
-                "recording.failure",
-                self.ident.name,
-                "failure",
-                self.server.peer,
-                f"ssh:{self.target.name}",
-                {"error": str(exc)},
-            )
-            if ctx.cfg.recording.on_failure == "terminate":
-                self.status = "recording failed"
-                self.chan.write_stderr(
-                    f"castgate: cannot record this session ({exc}); refused\r\n".encode()
-                )
-                self.chan.exit(255)
-                return
+        failure = self._open_recording()
+        # The session row first, even for a refused session: the row says why.
         await asyncio.to_thread(
-            ctx.store.create_session,
+            ctx.spool.create_session,
             self.id,
             identity=self.ident.name,
             target=self.target.name,
@@ -669,6 +750,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             cast_path=str(ctx.cfg.recordings_dir / f"{self.id}.cast"),
             title=self.masked_command,
         )
+        if failure is not None:
+            self._recording_failed(failure, at_start=True)
+            if self._stopped:
+                return
         ctx.live[self.id] = self
         await ctx.event(
             "session.start",
@@ -701,8 +786,12 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._flush_all()
             self.chan.exit(255)
             return
+        if self._stopped:
+            return  # terminated while waiting (approval, target): never start the command
         env: dict[bytes | str, bytes | str] = {
-            k: v for k, v in self.chan.get_environment().items() if ENV_ALLOW.match(k)
+            k: v
+            for k, v in self.chan.get_environment().items()
+            if ENV_ALLOW.match(k) and "\x00" not in v  # a NUL would drop the upstream
         }
         try:
             self.up_chan, _ = await conn.create_session(
@@ -732,6 +821,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                 self.bytes_in -= len(item)
                 self.data_received(item, None)
         self._early.clear()
+        self.chan.resume_reading()
         try:
             lost = await self._done
         finally:
@@ -742,6 +832,15 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._to_agent(f"castgate: connection to target {self.target.name} lost: {lost}\r\n")
             self._flush_all()
             self.status = "target lost"
+            self.ctx.emit(
+                "target.lost",
+                self.ident.name,
+                "failure",
+                self.server.peer,
+                f"ssh:{self.target.name}",
+                {"reason": str(lost)},
+                session_id=self.id,
+            )
         self._ended = True
         with contextlib.suppress(OSError, asyncssh.Error):
             if self.exit_signal is not None:
@@ -769,7 +868,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         """Record and enforce a policy decision; True when the command may run."""
         ctx = self.ctx
         self._command_id = await asyncio.to_thread(
-            ctx.store.add_command,
+            ctx.spool.add_command,
             self.id,
             masked,
             kind=kind,
@@ -795,7 +894,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             await self._finish_command("blocked")
             return False
 
+        asked: list[int] = []
+
         def requested(approval_id: int) -> None:
+            asked.append(approval_id)
             self._safe(
                 lambda rec: rec.marker(f"approval #{approval_id} requested (rule {rule.name})")
             )
@@ -804,14 +906,20 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             )
             self._flush_all()
 
-        outcome: Outcome = await ctx.broker.wait(
-            session_id=self.id,
-            identity=self.ident.name,
-            target=self.target.name,
-            command=masked,
-            rule=rule,
-            on_requested=requested,
-        )
+        try:
+            if ctx.spool.pending:
+                raise StoreError("audit store unavailable (writes are being spooled)")
+            outcome: Outcome = await ctx.broker.wait(
+                session_id=self.id,
+                identity=self.ident.name,
+                target=self.target.name,
+                command=masked,
+                rule=rule,
+                on_requested=requested,
+            )
+        except StoreError as exc:
+            await self._approval_unavailable(rule.name, str(exc), asked[0] if asked else None)
+            return False
         self._safe(lambda rec: rec.marker(outcome.describe()))
         await ctx.event(
             "command.approval",
@@ -829,12 +937,37 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         await self._finish_command(outcome.status)
         return False
 
+    async def _approval_unavailable(self, rule: str, error: str, approval_id: int | None) -> None:
+        """Fail closed: without its store an approval can be neither asked for nor
+        awaited, so the command is refused like a block."""
+        self._safe(lambda rec: rec.marker(f"refused: approval store unavailable (rule {rule})"))
+        self._to_agent(f"castgate: approval store unavailable; command refused (rule {rule})\r\n")
+        if approval_id is not None:
+            # Asked, then the store went away: nobody must decide it later.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    self.ctx.spool.set_approval_status,
+                    approval_id,
+                    "interrupted",
+                    reason="approval store unavailable",
+                )
+        await self.ctx.event(
+            "command.approval",
+            self.ident.name,
+            "failure",
+            self.server.peer,
+            f"ssh:{self.target.name}",
+            {"rule": rule, "approval": approval_id, "status": "store unavailable", "error": error},
+            session_id=self.id,
+        )
+        await self._finish_command("store unavailable")
+
     async def _finish_command(self, status: str) -> None:
         if self._command_id is not None:
             cid, self._command_id = self._command_id, None
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
-                    self.ctx.store.finish_command,
+                    self.ctx.spool.finish_command,
                     cid,
                     status=status,
                     exit_status=self.exit_status,
@@ -951,7 +1084,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             "the screen); it was not run. Type it again.\r\n"
         )
         self._command_id = await asyncio.to_thread(
-            self.ctx.store.add_command,
+            self.ctx.spool.add_command,
             self.id,
             "(unreadable command line)",
             kind="shell",
@@ -983,10 +1116,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                         "target": self.target.name,
                     },
                 )
-                if tail:
+                if tail and not self._stopped:
                     with contextlib.suppress(Exception):
                         self.chan.write(tail)
-                manifest = rec.manifest
+                manifest = rec.manifest or None  # empty: the recording had failed
             except RecordingError as exc:
                 self._recording_failed(str(exc))
         if manifest is not None and rec is not None and not self.binary:
@@ -994,7 +1127,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         await self._finish_command("exited" if self.status == "closed" else self.status)
         await self.ctx.end_session(
             self.id,
-            rec if manifest is not None else None,
+            # After a failure: how far the unsealed cast got, and no manifest.
+            rec,
             status=self.status,
             exit_status=self.exit_status,
         )

@@ -43,6 +43,7 @@ from recorder.integrity import (
     manifest_path,
     verify_cast,
 )
+from recorder.objectstore import locate_cast
 from recorder.signing import (
     PUBLIC_NAME,
     SigningKey,
@@ -149,17 +150,20 @@ def safe_name(session_id: str) -> str:
 
 
 def cast_file(cfg: Config, session: dict[str, Any]) -> Path | None:
-    """Where a session's cast is, or None when the store names none."""
+    """Where a session's cast is, or None when the store names none. A cast that is
+    not on this machine (recorded by another relay, or shipped with ``s3.keep_local``
+    off) is fetched from ``[s3]`` into the local cache; ObjectStoreError when the bucket
+    cannot be read."""
     raw = session.get("cast_path")
     if not raw:
         return None
     path = Path(str(raw))
     if path.is_absolute():
-        return path
+        return locate_cast(cfg, path)
     for base in (cfg.recordings_dir, cfg.data_path, cfg.base_dir):
         if (base / path).exists():
             return base / path
-    return cfg.resolve(path)
+    return locate_cast(cfg, cfg.resolve(path))
 
 
 @dataclass
@@ -188,7 +192,11 @@ def audit_record(
             file_sha256=file_sha256(cast),
             verdict=report.verdict.value,
             verdict_detail=report.message,
-            signature="valid" if report.verdict is Verdict.INTACT else "not valid or absent",
+            signature=(
+                "valid"
+                if report.verdict in (Verdict.INTACT, Verdict.TRUNCATED_AUTHENTIC)
+                else "not valid or absent"
+            ),
         )
         sidecar = manifest_path(cast)
         if sidecar.exists():

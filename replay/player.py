@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import sys
@@ -33,6 +34,9 @@ from replay.seekindex import Marker, Playhead, SeekIndex, apply_event
 from replay.terminal import DEFAULT_STYLE, Cell, Terminal
 
 SEEK_STEP = 5.0
+# Markers come from the cast: written straight into the status line, an escape sequence
+# in one would act on the viewer's terminal (title, clipboard). Controls become spaces.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # '[' within this many seconds after a marker goes to the one before it.
 MARKER_BACK_GRACE = 1.0
 
@@ -248,7 +252,7 @@ class Player:
         speed = f" {self.options.speed:g}x" if self.options.speed != 1 else ""
         left = f" {state} {fmt_time(self.now)} / {fmt_time(self.index.duration)}{speed}"
         if self.message:
-            left += f"  {self.message}"
+            left += f"  {_CONTROLS.sub(' ', self.message)}"
         right = " space pause  \u2190/\u2192 5s  [ ] markers  . step  q quit "
         if len(left) + len(right) <= width:
             return left + " " * (width - len(left) - len(right)) + right
@@ -257,6 +261,7 @@ class Player:
     def frame(self, cols: int, rows: int, full: bool = False) -> str:
         """Escape sequences that bring the viewer's screen (``cols`` x ``rows``) up to
         date; only rows that changed unless ``full``."""
+        cols, rows = max(cols, 1), max(rows, 2)  # room for one row and the status line
         term = self.head.terminal
         rec_cols, rec_rows = term.size
         status_row = min(rec_rows + 1, rows)
@@ -342,7 +347,10 @@ def _loop(player: Player, in_fd: int | None, out_fd: int, resized: list[bool]) -
         if resized[0]:
             resized[0] = False
             with contextlib.suppress(OSError):
-                cols, rows = os.get_terminal_size(out_fd)
+                size = os.get_terminal_size(out_fd)
+                # A fresh pty reports 0x0 until someone sets its size: keep the default.
+                if size.columns > 0 and size.lines > 1:
+                    cols, rows = size
             full = True
         _write(out_fd, player.frame(cols, rows, full=full))
         full = False

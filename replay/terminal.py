@@ -678,6 +678,9 @@ def _pyte_color(name: str) -> Color:
     return None
 
 
+_PYTE_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 class PyteTerminal(Terminal):
     """The pyte fallback: slow, but pure Python."""
 
@@ -730,9 +733,14 @@ class PyteTerminal(Terminal):
             for x in range(cols):
                 ch = line.get(x, blank)
                 width = 0 if ch.data == "" else max(wcswidth(ch.data[:1]), 1)
+                # pyte keeps C1 controls (NEL, ...) as (combining) characters: drawn as
+                # they are, they would act on the viewer's terminal. avt keeps none.
+                text = ch.data
+                if not text.isprintable():
+                    text = _PYTE_CONTROLS.sub("", text)
                 row.append(
                     Cell(
-                        ch.data or " ",
+                        text or " ",
                         width,
                         Style(
                             fg=_pyte_color(ch.fg),

@@ -378,7 +378,8 @@ class Held:
         self.err = b""
         self.out = b""
         self.first_out: float | None = None
-        threading.Thread(target=self._read_err, daemon=True).start()
+        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
+        self._err_reader.start()
         self._reader = threading.Thread(target=self._read_out, daemon=True)
         self._reader.start()
 
@@ -403,6 +404,7 @@ class Held:
     def finish(self) -> int:
         code = self.proc.wait(30)
         self._reader.join(10)
+        self._err_reader.join(10)  # closing stderr under a reading thread fails it
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.proc.stdout.close()
         self.proc.stderr.close()

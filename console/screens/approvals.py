@@ -12,6 +12,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from console.messages import ApprovalsChanged
 from console.screens.base import ConsoleScreen
+from console.screens.live import clean
 from console.screens.reason import ReasonScreen
 
 COLUMNS = ("#", "identity", "target", "rule", "command", "requested", "expires", "decisions")
@@ -99,8 +100,8 @@ class ApprovalsScreen(ConsoleScreen):
         table.clear()
         for cells in shown:
             # Text, not str: a str cell is parsed as Textual markup, and the command
-            # is whatever the agent typed.
-            table.add_row(*(Text(c) for c in cells), key=cells[0])
+            # is whatever the agent typed (clean: nor may it carry escape sequences).
+            table.add_row(*(Text(clean(c)) for c in cells), key=cells[0])
         for i, cells in enumerate(shown):
             if keep is not None and cells[0] == str(keep):
                 table.move_cursor(row=i)
@@ -138,7 +139,7 @@ class ApprovalsScreen(ConsoleScreen):
     async def decide(self, approval_id: int, approve: bool, reason: str | None) -> None:
         """Send the decision; show who decided and poll again at once."""
         row = await self.api.decide(approval_id, approve, reason)
-        self.last_decision = describe_decision(row)
+        self.last_decision = clean(describe_decision(row))
         self.query_one("#decision", Static).update(Text(self.last_decision))
-        self.notify(self.last_decision, title="decision recorded")
+        self.notify(self.last_decision, title="decision recorded", markup=False)
         self.console.poll_approvals()

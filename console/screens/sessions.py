@@ -14,6 +14,7 @@ from textual.widgets import DataTable, Footer, Header, Input
 
 from console.messages import ApprovalsChanged
 from console.screens.base import ConsoleScreen
+from console.screens.live import clean
 from console.widgets.timeline import fmt_time
 
 COLUMNS = ("identity", "target", "protocol", "started", "duration", "status", "pending", "title")
@@ -139,7 +140,7 @@ class SessionsScreen(ConsoleScreen):
         for sid, cells in shown:
             # Text, not str: a str cell is parsed as Textual markup, and titles are
             # whatever the agent typed.
-            table.add_row(*(Text(c) for c in cells), key=sid)
+            table.add_row(*(Text(clean(c)) for c in cells), key=sid)  # titles: no escapes
         if keep is not None:
             for i, (sid, _) in enumerate(shown):
                 if sid == keep:

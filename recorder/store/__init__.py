@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from recorder.store.store import Store, StoreError
+from recorder.store.store import APPROVALS_CHANNEL, Store, StoreError
 
-__all__ = ["Store", "StoreError"]
+__all__ = ["APPROVALS_CHANNEL", "Store", "StoreError"]

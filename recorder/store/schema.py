@@ -22,6 +22,7 @@ __all__ = [
     "events",
     "manifests",
     "metadata",
+    "nodes",
     "sessions",
 ]
 
@@ -197,4 +198,19 @@ manifests = sa.Table(
     # the same stored bytes on either backend.
     sa.Column("manifest", sa.Text(), nullable=False),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# One row per relay that ever joined the deployment (relays sharing this store). A relay
+# keeps ``heartbeat_at`` fresh while it runs and sets ``stopped_at`` when it stops; one
+# whose heartbeat is older than the node timeout is lost, and another relay sets its
+# ``stopped_at`` when it interrupts the lost relay's sessions.
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("id", sa.String(), primary_key=True),
+    sa.Column("api_url", sa.String(), nullable=True),
+    sa.Column("version", sa.String(), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
+    sa.Column("stopped_at", UTCDateTime(), nullable=True),
 )

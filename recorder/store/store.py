@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,10 +43,15 @@ from recorder.store.schema import (
     commands,
     events,
     manifests,
+    nodes,
     sessions,
 )
 
-__all__ = ["Store", "StoreError"]
+__all__ = ["APPROVALS_CHANNEL", "Store", "StoreError"]
+
+# PostgreSQL LISTEN/NOTIFY channel on which approval decisions are announced to the
+# relays sharing the store (payload: the approval id).
+APPROVALS_CHANNEL = "castgate_approvals"
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -562,16 +567,59 @@ class Store:
         """
         if not rows:
             return
+        sql, keys, procs = self._bulk_insert_commands()
         values = []
+        memo: dict[int, Any] = {}  # the relay passes one datetime for at and finished_at
+
+        def when(value: Any, name: str) -> Any:
+            key = id(value)
+            if key not in memo:
+                memo[key] = procs[name](_when(value, name)) if name in procs else value
+            return memo[key]
+
         for row in rows:
-            v = dict(row)
-            v["at"] = _when(v.get("at"), "at")
-            v["finished_at"] = _when(v.get("finished_at"), "finished_at")
-            _choice(v["kind"], _COMMAND_KINDS, "kind")
-            _choice(v["action"], _COMMAND_ACTIONS, "action")
-            values.append(v)
+            _choice(row["kind"], _COMMAND_KINDS, "kind")
+            _choice(row["action"], _COMMAND_ACTIONS, "action")
+            memo.clear()
+            v = {k: row.get(k) for k in keys}
+            v["at"] = when(v["at"], "at")
+            v["finished_at"] = when(v["finished_at"], "finished_at")
+            values.append(
+                tuple(
+                    procs[k](v[k]) if k in procs and k not in ("at", "finished_at") else v[k]
+                    for k in keys
+                )
+            )
         with self._tx(write=True) as conn:
-            conn.execute(commands.insert(), values)
+            conn.exec_driver_sql(sql, values)
+
+    def _bulk_insert_commands(self) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+        """The compiled INSERT of the query log and its bind processors, built once:
+        executing it with plain tuples skips the per-row parameter work of SQLAlchemy
+        (about 10 us a row), which at thousands of statements a second is most of the
+        cost of the log."""
+        cached: tuple[str, tuple[str, ...], dict[str, Any]] | None = getattr(
+            self, "_bulk_commands", None
+        )
+        if cached is not None:
+            return cached
+        dialect = self._engine.dialect
+        keys = tuple(c.key for c in commands.columns if c.key != "id")
+        compiled = commands.insert().compile(dialect=dialect, column_keys=list(keys))
+        order = tuple(compiled.positiontup or ()) if compiled.positional else keys
+        sql = compiled.string
+        if not compiled.positional:
+            # Named paramstyles (psycopg's pyformat): turn the names into positions.
+            for k in keys:
+                sql = sql.replace(f"%({k})s", "%s")
+        procs: dict[str, Any] = {}
+        for c in commands.columns:
+            proc = c.type._cached_bind_processor(dialect)
+            if proc is not None and c.key in keys:
+                procs[c.key] = proc
+        cached = (sql, order, procs)
+        self._bulk_commands = cached
+        return cached
 
     def list_commands(self, session_id: str) -> list[dict[str, Any]]:
         """Return the commands of a session in the order they were recorded."""
@@ -840,3 +888,143 @@ class Store:
         if not isinstance(loaded, dict):
             raise StoreError(f"the manifest of session {session_id} is not a JSON object")
         return loaded
+
+    # --- relay nodes ----------------------------------------------------------------
+    # Times here come from the database's clock on PostgreSQL: relays on different
+    # machines compare each other's heartbeats, and their own clocks may disagree.
+
+    @staticmethod
+    def _db_now(conn: Connection) -> datetime:
+        if conn.dialect.name == "postgresql":
+            value = conn.execute(sa.select(sa.func.now())).scalar_one()
+            return _aware(value, "now()")
+        return _now()
+
+    def register_node(self, id: str, *, api_url: str | None, version: str) -> dict[str, Any] | None:
+        """Record that relay ``id`` runs now (started, heartbeat now, not stopped) and
+        return the row it had before, or None for a new node."""
+        with self._tx(write=True) as conn:
+            now = self._db_now(conn)
+            before = (
+                conn.execute(sa.select(nodes).where(nodes.c.id == id).with_for_update())
+                .mappings()
+                .first()
+            )
+            values = {
+                "api_url": api_url,
+                "version": version,
+                "started_at": now,
+                "heartbeat_at": now,
+                "stopped_at": None,
+            }
+            if before is None:
+                conn.execute(nodes.insert().values(id=id, **values))
+                return None
+            conn.execute(nodes.update().where(nodes.c.id == id).values(**values))
+            return _row(before)
+
+    def heartbeat_node(self, id: str) -> bool:
+        """Refresh the heartbeat of a running relay. False when the node is unknown or
+        was marked stopped (another relay declared it lost): it must register again."""
+        with self._tx(write=True) as conn:
+            now = self._db_now(conn)
+            result = conn.execute(
+                nodes.update()
+                .where(nodes.c.id == id, nodes.c.stopped_at.is_(None))
+                .values(heartbeat_at=now)
+            )
+            return bool(result.rowcount)
+
+    def stop_node(self, id: str) -> None:
+        """Mark a relay stopped (clean shutdown)."""
+        with self._tx(write=True) as conn:
+            now = self._db_now(conn)
+            conn.execute(
+                nodes.update()
+                .where(nodes.c.id == id, nodes.c.stopped_at.is_(None))
+                .values(stopped_at=now)
+            )
+
+    def get_node(self, id: str) -> dict[str, Any] | None:
+        """Return one relay node, or None."""
+        with self._tx(write=False) as conn:
+            found = conn.execute(sa.select(nodes).where(nodes.c.id == id)).mappings().first()
+        return None if found is None else _row(found)
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        """Return every relay node that registered, by id."""
+        with self._tx(write=False) as conn:
+            return [_row(m) for m in conn.execute(sa.select(nodes).order_by(nodes.c.id)).mappings()]
+
+    def reap_nodes(self, timeout: float, *, exclude: str | None = None) -> list[dict[str, Any]]:
+        """Declare lost every running node whose heartbeat is older than ``timeout``
+        seconds (except ``exclude``, the caller): mark it stopped, its pending approvals
+        and live sessions ``interrupted`` (nothing else of them changes).
+
+        Safe when several relays reap at once: each node is claimed by a conditional
+        update in the same transaction as its sessions, so exactly one caller reports
+        it. Returns ``{"node", "heartbeat_at", "approvals", "sessions"}`` per node
+        claimed.
+        """
+        with self._tx(write=False) as conn:
+            cutoff = self._db_now(conn) - timedelta(seconds=timeout)
+            query = sa.select(nodes.c.id).where(
+                nodes.c.stopped_at.is_(None), nodes.c.heartbeat_at < cutoff
+            )
+            if exclude is not None:
+                query = query.where(nodes.c.id != exclude)
+            stale = list(conn.execute(query).scalars())
+        reaped = []
+        for node in stale:
+            with self._tx(write=True) as conn:
+                now = self._db_now(conn)
+                cutoff = now - timedelta(seconds=timeout)
+                claimed = conn.execute(
+                    nodes.update()
+                    .where(
+                        nodes.c.id == node,
+                        nodes.c.stopped_at.is_(None),
+                        nodes.c.heartbeat_at < cutoff,
+                    )
+                    .values(stopped_at=now)
+                    .returning(nodes.c.heartbeat_at)
+                ).first()
+                if claimed is None:
+                    continue  # another relay reaped it, or it came back
+                owned = sa.select(sessions.c.id).where(sessions.c.node == node)
+                approvals_done = conn.execute(
+                    approvals.update()
+                    .where(approvals.c.status == "pending", approvals.c.session_id.in_(owned))
+                    .values(status="interrupted", resolved_at=now, reason=f"relay {node} lost")
+                ).rowcount
+                sessions_done = conn.execute(
+                    sessions.update()
+                    .where(sessions.c.node == node, sessions.c.ended_at.is_(None))
+                    .values(status="interrupted", ended_at=now)
+                ).rowcount
+            reaped.append(
+                {
+                    "node": node,
+                    "heartbeat_at": claimed[0],
+                    "approvals": approvals_done,
+                    "sessions": sessions_done,
+                }
+            )
+        return reaped
+
+    def notify_approval(self, approval_id: int) -> None:
+        """Announce a decision on ``approval_id`` to the relays listening on
+        :data:`APPROVALS_CHANNEL` (PostgreSQL); nothing on SQLite, where the one relay
+        made the decision itself or polls for it."""
+        if self._engine.dialect.name != "postgresql":
+            return
+        with self._tx(write=False) as conn:
+            conn.execute(sa.select(sa.func.pg_notify(APPROVALS_CHANNEL, str(approval_id))))
+
+    def libpq_url(self) -> str | None:
+        """The PostgreSQL store as a libpq URL with its password (for a separate LISTEN
+        connection); None for SQLite. Never log it."""
+        url = self._engine.url
+        if url.get_backend_name() != "postgresql":
+            return None
+        return url.set(drivername="postgresql").render_as_string(hide_password=False)

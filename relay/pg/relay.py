@@ -27,12 +27,13 @@ from typing import Any
 
 from recorder.config import TargetConfig
 from recorder.masking import luhn_valid
-from recorder.recording import CastWriter, RecordingError
+from recorder.recording import CastWriter, DiscardWriter, RecordingError
 from recorder.session import SessionRecorder
+from recorder.store import StoreError
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
 from relay.pg import protocol as p
-from relay.pg.sql import SqlGate
+from relay.pg.sql import TOO_LONG, TOO_LONG_RULE, SqlGate
 from relay.pg.transcript import Transcript
 from relay.pg.upstream import Upstream, UpstreamError, connect, resolve_mask_columns
 from relay.policy import Decision
@@ -198,6 +199,11 @@ class PgSession:
         self.statements = 0
         self._early = b""
         self._cast_buf: list[str] = []
+        # The target's own FATAL message (masked), once it sent one: it is ending the
+        # connection and has told the client why.
+        self._target_fatal: str | None = None
+        self._rec_failed = False
+        self._loop = asyncio.get_event_loop()
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -225,7 +231,8 @@ class PgSession:
                 {"error": str(exc)},
             )
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
-            self.status = "disconnected"
+            if self.status != "recording failed":  # the relay closed it on purpose
+                self.status = "disconnected"
         except Exception as exc:
             log.exception("pg.session_error", extra={"session": self.id})
             self.status = "error"
@@ -412,9 +419,10 @@ class PgSession:
             )
             await self._fatal("08006", f"castgate: {exc}")
             return False
-        self._open_recording()
+        failure = self._open_recording()
+        # The session row first, even for a refused session: the row says why.
         await asyncio.to_thread(
-            self.ctx.store.create_session,
+            self.ctx.spool.create_session,
             self.id,
             identity=ident.name,
             target=target.name,
@@ -426,6 +434,10 @@ class PgSession:
             cast_path=str(self.ctx.cfg.recordings_dir / f"{self.id}.cast"),
             title=f"{ident.name}@{target.name}",
         )
+        if failure is not None:
+            self._recording_failed(failure, at_start=True)
+            if self.status == "recording failed":
+                return False
         self.ctx.live[self.id] = self
         self.ctx.emit(
             "session.start",
@@ -441,6 +453,11 @@ class PgSession:
             out += p.parameter_status(k, v)
         self.cancel_key = self.listener.cancels.issue(target, self.up.pid, self.up.key)
         out += p.backend_key_data(*self.cancel_key)
+        if failure is not None:
+            out += p.notice_response(
+                f"castgate: this session cannot be recorded ({failure.rsplit(': ', 1)[-1]}); "
+                "it continues unrecorded"
+            )
         out += p.ready_for_query(self.up.status)
         await self._send(bytes(out))
         return True
@@ -464,12 +481,17 @@ class PgSession:
             w.close()
         self.ctx.emit("pg.cancel", None, "success", self.peer, f"postgres:{target.name}", None)
 
-    def _open_recording(self) -> None:
+    def _open_recording(self) -> str | None:
+        """Open the cast; returns why it could not be, or None. A failed cast is
+        replaced by a DiscardWriter, so the transcript and the live view go on."""
         assert self.ident is not None and self.target is not None
         cfg = self.ctx.cfg
+        path = cfg.recordings_dir / f"{self.id}.cast"
+        failure = None
+        writer: CastWriter
         try:
             writer = CastWriter(
-                cfg.recordings_dir / f"{self.id}.cast",
+                path,
                 width=120,
                 height=40,
                 session_id=self.id,
@@ -484,11 +506,11 @@ class PgSession:
                     "target": self.target.name,
                     "protocol": "postgres",
                 },
+                on_error=self._writer_failed,
             )
-        except RecordingError:
-            if cfg.recording.on_failure == "terminate":
-                raise
-            return
+        except RecordingError as exc:
+            failure = str(exc)
+            writer = DiscardWriter(path, session_id=self.id, width=120, height=40, error=failure)
         live = self.ctx.hub.open(
             self.id,
             {"identity": self.ident.name, "target": self.target.name, "protocol": "postgres"},
@@ -503,12 +525,10 @@ class PgSession:
             self.transcript.banner(self.ident.name, self.target.database or self.target.name)
         )
         self._flush_cast()
+        return failure
 
     def _checkpoint(self, lines: int, chain_hash: str) -> None:
-        try:
-            self.ctx.store.add_checkpoint(self.id, lines, chain_hash)
-        except Exception:
-            log.exception("store.checkpoint_failed", extra={"session": self.id})
+        self.ctx.checkpoint(self.id, lines, chain_hash)  # from the writer pool
 
     def _write_cast(self, text: str) -> None:
         """Queue transcript text (built from masked parts); written by ``_flush_cast``
@@ -523,29 +543,62 @@ class PgSession:
         try:
             self.rec.output_masked(text.encode())
         except RecordingError as exc:
-            rec, self.rec = self.rec, None
+            self._recording_failed(str(exc))
+
+    def _recording_failed(self, message: str, *, at_start: bool = False) -> None:
+        """Apply ``recording.on_failure`` once: the recording is aborted (left unsealed,
+        verifiable up to its last complete line) and replaced by a DiscardWriter;
+        ``terminate`` ends the connection with a FATAL error naming the cause,
+        ``continue`` sends a notice and goes on unrecorded. Also the writer pool's
+        ``on_error`` hook, called on the loop."""
+        if self._rec_failed:
+            return
+        self._rec_failed = True
+        rec = self.rec
+        if rec is not None and not isinstance(rec.writer, DiscardWriter):
             rec.writer.abort()
-            self.ctx.emit(
-                "recording.failure",
-                self.ident.name if self.ident else None,
-                "failure",
-                self.peer,
-                "postgres",
-                {"error": str(exc)},
-                session_id=self.id,
-            )
-            if self.ctx.cfg.recording.on_failure == "terminate":
-                self.status = "recording failed"
-                self.cw.write(
-                    p.error_response(
-                        "58030",
-                        f"castgate: recording failed ({exc}); session terminated",
-                        severity="FATAL",
+            rec.writer = DiscardWriter.replacing(rec.writer, message)
+        terminate = self.ctx.cfg.recording.on_failure == "terminate"
+        action = ("refused" if at_start else "terminated") if terminate else "continued"
+        self.ctx.recording_failed(
+            session_id=self.id,
+            actor=self.ident.name if self.ident else None,
+            origin=self.peer,
+            resource=f"postgres:{self.target.name if self.target else ''}",
+            error=message,
+            action=action,
+        )
+        # The client learns the cause, not the relay's file paths.
+        why = message.rsplit(": ", 1)[-1]
+        if not terminate:
+            if not at_start:  # at start, the notice goes with the startup answer
+                with contextlib.suppress(Exception):
+                    self.cw.write(
+                        p.notice_response(
+                            f"castgate: this session cannot be recorded ({why}); it "
+                            "continues unrecorded"
+                        )
                     )
+            return
+        self.status = "recording failed"
+        text = "connection refused" if at_start else "session terminated"
+        with contextlib.suppress(Exception):
+            self.cw.write(
+                p.error_response(
+                    "58030",
+                    f"castgate: this session cannot be recorded ({why}); {text}",
+                    severity="FATAL",
                 )
-                self.cw.close()
-                if self.up is not None:
-                    self.up.writer.close()
+            )
+            self.cw.close()
+        if self.up is not None:
+            with contextlib.suppress(Exception):
+                self.up.writer.close()
+
+    def _writer_failed(self, message: str) -> None:
+        """``on_error`` of the cast writer: runs in a writer thread."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to end
+            self._loop.call_soon_threadsafe(self._recording_failed, message)
 
     def _marker(self, text: str) -> None:
         if self.rec is not None:
@@ -560,8 +613,15 @@ class PgSession:
             asyncio.ensure_future(self._client_loop()),
             asyncio.ensure_future(self._server_loop()),
         ]
+        client, server = tasks
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            # The server side ended first, and not because the relay closed it.
+            if server in done and client not in done and self.status in ("closed", "target closed"):
+                exc = server.exception()
+                if exc is None or isinstance(exc, OSError):
+                    await self._target_lost(exc)
+                    return
             for t in done:
                 exc = t.exception()
                 if exc is not None:
@@ -573,9 +633,44 @@ class PgSession:
                 with contextlib.suppress(BaseException):
                     await t
 
+    async def _target_lost(self, exc: BaseException | None) -> None:
+        """The target ended the connection (backend terminated, server stopped or
+        killed, connection reset): log the statements it left unanswered, tell the client
+        with a FATAL naming the target (unless the target's own FATAL, rewritten to name
+        it, already did), and write an audit event. ``_close`` then seals the cast."""
+        assert self.ident is not None and self.target is not None
+        name = self.target.name
+        self.status = "target lost"
+        pending = list(self.pending)
+        if self._target_fatal is not None and pending and isinstance(pending[0], _Query):
+            pending = pending[1:]  # the FATAL logged it as an error already
+        for req in pending:
+            if isinstance(req, _Execute) or (isinstance(req, _Query) and req.log):
+                self._log(req.text, "allow", None, "target lost")
+        self.pending.clear()
+        reason = self._target_fatal
+        if reason is None:
+            reason = f"castgate: target {name} closed the connection" + (f" ({exc})" if exc else "")
+            if self.transcript is not None:
+                self._write_cast(self.transcript.error("FATAL", reason, None))
+            with contextlib.suppress(OSError, ConnectionError):
+                await self._send(p.error_response("08006", reason, severity="FATAL"))
+        self._flush_cast()
+        self.ctx.emit(
+            "target.lost",
+            self.ident.name,
+            "failure",
+            self.peer,
+            f"postgres:{name}",
+            {"reason": reason},
+            session_id=self.id,
+        )
+
     def _decide(self, text: str) -> Decision:
         assert self.ident is not None and self.target is not None
         nodes = self.listener.gate.nodes(text)
+        if nodes is not None and TOO_LONG in nodes:
+            return Decision("block", TOO_LONG_RULE)
         return self.ctx.policy.decide(
             target=self.target.name, groups=self.ident.groups, command=text, sql_nodes=nodes
         )
@@ -598,7 +693,10 @@ class PgSession:
             )
             return False, f"castgate: blocked by rule {rule.name}"
 
+        asked: list[int] = []
+
         def requested(approval_id: int) -> None:
+            asked.append(approval_id)
             self._marker(f"approval #{approval_id} requested (rule {rule.name})")
             self.cw.write(
                 p.notice_response(
@@ -606,14 +704,45 @@ class PgSession:
                 )
             )
 
-        outcome = await self.ctx.broker.wait(
-            session_id=self.id,
-            identity=self.ident.name,
-            target=self.target.name,
-            command=masked,
-            rule=rule,
-            on_requested=requested,
-        )
+        try:
+            if self.ctx.spool.pending:
+                raise StoreError("audit store unavailable (writes are being spooled)")
+            outcome = await self.ctx.broker.wait(
+                session_id=self.id,
+                identity=self.ident.name,
+                target=self.target.name,
+                command=masked,
+                rule=rule,
+                on_requested=requested,
+            )
+        except StoreError as exc:
+            # Fail closed: without its store an approval can be neither asked nor awaited.
+            approval_id = asked[0] if asked else None
+            if approval_id is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(
+                        self.ctx.spool.set_approval_status,
+                        approval_id,
+                        "interrupted",
+                        reason="approval store unavailable",
+                    )
+            self._marker(f"refused: approval store unavailable (rule {rule.name})")
+            self._log(masked, "approve", rule.name, "store unavailable")
+            self.ctx.emit(
+                "command.approval",
+                self.ident.name,
+                "failure",
+                self.peer,
+                f"postgres:{self.target.name}",
+                {
+                    "rule": rule.name,
+                    "approval": approval_id,
+                    "status": "store unavailable",
+                    "error": str(exc),
+                },
+                session_id=self.id,
+            )
+            return False, f"castgate: approval store unavailable; refused (rule {rule.name})"
         self._marker(outcome.describe())
         self.ctx.emit(
             "command.approval",
@@ -751,13 +880,21 @@ class PgSession:
             return body
         counts = self.rec.input_counts if self.rec else None
         out: bytearray | None = None
+        end = len(body)
+        if end < 2:
+            raise p.ProtocolError("malformed DataRow message")
         (n,) = struct.unpack_from("!h", body, 0)
         pos = 2
         for i in range(n):
+            if pos + 4 > end:
+                raise p.ProtocolError("malformed DataRow message")
             (length,) = struct.unpack_from("!i", body, pos)
             pos += 4
             if length < 0:
                 continue
+            if pos + length > end:
+                # A short value would be masked into a row of another length.
+                raise p.ProtocolError("malformed DataRow message")
             v = body[pos : pos + length]
             field = cols.fields[i] if cols is not None and i < len(cols.fields) else None
             fmt = field.format if field is not None else 0
@@ -868,7 +1005,7 @@ class PgSession:
         rows, self._log_rows = self._log_rows, []
         self._last_flush = time.monotonic()
         try:
-            await asyncio.to_thread(self.ctx.store.add_finished_commands, rows)
+            await asyncio.to_thread(self.ctx.spool.add_finished_commands, rows)
         except Exception:
             log.exception("store.query_log_failed", extra={"session": self.id, "rows": len(rows)})
 
@@ -883,6 +1020,13 @@ class PgSession:
                 return p.fields_body(new), text, None
         masker = self.ctx.masker
         new_fields = [(c, masker.mask(v) if c in "MDHWqPp" or c == "d" else v) for c, v in fields]
+        severity = dict(fields).get("V") or dict(fields).get("S")
+        if severity in ("FATAL", "PANIC") and self.target is not None:
+            # The target is ending the connection: the client learns which target did.
+            new_fields = [
+                (c, f"target {self.target.name}: {v}" if c == "M" else v) for c, v in new_fields
+            ]
+            self._target_fatal = next((v for c, v in new_fields if c == "M"), "")
         detail = next((v for c, v in new_fields if c == "D"), None)
         message = next((v for c, v in new_fields if c == "M"), "")
         return p.fields_body(new_fields), message, detail
@@ -1053,13 +1197,13 @@ class PgSession:
                         "statements": self.statements,
                     },
                 )
-                manifest = rec.manifest
-                self.ctx.track(asyncio.ensure_future(self.ctx.index_cast(rec.writer.path)))
-            except RecordingError:
-                log.exception("recording.seal_failed", extra={"session": self.id})
-        await self.ctx.end_session(
-            self.id, rec if manifest is not None else None, status=self.status
-        )
+                manifest = rec.manifest or None  # empty: the recording had failed
+                if manifest is not None:
+                    self.ctx.track(asyncio.ensure_future(self.ctx.index_cast(rec.writer.path)))
+            except RecordingError as exc:
+                self._recording_failed(str(exc))
+        # After a failure: how far the unsealed cast got, and no manifest.
+        await self.ctx.end_session(self.id, rec, status=self.status)
         self.ctx.emit(
             "session.end",
             self.ident.name,

@@ -88,7 +88,14 @@ async def connect(
         raise
     except (OSError, TimeoutError, asyncio.IncompleteReadError, p.ProtocolError) as exc:
         writer.close()
-        raise UpstreamError(f"target {target.name}: {exc or type(exc).__name__}") from None
+        # str(), not the exception: an exception is always truthy, and a timeout's
+        # text is empty.
+        why = str(exc) or (
+            f"no answer within {timeout:g} s"
+            if isinstance(exc, TimeoutError)
+            else type(exc).__name__
+        )
+        raise UpstreamError(f"target {target.name}: {why}") from None
 
 
 async def _authenticate(up: Upstream, target: TargetConfig, password: str) -> None:

@@ -1,14 +1,17 @@
 """PAN canary: push test card numbers through every path of the relay (SSH output, input,
-exec arguments, approval requests; PostgreSQL rows, query literals, COPY, error
-details), then scan every file, the store and every log line the relay produced. Zero
-raw card numbers may remain anywhere (PCI DSS 3.4.1, 3.5.1, 12.10.7)."""
+exec arguments, approval requests and their webhook bodies; PostgreSQL rows, query
+literals, COPY, error details; metrics; an evidence bundle), then scan every file, the
+store and every log line the relay produced. Zero raw card numbers may remain anywhere
+(PCI DSS 3.4.1, 3.5.1, 12.10.7)."""
 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import re
 import subprocess
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -31,10 +34,32 @@ def test_no_raw_card_number_anywhere(
     sshd_target: SshTarget, postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
     _prepare_app_db(postgres_server)
+    hook_bodies: list[bytes] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hook_bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    rule = f"""
+[[rules]]
+name = "canary-hook"
+command = '^canary-deploy'
+action = "approve"
+approvers = ["sre"]
+timeout = "20s"
+webhook = "http://127.0.0.1:{hook.server_address[1]}/hook"
+"""
     relay = start_relay(
         tmp_path / "canary",
         sshd_target,
-        extra=PG_TARGETS.format(port=postgres_server.port),
+        extra=PG_TARGETS.format(port=postgres_server.port) + rule,
         env={"APPDB_PASSWORD": APP_PASSWORD},
     )
     visa, mc, amex, disc = PANS
@@ -62,13 +87,23 @@ def test_no_raw_card_number_anywhere(
                 await proc.wait()
 
         asyncio.run(shell())
+        api = f"http://127.0.0.1:{relay.api_port}"
+        held = subprocess.Popen(
+            ["ssh", *relay.ssh_args(), "web@127.0.0.1", f"canary-deploy {amex}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: bool(hook_bodies), 20)
+        assert b"canary-deploy" in hook_bodies[0] and not _raw_hits(b"".join(hook_bodies))
+        held.kill()
+        held.wait(30)
         held = subprocess.Popen(
             ["ssh", *relay.ssh_args(), "web@127.0.0.1", f"systemctl restart card-{visa}"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        api = f"http://127.0.0.1:{relay.api_port}"
 
         def pending() -> list[dict[str, object]]:
             req = urllib.request.Request(
@@ -78,10 +113,13 @@ def test_no_raw_card_number_anywhere(
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return list(json.loads(resp.read())["approvals"])
 
-        wait_for(lambda: bool(pending()), 20)
+        def restart_pending() -> list[dict[str, object]]:
+            return [a for a in pending() if a.get("rule") == "restart-needs-approval"]
+
+        wait_for(lambda: bool(restart_pending()), 20)
         listed = json.dumps(pending())
         assert visa not in listed and visa[:6] in listed
-        aid = pending()[0]["id"]
+        aid = restart_pending()[0]["id"]
         req = urllib.request.Request(
             api + f"/api/v1/approvals/{aid}/deny",
             data=json.dumps({"reason": f"no, and here is a card {mc}"}).encode(),
@@ -114,8 +152,18 @@ def test_no_raw_card_number_anywhere(
             timeout=10,
         ) as resp:
             assert not _raw_hits(resp.read())
+        # An evidence bundle of every session, as an auditor would take it.
+        bundle = tmp_path / "evidence"
+        ev = relay.castgate("evidence", "--since", "2000-01-01", "-o", str(bundle), timeout=120)
+        assert ev.returncode == 0, ev.stderr
     finally:
         assert relay.stop() == 0
+        hook.shutdown()
+        hook.server_close()
+    for path in bundle.rglob("*"):
+        if path.is_file():
+            assert not _raw_hits(path.read_bytes()), path
+    assert list(bundle.rglob("*.cast")), "the bundle holds the casts it scanned"
 
     # Everything the relay wrote: casts, chains, manifests, the store (and its WAL), logs.
     hits: dict[str, list[str]] = {}

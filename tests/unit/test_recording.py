@@ -231,3 +231,37 @@ def test_threaded_writer_seals_the_same_verifiable_cast(tmp_path: Path) -> None:
     (tmp_path / "t.cast").write_bytes(b"\n".join(lines) + b"\n")
     report = verify_cast(tmp_path / "t.cast", KEY.public)
     assert report.verdict is Verdict.TAMPERED and report.first_bad_line == 101
+
+
+def test_nul_bytes_are_counted_not_written(tmp_path: Path) -> None:
+    w = CastWriter(tmp_path / "n.cast", width=80, height=24, session_id="n", signing_key=KEY)
+    w.output(b"\x00" * 4096)  # all NUL: no event at all
+    w.output(b"ab\x00c\x00\x00d\r\n")
+    manifest = w.close()
+    events = [json.loads(line) for line in read_lines(tmp_path / "n.cast")[1:]]
+    assert [e[2] for e in events if e[1] == "o"] == ["abcd\r\n"]
+    assert b"\\u0000" not in (tmp_path / "n.cast").read_bytes()
+    assert manifest["nul_bytes"] == 4096 + 3 and w.bytes_out == 4096 + 9
+    assert verify_cast(tmp_path / "n.cast", KEY.public).verdict is Verdict.INTACT
+
+
+def test_pool_serves_many_threaded_writers_in_order(tmp_path: Path) -> None:
+    writers = [
+        CastWriter(
+            tmp_path / f"w{i}.cast",
+            width=80,
+            height=24,
+            session_id=f"w{i}",
+            signing_key=KEY,
+            threaded=True,
+        )
+        for i in range(40)
+    ]
+    for n in range(300):
+        for i, w in enumerate(writers):
+            w.output(f"{i}:{n}\r\n".encode())
+    for i, w in enumerate(writers):
+        w.close()
+        out = [json.loads(line)[2] for line in read_lines(tmp_path / f"w{i}.cast")[1:]]
+        assert out == [f"{i}:{n}\r\n" for n in range(300)]
+        assert verify_cast(tmp_path / f"w{i}.cast", KEY.public).verdict is Verdict.INTACT

@@ -95,6 +95,9 @@ def test_frame_draws_changed_rows_and_status(tmp_path: Path) -> None:
     # A viewer smaller than the recording: the status line takes the last row.
     small = p.frame(10, 3, full=True)
     assert "\x1b[3;1H" in small
+    # A fresh pty reports 0x0: still one row and the status line, no crash.
+    tiny = p.frame(0, 0, full=True)
+    assert "\x1b[1;1H" in tiny and "\x1b[2;1H" in tiny
 
 
 def test_render_row_styles_and_clipping() -> None:

@@ -31,6 +31,7 @@ TABLES = {
     "approval_decisions",
     "checkpoints",
     "manifests",
+    "nodes",
 }
 
 
@@ -113,7 +114,7 @@ def _race(n: int, action: Callable[[int], Any]) -> list[Any]:
 def test_open_migrates_to_head_and_reopening_changes_nothing(store_url: str) -> None:
     first = Store.open(store_url)
     try:
-        assert first.schema_version == "0001"
+        assert first.schema_version == "0002"
         first.add_event("relay.start", None, "success", "node-a", "relay")
     finally:
         first.close()
@@ -129,7 +130,7 @@ def test_open_migrates_to_head_and_reopening_changes_nothing(store_url: str) -> 
 
     again = Store.open(store_url)
     try:
-        assert again.schema_version == "0001"
+        assert again.schema_version == "0002"
         assert [e["kind"] for e in again.list_events()] == ["relay.start"]
     finally:
         again.close()
@@ -137,7 +138,7 @@ def test_open_migrates_to_head_and_reopening_changes_nothing(store_url: str) -> 
     try:
         with engine.connect() as conn:
             versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).all()
-        assert [v[0] for v in versions] == ["0001"]
+        assert [v[0] for v in versions] == ["0002"]
     finally:
         engine.dispose()
 
@@ -176,14 +177,14 @@ def test_relays_starting_together_migrate_once(store_url: str) -> None:
         p.stdin.flush()
     outcomes = [p.communicate(timeout=60) for p in procs]
     results = [(p.returncode, out.strip()) for p, (out, _) in zip(procs, outcomes, strict=True)]
-    assert results == [(0, "0001")] * 3, outcomes
+    assert results == [(0, "0002")] * 3, outcomes
 
 
 def test_stores_opened_together_in_one_process(store_url: str) -> None:
     opened = _race(3, lambda _: Store.open(store_url))
     try:
         assert all(isinstance(s, Store) for s in opened), opened
-        assert {s.schema_version for s in opened} == {"0001"}
+        assert {s.schema_version for s in opened} == {"0002"}
     finally:
         for s in opened:
             if isinstance(s, Store):
