@@ -409,3 +409,31 @@ class Held:
         self.proc.stdout.close()
         self.proc.stderr.close()
         return code
+
+
+class Streamer:
+    """``ssh web@relay`` printing a line every 20 ms until the relay goes away."""
+
+    def __init__(self, relay: Relay, marker: str) -> None:
+        loop = f"while :; do echo tick-{marker}; sleep 0.02; done"
+        self.proc = subprocess.Popen(
+            ["ssh", *relay.ssh_args(), "web@127.0.0.1", loop],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self.ticks = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for _line in self.proc.stdout:
+            self.ticks += 1
+
+    def finish(self) -> int:
+        code = self.proc.wait(30)
+        self._reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return code

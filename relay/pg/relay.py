@@ -1036,6 +1036,9 @@ class PgSession:
         dec = p.MessageDecoder()
         pending = self.pending
         reader = self.up.reader
+        # RowDescriptions repeat (the same statements run again and again): parsed and
+        # matched against mask_columns once per distinct message.
+        described: dict[bytes, tuple[list[p.Field], _Columns | None]] = {}
         # Messages that arrived with the authentication exchange.
         while True:
             data = await reader.read(65536)
@@ -1044,6 +1047,9 @@ class PgSession:
                     self.status = "target closed"
                 return
             out = bytearray()
+            # Transcript work waits until the client has its answer (it is for the
+            # recording, not for the client), in the order the messages came.
+            todo: list[tuple[Any, ...]] | None = [] if self.transcript is not None else None
             for msg in dec.feed(data):
                 t = msg.type
                 if t == b"D":
@@ -1055,11 +1061,12 @@ class PgSession:
                     elif isinstance(head, _Query):
                         head.rows += 1
                     body = self._mask_row(msg.body)
-                    if self.transcript is not None:
-                        self.transcript.add_row(body)
+                    if todo is not None:
+                        todo.append((0, body))
                     out += p.message(b"D", body) if body is not msg.body else msg.raw()
                 elif t == b"T":
-                    fields = p.parse_row_description(msg.body)
+                    seen = described.get(msg.body)
+                    fields = seen[0] if seen is not None else p.parse_row_description(msg.body)
                     head = pending[0] if pending else None
                     if isinstance(head, _Describe):
                         pending.popleft()
@@ -1070,11 +1077,14 @@ class PgSession:
                         if head.hidden:
                             continue
                     else:
-                        self.columns = self._columns_for(fields)
-                        if self.transcript is not None:
-                            self.transcript.columns(
-                                [f.name for f in fields], [f.format for f in fields]
-                            )
+                        cols = seen[1] if seen is not None else None
+                        if cols is None:
+                            cols = self._columns_for(fields)
+                            if len(described) < 256:
+                                described[msg.body] = (fields, cols)
+                        self.columns = cols
+                        if todo is not None:
+                            todo.append((1, fields))
                     out += msg.raw()
                 elif t == b"C":
                     tag, count = p.parse_command_complete(msg.body)
@@ -1088,8 +1098,8 @@ class PgSession:
                         elapsed = (time.monotonic() - head.started) * 1000
                         if head.log:
                             self._log(head.text, "allow", None, tag, count, elapsed)
-                    if self.transcript is not None:
-                        self._write_cast(self.transcript.complete(tag, elapsed))
+                    if todo is not None:
+                        todo.append((2, tag, elapsed))
                     self.columns = None
                     out += msg.raw()
                 elif t in (b"E", b"N"):
@@ -1106,9 +1116,8 @@ class PgSession:
                             while pending and not isinstance(pending[0], _Sync):
                                 pending.popleft()
                         self.columns = None
-                    if self.transcript is not None:
-                        sev = next((v for c, v in p.parse_fields(body) if c == "S"), "ERROR")
-                        self._write_cast(self.transcript.error(sev, message, detail))
+                    if todo is not None:
+                        todo.append((3, body, message, detail))
                     out += p.message(t, body)
                 elif t == b"Z":
                     head = pending[0] if pending else None
@@ -1157,9 +1166,29 @@ class PgSession:
                     out += msg.raw()
             if out:
                 self.cw.write(out)
+            if todo:
+                self._transcribe(todo)
             self._flush_cast()
             await self.cw.drain()
             await self._flush_log()
+
+    def _transcribe(self, todo: list[tuple[Any, ...]]) -> None:
+        """Draw the messages of one read into the transcript (see ``_server_loop``)."""
+        tr = self.transcript
+        if tr is None:
+            return
+        for item in todo:
+            kind = item[0]
+            if kind == 0:
+                tr.add_row(item[1])
+            elif kind == 1:
+                fields = item[1]
+                tr.columns([f.name for f in fields], [f.format for f in fields])
+            elif kind == 2:
+                self._write_cast(tr.complete(item[1], item[2]))
+            else:
+                sev = next((v for c, v in p.parse_fields(item[1]) if c == "S"), "ERROR")
+                self._write_cast(tr.error(sev, item[2], item[3]))
 
     def _execute_columns(self, ex: _Execute) -> _Columns | None:
         fields = self.portal_desc.get(ex.portal)

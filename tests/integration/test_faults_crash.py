@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from recorder.integrity import manifest_path
 from recorder.recovery import REASON
 from recorder.store import Store
 from tests.fix_pg_relay import APP_PASSWORD, PG_TARGETS, PgRelay
-from tests.fix_relay import TOKENS, Held, Relay, launch, start_relay, wait_for
+from tests.fix_relay import TOKENS, Held, Relay, Streamer, launch, start_relay, wait_for
 from tests.fix_sshd import SshTarget
 
 HOLD_RULE = """
@@ -31,34 +29,6 @@ approvers = ["sre"]
 min_approvals = 2
 timeout = "30m"
 """
-
-
-class Streamer:
-    """``ssh web@relay`` printing a line every 20 ms until the relay goes away."""
-
-    def __init__(self, relay: Relay, marker: str) -> None:
-        loop = f"while :; do echo tick-{marker}; sleep 0.02; done"
-        self.proc = subprocess.Popen(
-            ["ssh", *relay.ssh_args(), "web@127.0.0.1", loop],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        self.ticks = 0
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for _line in self.proc.stdout:
-            self.ticks += 1
-
-    def finish(self) -> int:
-        code = self.proc.wait(30)
-        self._reader.join(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return code
 
 
 def store_of(relay: Relay) -> Store:

@@ -30,9 +30,10 @@ from recorder.objectstore import (
     write_marker,
 )
 from recorder.signing import PUBLIC_NAME
+from recorder.store import Store
 from relay.uploader import Uploader
 from tests.fix_cluster import start_deployment
-from tests.fix_relay import CASTGATE, TOKENS, Relay, launch, start_relay, wait_for
+from tests.fix_relay import CASTGATE, TOKENS, Relay, Streamer, launch, start_relay, wait_for
 from tests.fix_s3 import CREDENTIALS, S3Server
 from tests.fix_sshd import SshTarget
 
@@ -410,3 +411,44 @@ def test_uploader_ships_what_it_finds_at_start_and_finishes_deletions(
     assert unsealed.exists()
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
     assert keys == {f"rec/s{i}.cast{s}" for i in (0, 1) for s in ("", ".chain", ".manifest.json")}
+
+
+def test_a_sigkilled_relay_uploads_its_recovered_casts_at_restart(
+    sshd_target: SshTarget, s3_server: S3Server, tmp_path: Path, creds: None
+) -> None:
+    """Issue 8's crash case end to end: a relay shipping to S3 is killed mid-session;
+    at restart crash recovery seals the cast up to its last fsync, the start scan
+    uploads it, and once the local copy is gone verify reads it from S3 and finds it
+    truncated but authentic."""
+    bucket = s3_server.bucket()
+    relay = s3_relay(tmp_path / "relay", sshd_target, s3_server, bucket, keep_local=False)
+    try:
+        streamer = Streamer(relay, "crash-s3")
+        try:
+            wait_for(lambda: streamer.ticks > 20, 30)
+            status, body = api(relay, "/api/v1/sessions?live=true")
+            assert status == 200
+            (sid,) = [s["id"] for s in json.loads(body)["sessions"]]
+            with Store.open(load_config(relay.config).store_url()) as store:
+                wait_for(lambda: store.latest_checkpoint(sid) is not None, 20)
+            seen = streamer.ticks
+            wait_for(lambda: streamer.ticks > seen + 10, 20)
+            relay.proc.kill()  # SIGKILL: nothing flushed, sealed or uploaded
+            relay.proc.wait(10)
+        finally:
+            streamer.finish()
+        assert not (relay.recordings() / f"{sid}.cast.manifest.json").exists()
+        launch(relay, CREDENTIALS)
+        wait_for((relay.recordings() / f"{sid}.cast.uploaded").exists, 30)
+        wait_for(lambda: not (relay.recordings() / f"{sid}.cast").exists(), 30)
+        keys = [
+            o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+        ]
+        assert f"rec/{sid}.cast" in keys and f"rec/{sid}.cast.manifest.json" in keys
+        verify = relay.castgate("verify", sid)
+        assert verify.returncode == 1, verify.stdout + verify.stderr  # truncated: exit 1
+        assert "TRUNCATED-AUTHENTIC" in verify.stdout, verify.stdout
+        export = relay.castgate("export", sid, "--format", "txt")
+        assert export.returncode == 0 and "tick-crash-s3" in export.stdout, export.stderr
+    finally:
+        relay.stop()
