@@ -9,18 +9,19 @@ import logging
 import secrets
 import threading
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from recorder.config import Config, mask_policy
+from recorder.config import Config, RuleConfig, mask_policy
 from recorder.masking import Masker
 from recorder.session import SessionRecorder
 from recorder.signing import SigningKey
-from recorder.store import Store
+from recorder.store import Store, StoreError
 from recorder.store.spool import StoreSpool
-from relay.approvals import Broker
+from relay.approvals import Broker, Outcome
 from relay.cluster import Cluster, default_node_id, peer_token
 from relay.identity import Authenticator, Identity
 from relay.live import LiveHub
@@ -270,6 +271,30 @@ class RelayContext:
             resource,
             {"error": error, "on_failure": policy, "action": action},
             session_id=session_id,
+        )
+
+    async def await_approval(
+        self,
+        *,
+        session_id: str,
+        identity: str,
+        target: str,
+        command: str,
+        rule: RuleConfig,
+        on_requested: Callable[[int], None],
+    ) -> Outcome:
+        """Ask for an approval and wait for its decision (``Broker.wait``); StoreError
+        at once while store writes are being spooled: without its store an approval can
+        be neither asked nor awaited, so the caller fails closed."""
+        if self.spool.pending:
+            raise StoreError("audit store unavailable (writes are being spooled)")
+        return await self.broker.wait(
+            session_id=session_id,
+            identity=identity,
+            target=target,
+            command=command,
+            rule=rule,
+            on_requested=on_requested,
         )
 
     def checkpoint(self, session_id: str, lines: int, chain_hash: str) -> None:

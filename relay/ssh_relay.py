@@ -907,9 +907,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._flush_all()
 
         try:
-            if ctx.spool.pending:
-                raise StoreError("audit store unavailable (writes are being spooled)")
-            outcome: Outcome = await ctx.broker.wait(
+            outcome: Outcome = await ctx.await_approval(
                 session_id=self.id,
                 identity=self.ident.name,
                 target=self.target.name,

@@ -705,9 +705,7 @@ class PgSession:
             )
 
         try:
-            if self.ctx.spool.pending:
-                raise StoreError("audit store unavailable (writes are being spooled)")
-            outcome = await self.ctx.broker.wait(
+            outcome = await self.ctx.await_approval(
                 session_id=self.id,
                 identity=self.ident.name,
                 target=self.target.name,
