@@ -52,6 +52,14 @@ ENV_ALLOW = re.compile(r"^(LANG|LC_[A-Z]+|GIT_PROTOCOL|TZ)$")
 _SUBMIT = re.compile(rb"[\r\n]")
 _ECHO_QUIET = 0.03
 _ECHO_MAX = 0.5
+# Keystrokes queued behind a shell line that waits for its policy decision (an approval
+# can take minutes): past the high mark the agent's channel stops being read, so its SSH
+# window, not the relay's memory, holds the rest.
+_INPUT_HIGH = 1 << 20
+_INPUT_LOW = 256 << 10
+# Keystrokes (input = "all") waiting for their echo: never echoed this far means a
+# hidden prompt, and they are dropped unrecorded.
+_HELD_KEYS_MAX = 64 << 10
 _CONNECT_TIMEOUT = 15
 # Sessions (channels) one agent connection may hold open at once, as OpenSSH's
 # MaxSessions: each costs a recording, an upstream channel and a store row.
@@ -380,6 +388,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self._last_input = 0.0
         self._echoed = False
         self._held_keys = bytearray()
+        self._queued_in = 0
+        self._input_paused = False
         self._ended = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -457,6 +467,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self.chan.pause_reading()
         elif self._input is not None:
             self._input.put_nowait(data)
+            self._queued_in += len(data)
+            if self._queued_in > _INPUT_HIGH and not self._input_paused:
+                self._input_paused = True
+                self.chan.pause_reading()
         else:
             self._record_input(data)
             self.up_chan.write(data)
@@ -983,6 +997,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             if data is None:
                 up.write_eof()
                 return
+            self._queued_in -= len(data)
+            if self._input_paused and self._queued_in < _INPUT_LOW:
+                self._input_paused = False
+                self.chan.resume_reading()
             pos = 0
             for m in _SUBMIT.finditer(data):
                 if m.start() > pos:
@@ -1014,6 +1032,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._held_keys += data
             if self._echoed:
                 self._release_keys()
+            elif len(self._held_keys) > _HELD_KEYS_MAX:
+                self._held_keys.clear()
 
     def _release_keys(self) -> None:
         if self._held_keys:

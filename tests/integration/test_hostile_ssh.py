@@ -396,3 +396,39 @@ def test_data_before_the_session_starts(relay: Relay, client: paramiko.SSHClient
     held.close()
     pump.join(15)
     still_serves(relay)
+
+
+def test_keystrokes_behind_a_held_shell_line_are_flow_controlled(
+    relay: Relay, client: paramiko.SSHClient
+) -> None:
+    """In a PTY shell, a line waiting for approval holds the keystrokes typed after it;
+    past a megabyte of them the relay stops reading the channel, so a flood is held by
+    SSH flow control, not buffered in the relay."""
+    t = client.get_transport()
+    assert t is not None
+    chan = t.open_session()
+    chan.get_pty("xterm", 80, 24)
+    chan.invoke_shell()
+    chan.settimeout(30)
+    seen = b""
+    while b"# " not in seen and b"$ " not in seen:  # the prompt: the shell reads now
+        seen += chan.recv(65536)
+    chan.send(b"systemctl restart nothing\r")  # held: restart-needs-approval
+    while b"approval #" not in seen:
+        seen += chan.recv(65536)
+    sent = [0]
+
+    def flood() -> None:
+        chan.settimeout(10)
+        with contextlib.suppress(OSError, paramiko.SSHException):
+            while sent[0] < 64 << 20:
+                sent[0] += chan.send(b"x" * 65536)
+
+    pump = threading.Thread(target=flood, daemon=True)
+    pump.start()
+    pump.join(5)
+    # The 1 MiB high mark plus one SSH window (2 MiB) and what the socket buffers hold.
+    assert sent[0] < 12 << 20, sent[0]
+    chan.close()
+    pump.join(15)
+    still_serves(relay)
