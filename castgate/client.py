@@ -106,11 +106,14 @@ def cmd_sessions(api: Api, live: bool, as_json: bool) -> int:
         return 0
     if not rows:
         print("no sessions")
+    # The relay holding each session, once there is more than one in the deployment.
+    several = len({r.get("node") for r in rows}) > 1
     for r in rows:
+        node = f"  on {r.get('node')}" if several else ""
         print(
             printable(
                 f"{r['id']}  {r['status']:<12} {r['identity']}@{r['target']} ({r['protocol']})  "
-                f"{_fmt_time(r.get('started_at'))}  {r.get('title') or ''}"
+                f"{_fmt_time(r.get('started_at'))}{node}  {r.get('title') or ''}"
             )
         )
     return 0

@@ -163,6 +163,18 @@ def test_every_relay_registers_and_any_lists_all_sessions(deployment: Deployment
         r["node"] == node_name("b") and "ran-on-b" in (r["title"] or "")
         for r in json.loads(listed.stdout)
     )
+    # The plain listing names the relay of each session once there are several.
+    assert deployment["a"].ssh("web", "echo ran-on-a").returncode == 0
+    plain = subprocess.run(
+        [CASTGATE, "sessions", "-c", str(deployment["c"].config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "CASTGATE_TOKEN": TOKENS["alice"]},
+    )
+    assert plain.returncode == 0, plain.stderr
+    line = next(x for x in plain.stdout.splitlines() if on_b[0]["id"] in x)
+    assert f"on {node_name('b')}" in line, line
 
 
 # --- approvals across relays ------------------------------------------------------------
