@@ -82,12 +82,15 @@ def _say(msg: str) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    """User + system CPU seconds of a process and its live children so far (the
+    workers of ``castgate relay`` with ``listen.workers`` above one)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    own = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return own + sum(_cpu_seconds(int(c)) for c in children)
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
@@ -222,7 +225,7 @@ def bare(server: PostgresServer) -> Iterator[Endpoint]:
         _stop(proc)
 
 
-def relay_config(workdir: Path, server: PostgresServer) -> Path:
+def relay_config(workdir: Path, server: PostgresServer, workers: int = 1) -> Path:
     """The product's defaults where they matter (fsync_interval 1.0, max_result_rows 100,
     bin6-last4), the PostgreSQL target and rules of tests/fix_pg_relay.py with
     ``bigmask.pan`` added to its mask_columns, and the tests' custom pattern."""
@@ -236,6 +239,7 @@ data_dir = "data"
 ssh = ""
 postgres = "127.0.0.1:0"
 api = ""
+workers = {workers}
 [masking]
 patterns = [{{ name = "stripe-key", regex = "sk_live_[A-Za-z0-9]{{24}}" }}]
 [roles]
@@ -284,12 +288,13 @@ class RelayProc:
 
 
 @contextlib.contextmanager
-def relay(server: PostgresServer) -> Iterator[RelayProc]:
-    """A real ``castgate relay`` process; SIGTERM (then SIGKILL) on the way out."""
+def relay(server: PostgresServer, workers: int = 1) -> Iterator[RelayProc]:
+    """A real ``castgate relay`` process (with ``workers`` relay processes behind its
+    listener); SIGTERM (then SIGKILL) on the way out."""
     workdir = Path(tempfile.mkdtemp(prefix="castgate-bench-pgrelay-"))
     proc: subprocess.Popen[bytes] | None = None
     try:
-        config = relay_config(workdir, server)
+        config = relay_config(workdir, server, workers)
         proc = subprocess.Popen(
             [CASTGATE, "relay", "-c", str(config)],
             stdin=subprocess.DEVNULL,
@@ -299,6 +304,7 @@ def relay(server: PostgresServer) -> Iterator[RelayProc]:
         )
         logs: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
         listening: dict[str, Any] = {}
+        started = [0]
         ready = threading.Event()
         stderr = proc.stderr
         assert stderr is not None
@@ -312,7 +318,9 @@ def relay(server: PostgresServer) -> Iterator[RelayProc]:
                 logs.append(entry)
                 if entry.get("msg") == "relay.listening":
                     listening.update(entry)
-                    ready.set()
+                    started[0] += 1
+                    if started[0] == workers:
+                        ready.set()
             stderr.close()
 
         threading.Thread(target=pump, daemon=True).start()
@@ -685,6 +693,9 @@ def main() -> None:
         help="py-spy the relay after the figures (auto: when a target is missed)",
     )
     ap.add_argument("--profile-prefix", default="/tmp/bench-pg-relay")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="listen.workers of the relay (processes)"
+    )
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C, so every process started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -708,6 +719,7 @@ def main() -> None:
         "pattern), recording on (fsync_interval 1.0, max_result_rows 100), query log in "
         "SQLite; sslmode=disable on every path",
         "pgbench": f"-n -S -T {args.secs} -c 1 | -c 8 -j 2, scale {args.scale}",
+        "relay_workers": args.workers,
     }
     with postgres() as server:
         _say(f"postgres on {server.port}; preparing data")
@@ -716,7 +728,11 @@ def main() -> None:
         assert f"port={server.port}" in direct_dsn
         pgbench_init(pgbench, direct, args.scale)
         valid = fill_masked_table(direct, args.rows)
-        with pgbouncer(server) as bouncer, relay(server) as r, contextlib.ExitStack() as stack:
+        with (
+            pgbouncer(server) as bouncer,
+            relay(server, args.workers) as r,
+            contextlib.ExitStack() as stack,
+        ):
             eps = {"direct": direct, "pgbouncer": bouncer, "relay": r.endpoint}
             if not args.no_bare:
                 eps["bare"] = stack.enter_context(bare(server))

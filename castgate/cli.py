@@ -90,7 +90,17 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     if path is None:
         raise CliError("relay: no config (castgate relay -c castgate.toml)")
-    return run_relay(load_config(path))
+    cfg = load_config(path)
+    if args.worker is not None:
+        from relay.workers import worker_config
+
+        return run_relay(worker_config(cfg, args.worker), worker=args.worker)
+    workers = args.workers or cfg.listen.workers
+    if workers > 1:
+        from relay.workers import supervise
+
+        return supervise(cfg, path, workers)
+    return run_relay(cfg)
 
 
 def _api(args: argparse.Namespace) -> Api:
@@ -177,8 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", help="take the relay public key from this config")
     s.set_defaults(func=_cmd_verify)
 
-    s = sub.add_parser("relay", help="run the relay (SSH listener)")
+    s = sub.add_parser("relay", help="run the relay (SSH, PostgreSQL and API listeners)")
     s.add_argument("-c", "--config", help="castgate.toml (default: ./castgate.toml)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        choices=range(1, 65),
+        metavar="N",
+        help="relay processes sharing the listeners (default: listen.workers, 1)",
+    )
+    s.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     s.set_defaults(func=_cmd_relay)
 
     def client(name: str, text: str) -> argparse.ArgumentParser:

@@ -55,6 +55,9 @@ class ListenConfig(_Section):
     """host:port of the PostgreSQL wire listener; empty to disable."""
     api: str | None = "127.0.0.1:8420"
     """host:port of the HTTP control API; empty to disable."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Relay processes sharing these listeners (SO_REUSEPORT), one event loop and one
+    core each; above one they work as nodes of one deployment (see ``[cluster]``)."""
     postgres_tls_cert: str | None = None
     """PEM certificate for the PostgreSQL listener (default: generated in keys/)."""
     postgres_tls_key: str | None = None

@@ -56,6 +56,8 @@ class RelayContext:
     live: dict[str, Any] = field(default_factory=dict)
     _pending: set[asyncio.Task[Any]] = field(default_factory=set)
     _checkpoints: deque[tuple[str, int, str]] = field(default_factory=deque)
+    spool_dir: Path | None = None
+    """Where store writes are spooled during an outage (default data_dir/spool)."""
     _checkpoint_lock: threading.Lock = field(default_factory=threading.Lock)
     counters: Counter[tuple[str, str]] = field(default_factory=Counter)
     uploader: Uploader | None = None
@@ -76,7 +78,7 @@ class RelayContext:
         if self.peer_token is None:
             self.peer_token = peer_token(self.cfg)
         # Every store write of the relay goes through the spool (see recorder/store/spool.py).
-        self.spool = StoreSpool(self.store, self.cfg.data_path / "spool")
+        self.spool = StoreSpool(self.store, self.spool_dir or self.cfg.data_path / "spool")
 
     @property
     def hold_deadline(self) -> float:
@@ -145,9 +147,11 @@ class RelayContext:
         if self.uploader is not None:
             self.uploader.submit(path)
 
-    def start_uploads(self) -> None:
+    def start_uploads(self, *, scan: bool = True) -> None:
         """Start shipping sealed casts to ``[s3]`` (no-op without it); upload audit
-        events come back from the worker thread to this loop."""
+        events come back from the worker thread to this loop. ``scan``: also queue
+        the sealed casts found in the recordings directory (one relay process of a
+        machine does it, or two would ship the same files)."""
         from recorder.objectstore import ObjectStore
 
         if self.cfg.s3 is None:
@@ -162,6 +166,7 @@ class RelayContext:
             )
 
         self.uploader = Uploader(self.cfg, ObjectStore(self.cfg.s3), on_event)
+        self.uploader.scan_at_start = scan
         self.uploader.start()
 
     async def stop_uploads(self) -> None:

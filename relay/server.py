@@ -69,11 +69,24 @@ def split_address(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an explicit ':port'
 
 
-async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None = None) -> None:
-    """Run the relay until SIGTERM/SIGINT."""
+async def serve(
+    cfg: Config,
+    *,
+    ready: Callable[[dict[str, str]], None] | None = None,
+    worker: int | None = None,
+) -> None:
+    """Run the relay until SIGTERM/SIGINT. ``worker``: this process is one of several
+    sharing the listeners (relay/workers.py)."""
     store = await asyncio.to_thread(Store.open, cfg.store_url())
     cfg.recordings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ctx = RelayContext(cfg, store, SigningKey.load_or_create(cfg.keys_dir))
+    ctx = RelayContext(
+        cfg,
+        store,
+        SigningKey.load_or_create(cfg.keys_dir),
+        # Each worker spools its own writes (one file, one writer).
+        spool_dir=cfg.data_path / (f"spool-w{worker}" if worker is not None else "spool"),
+    )
+    shared = worker is not None  # SO_REUSEPORT: the kernel spreads connections
     # First: the writes an earlier run spooled while the store was away, so that crash
     # recovery and the stale-session sweep below see the store as that run left it.
     if ctx.spool.pending:
@@ -117,7 +130,8 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
     try:
         # After crash recovery, so its start scan ships the casts recovery sealed; before
         # the listeners, so a bad [s3] setting stops the relay before it accepts anyone.
-        ctx.start_uploads()
+        # One worker looks for what earlier runs left; each ships its own new casts.
+        ctx.start_uploads(scan=worker in (None, 0))
         if cfg.listen.ssh:
             host, port = split_address(cfg.listen.ssh, "ssh")
             ssh_server = await asyncssh.create_server(
@@ -133,20 +147,23 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
                 allow_pty=True,
                 login_timeout=30,
                 keepalive_interval=30,
+                reuse_port=shared,
             )
             sock = ssh_server.sockets[0].getsockname()
             listening["ssh"] = f"{sock[0]}:{sock[1]}"
         if cfg.listen.postgres:
             host, port = split_address(cfg.listen.postgres, "postgres")
             pg = PgListener(ctx, host, server_context(cfg))
-            pg_server = await asyncio.start_server(pg.handle, host, port, limit=1 << 20)
+            pg_server = await asyncio.start_server(
+                pg.handle, host, port, limit=1 << 20, reuse_port=shared
+            )
             sock = pg_server.sockets[0].getsockname()
             listening["postgres"] = f"{sock[0]}:{sock[1]}"
         if cfg.listen.api:
             host, port = split_address(cfg.listen.api, "api")
             api_runner = web.AppRunner(build_app(ctx), access_log=None)
             await api_runner.setup()
-            site = web.TCPSite(api_runner, host, port)
+            site = web.TCPSite(api_runner, host, port, reuse_port=shared)
             await site.start()
             server = site._server
             assert isinstance(server, asyncio.Server)
@@ -154,8 +171,16 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
             listening["api"] = f"{sock[0]}:{sock[1]}"
             api_host = "127.0.0.1" if sock[0] in ("0.0.0.0", "::") else sock[0]  # noqa: S104
             ctx.api_url = f"http://{api_host}:{sock[1]}"
+            if shared:
+                # The shared port reaches any worker: the others (watch proxying) and
+                # this worker's own console need this one, on an address of its own.
+                own = web.TCPSite(api_runner, "127.0.0.1", 0)
+                await own.start()
+                assert isinstance(own._server, asyncio.Server)
+                ctx.api_url = f"http://127.0.0.1:{own._server.sockets[0].getsockname()[1]}"
             await cluster.advertise()
-        write_runtime(cfg, listening)
+        if not shared:
+            write_runtime(cfg, listening)  # the supervisor writes it for its workers
         await ctx.event("relay.start", None, "success", ctx.node, "relay", {"listen": listening})
         log.info("relay.listening", extra=listening)
         if ready is not None:
@@ -192,10 +217,10 @@ async def serve(cfg: Config, *, ready: Callable[[dict[str, str]], None] | None =
         store.close()
 
 
-def run_relay(cfg: Config) -> int:
-    """Blocking entry point for the CLI."""
+def run_relay(cfg: Config, worker: int | None = None) -> int:
+    """Blocking entry point for the CLI (one relay process, or worker ``worker``)."""
     from relay.log import setup_logging
 
     setup_logging()
-    asyncio.run(serve(cfg))
+    asyncio.run(serve(cfg, worker=worker))
     return 0

@@ -92,6 +92,8 @@ class Uploader:
         self.uploaded = 0
         self.failed = 0
         self.bytes = 0
+        self.scan_at_start = True
+        """Queue the sealed casts of the recordings directory when started."""
 
     @property
     def pending(self) -> int:
@@ -157,7 +159,7 @@ class Uploader:
 
     def _run(self) -> None:
         try:
-            found = self.scan()
+            found = self.scan() if self.scan_at_start else 0
             if found:
                 log.info("upload.queued_at_start", extra={"casts": found})
         except Exception:
