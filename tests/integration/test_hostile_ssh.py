@@ -367,6 +367,23 @@ def _can_open(t: paramiko.Transport) -> bool:
     return True
 
 
+def flood(chan: paramiko.Channel, wait: float) -> tuple[list[int], threading.Thread]:
+    """Send up to 64 MiB on ``chan`` from a thread for ``wait`` seconds; returns the
+    running count of bytes the channel took, and the thread."""
+    sent = [0]
+
+    def pump() -> None:
+        chan.settimeout(10)
+        with contextlib.suppress(OSError, paramiko.SSHException):
+            while sent[0] < 64 << 20:
+                sent[0] += chan.send(b"x" * 65536)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    thread.join(wait)
+    return sent, thread
+
+
 def test_data_before_the_session_starts(relay: Relay, client: paramiko.SSHClient) -> None:
     t = client.get_transport()
     assert t is not None
@@ -381,17 +398,7 @@ def test_data_before_the_session_starts(relay: Relay, client: paramiko.SSHClient
     # control (the relay stops reading), not buffered without bound in the relay.
     held = t.open_session()
     held.exec_command("systemctl restart nothing; cat > /dev/null")
-    sent = [0]
-
-    def flood() -> None:
-        held.settimeout(10)
-        with contextlib.suppress(OSError, paramiko.SSHException):
-            while sent[0] < 64 << 20:
-                sent[0] += held.send(b"x" * 65536)
-
-    pump = threading.Thread(target=flood, daemon=True)
-    pump.start()
-    pump.join(3)
+    sent, pump = flood(held, wait=3)
     assert sent[0] < 8 << 20, sent[0]  # one window (2 MiB) and change, not 64 MiB
     held.close()
     pump.join(15)
@@ -416,17 +423,7 @@ def test_keystrokes_behind_a_held_shell_line_are_flow_controlled(
     chan.send(b"systemctl restart nothing\r")  # held: restart-needs-approval
     while b"approval #" not in seen:
         seen += chan.recv(65536)
-    sent = [0]
-
-    def flood() -> None:
-        chan.settimeout(10)
-        with contextlib.suppress(OSError, paramiko.SSHException):
-            while sent[0] < 64 << 20:
-                sent[0] += chan.send(b"x" * 65536)
-
-    pump = threading.Thread(target=flood, daemon=True)
-    pump.start()
-    pump.join(5)
+    sent, pump = flood(chan, wait=5)
     # The 1 MiB high mark plus one SSH window (2 MiB) and what the socket buffers hold.
     assert sent[0] < 12 << 20, sent[0]
     chan.close()
