@@ -183,6 +183,12 @@ async def _agent(ssh_port: int, token: str, api: str, alice: str) -> None:
         _say(f"[exit status {proc.exit_status}]\n")
 
 
+def _line(exc: BaseException) -> str:
+    """The first line of an error's text (psycopg's span several)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def _demo_pans() -> list[str]:
     # Standard test card numbers (Visa, Mastercard, Amex), never real ones.
     return [luhn_complete(p) for p in ("411111111111111", "555555555555444", "37828224631000")]
@@ -289,7 +295,10 @@ def _run(workdir: Path | None, console: bool, stack: contextlib.ExitStack) -> in
     else:
         pg = LocalPostgres.start(bindir, base)
         stack.callback(pg.stop)
-        relay_env[_PG_PASSWORD_ENV] = _seed(pg)
+        try:
+            relay_env[_PG_PASSWORD_ENV] = _seed(pg)
+        except Exception as exc:  # psycopg's errors: one line, not a traceback
+            raise DemoError(f"cannot prepare the local PostgreSQL target: {_line(exc)}") from None
         _say(f"PostgreSQL target 'appdb': a local server from {bindir}, cluster in {pg.base}")
     alice = "cgt_" + secrets.token_urlsafe(24)
     text = config.read_text()
@@ -315,7 +324,12 @@ def _run(workdir: Path | None, console: bool, stack: contextlib.ExitStack) -> in
     _say(f"relay: SSH {listen['ssh']}{pg_note}, control API {api}; target 'web' is a local shell\n")
     asyncio.run(_agent(ssh_port, res.token, api, alice))
     if pg is not None:
-        _pg_agent(int(listen["postgres"].rsplit(":", 1)[1]), res.token)
+        try:
+            _pg_agent(int(listen["postgres"].rsplit(":", 1)[1]), res.token)
+        except DemoError:
+            raise
+        except Exception as exc:  # psycopg's errors: one line, not a traceback
+            raise DemoError(f"PostgreSQL through the relay: {_line(exc)}") from None
     time.sleep(0.5)  # let the relay seal the last cast
     sessions = _api(api, alice, "/api/v1/sessions")["sessions"]
     _say("== castgate sessions")
