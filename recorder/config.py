@@ -161,6 +161,9 @@ class S3Config(_Section):
     keep_local: bool = True
     """Keep local copies; false deletes them once every file of the session is
     confirmed in the bucket (size and SHA-256 checked with a HEAD)."""
+    cache_max_mb: float = Field(default=2048.0, ge=0)
+    """Size of ``data/cache/s3``, where casts read back from the bucket are kept; past
+    it the least recently used ones are removed (they are fetched again when needed)."""
     retry_initial: float = Field(default=2.0, gt=0)
     """Seconds before the first retry of a failed upload; doubles up to ``retry_max``."""
     retry_max: float = Field(default=300.0, gt=0)

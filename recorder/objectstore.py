@@ -465,6 +465,38 @@ def locate_cast(cfg: Config, cast: Path) -> Path:
         return cast
     cached = cache_dir(cfg) / cast.name
     if cached.is_file() and manifest_path(cached).is_file():
+        os.utime(cached)  # recently used: the last to be evicted
         return cached
     fetched = store.fetch_cast(cast.name, cache_dir(cfg))
+    if fetched is not None and cfg.s3 is not None:
+        evict_cache(cache_dir(cfg), int(cfg.s3.cache_max_mb * 1024 * 1024), keep=fetched)
     return fetched if fetched is not None else cast
+
+
+def evict_cache(directory: Path, limit: int, keep: Path) -> list[str]:
+    """Remove the least recently used casts (with their sidecars) from the S3 read cache
+    until it holds at most ``limit`` bytes; ``keep`` (the cast being read) stays.
+    Returns the names of the casts removed."""
+    groups: dict[str, list[Path]] = {}
+    for f in directory.iterdir() if directory.is_dir() else ():
+        if f.is_file():
+            base = f.name.split(".cast", 1)[0] + ".cast"
+            groups.setdefault(base, []).append(f)
+
+    def size(files: list[Path]) -> int:
+        return sum(f.stat().st_size for f in files if f.exists())
+
+    total = sum(size(files) for files in groups.values())
+    removed: list[str] = []
+    by_age = sorted(
+        (name for name in groups if name != keep.name),
+        key=lambda name: max(f.stat().st_mtime for f in groups[name]),
+    )
+    for name in by_age:
+        if total <= limit:
+            break
+        total -= size(groups[name])
+        for f in groups[name]:
+            f.unlink(missing_ok=True)
+        removed.append(name)
+    return removed
