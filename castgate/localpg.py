@@ -45,6 +45,12 @@ def find_bindir() -> Path | None:
         path = Path(override)
         ok = bool(override) and all((path / name).is_file() for name in _BINARIES)
         return path if ok else None
+    return installed_bindir()
+
+
+def installed_bindir() -> Path | None:
+    """initdb, pg_ctl and postgres from the PATH, else Debian's
+    ``/usr/lib/postgresql/<major>/bin`` (newest first), or None."""
     found = [shutil.which(name) for name in _BINARIES]
     if all(found):
         # pg_ctl runs the postgres next to its own resolved path.

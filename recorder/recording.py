@@ -339,7 +339,8 @@ class CastWriter:
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
-    def _stop_thread(self) -> None:
+    def _leave_pool(self) -> None:
+        """Wait for the pool to write what is queued; from now on writes are direct."""
         if self._worker is not None:
             self._flush_queue()
             self._worker = None
@@ -348,7 +349,7 @@ class CastWriter:
         """Seal the recording: flush, fsync, write the signed manifest; returns it."""
         for line in self._enc.finish(self.elapsed()):
             self._write(line)
-        self._stop_thread()
+        self._leave_pool()
         self._sync_now()
         self._closed = True
         os.close(self._fd)
@@ -385,7 +386,7 @@ class CastWriter:
     def abort(self) -> None:
         """Close the files without sealing (the cast stays unsealed)."""
         if not self._closed:
-            self._stop_thread()
+            self._leave_pool()
             self._closed = True
             with contextlib.suppress(OSError):
                 os.close(self._fd)

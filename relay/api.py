@@ -27,7 +27,7 @@ from relay import peer
 from relay.approvals import ApprovalError
 from relay.context import RelayContext
 from relay.identity import AuthError, Identity
-from relay.live import Event, LiveStream
+from relay.live import LiveStream
 
 log = logging.getLogger("castgate.api")
 
@@ -373,43 +373,14 @@ async def live(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve_stream(
-    ws: web.WebSocketResponse, stream: LiveStream, request: web.Request | None = None
+    ws: web.WebSocketResponse, stream: LiveStream, request: web.Request
 ) -> web.WebSocketResponse:
-    """Send a prepared WebSocket the stream's screen, then its events until the end.
-
-    Given the ``request``, the events are written to its connection as frames the stream
-    builds once for all its watchers (see relay/live.py); without, one by one."""
-    transport = request.transport if request is not None else None
-    if isinstance(transport, asyncio.Transport):
-        return await _serve_frames(ws, stream, transport)
-    watcher, screen = stream.subscribe()
-    try:
-        await ws.send_json(
-            {
-                "type": "screen",
-                "data": screen,
-                "width": stream.width,
-                "height": stream.height,
-                "meta": stream.meta,
-            }
-        )
-        reader = asyncio.ensure_future(_drain_ws(ws))
-        while True:
-            ev = await watcher.next()
-            if ev is None:
-                break
-            await ws.send_str(_wire(ev))
-        reader.cancel()
-    finally:
-        watcher.close()
-        with contextlib.suppress(Exception):
-            await ws.close()
-    return ws
-
-
-async def _serve_frames(
-    ws: web.WebSocketResponse, stream: LiveStream, transport: asyncio.Transport
-) -> web.WebSocketResponse:
+    """Send a prepared WebSocket the stream's screen, then its events until the end,
+    written to the connection as frames the stream builds once for all its watchers
+    (see relay/live.py)."""
+    transport = request.transport
+    if not isinstance(transport, asyncio.Transport):
+        return ws  # the client is already gone
     watcher, screen = stream.subscribe_frames(transport)
     reader = asyncio.ensure_future(_drain_ws(ws))
     ended = asyncio.ensure_future(watcher.next())
@@ -514,16 +485,6 @@ async def peer_live(request: web.Request) -> web.StreamResponse:
         },
     )
     return await _serve_stream(ws, stream, request)
-
-
-def _wire(ev: Event) -> str:
-    """The event's JSON text, encoded once and shared by every watcher of the stream
-    (encoding it per watcher made 20 watchers cost a busy session 3/4 of its speed)."""
-    cache = vars(ev)
-    text = cache.get("_wire")
-    if text is None:
-        text = cache["_wire"] = json.dumps(ev.as_json())
-    return str(text)
 
 
 async def _drain_ws(ws: web.WebSocketResponse) -> None:

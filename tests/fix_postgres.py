@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import secrets
 import shutil
 import socket
@@ -29,9 +28,10 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from castgate.localpg import installed_bindir
+
 __all__ = ["PostgresServer", "find_postgres_bindir", "pg_url", "postgres_server"]
 
-_BINARIES = ("initdb", "pg_ctl", "postgres")
 _PREFIX = "castgate-pg-"
 _OWNER_FILE = "owner.pid"
 _SHM = Path("/dev/shm")
@@ -88,26 +88,9 @@ class PostgresServer:
 
 
 def find_postgres_bindir() -> Path | None:
-    """Return the directory of initdb, pg_ctl and postgres, or None if not installed.
-
-    The PATH comes first, then ``/usr/lib/postgresql/<major>/bin`` (Debian's layout),
-    newest major version first.
-    """
-    found = [shutil.which(name) for name in _BINARIES]
-    if all(found):
-        # PATH entries are often symlinks into the versioned directory; pg_ctl finds the
-        # postgres binary next to its own resolved path, so use that directory.
-        bindir = Path(str(found[1])).resolve().parent
-        if all((bindir / name).is_file() for name in _BINARIES):
-            return bindir
-    candidates = []
-    for path in Path("/usr/lib/postgresql").glob("*/bin"):
-        version = re.match(r"\d+(?:\.\d+)?", path.parent.name)
-        if version and all((path / name).is_file() for name in _BINARIES):
-            candidates.append((float(version.group()), path))
-    if not candidates:
-        return None
-    return max(candidates)[1]
+    """Return the directory of initdb, pg_ctl and postgres, or None if not installed
+    (the search ``castgate demo`` uses, without its environment override)."""
+    return installed_bindir()
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ it is about to change with ``SELECT ... FOR UPDATE``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -567,42 +568,33 @@ class Store:
         """
         if not rows:
             return
-        sql, keys, procs = self._bulk_insert_commands()
+        sql, keys, procs = self._bulk_insert_commands
+
+        def bind(key: str, value: Any) -> Any:
+            proc = procs.get(key)
+            return proc(value) if proc is not None else value
+
         values = []
-        memo: dict[int, Any] = {}  # the relay passes one datetime for at and finished_at
-
-        def when(value: Any, name: str) -> Any:
-            key = id(value)
-            if key not in memo:
-                memo[key] = procs[name](_when(value, name)) if name in procs else value
-            return memo[key]
-
         for row in rows:
             _choice(row["kind"], _COMMAND_KINDS, "kind")
             _choice(row["action"], _COMMAND_ACTIONS, "action")
-            memo.clear()
-            v = {k: row.get(k) for k in keys}
-            v["at"] = when(v["at"], "at")
-            v["finished_at"] = when(v["finished_at"], "finished_at")
-            values.append(
-                tuple(
-                    procs[k](v[k]) if k in procs and k not in ("at", "finished_at") else v[k]
-                    for k in keys
-                )
+            at, finished = row.get("at"), row.get("finished_at")
+            v = {k: bind(k, row.get(k)) for k in keys if k not in ("at", "finished_at")}
+            v["at"] = bind("at", _when(at, "at"))
+            # The relay passes one datetime for both: bind it once.
+            v["finished_at"] = (
+                v["at"] if finished is at else bind("finished_at", _when(finished, "finished_at"))
             )
+            values.append(tuple(v[k] for k in keys))
         with self._tx(write=True) as conn:
             conn.exec_driver_sql(sql, values)
 
+    @functools.cached_property
     def _bulk_insert_commands(self) -> tuple[str, tuple[str, ...], dict[str, Any]]:
-        """The compiled INSERT of the query log and its bind processors, built once:
-        executing it with plain tuples skips the per-row parameter work of SQLAlchemy
-        (about 10 us a row), which at thousands of statements a second is most of the
-        cost of the log."""
-        cached: tuple[str, tuple[str, ...], dict[str, Any]] | None = getattr(
-            self, "_bulk_commands", None
-        )
-        if cached is not None:
-            return cached
+        """The compiled INSERT of the query log (its SQL, its parameter order) and the
+        columns' bind processors, built once: executing it with plain tuples skips the
+        per-row parameter work of SQLAlchemy (about 10 us a row), which at thousands of
+        statements a second is most of the cost of the log."""
         dialect = self._engine.dialect
         keys = tuple(c.key for c in commands.columns if c.key != "id")
         compiled = commands.insert().compile(dialect=dialect, column_keys=list(keys))
@@ -617,9 +609,7 @@ class Store:
             proc = c.type._cached_bind_processor(dialect)
             if proc is not None and c.key in keys:
                 procs[c.key] = proc
-        cached = (sql, order, procs)
-        self._bulk_commands = cached
-        return cached
+        return sql, order, procs
 
     def list_commands(self, session_id: str) -> list[dict[str, Any]]:
         """Return the commands of a session in the order they were recorded."""
