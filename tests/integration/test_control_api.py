@@ -105,7 +105,7 @@ def live_session(relay: Relay, title_part: str) -> str:
     return found[0]
 
 
-def test_cli_approve_releases_within_a_second(relay: Relay) -> None:
+def test_cli_approve_releases_the_held_command(relay: Relay) -> None:
     held = Held(relay, "systemctl restart app 2>/dev/null; echo released")
     aid = held.approval_id()
     env = {**os.environ, "CASTGATE_TOKEN": TOKENS["alice"]}
