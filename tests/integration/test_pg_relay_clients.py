@@ -15,7 +15,7 @@ import pytest
 
 from tests.fix_pg_relay import APP_PASSWORD, PANS, PG_TARGETS, PgRelay
 from tests.fix_postgres import PostgresServer
-from tests.fix_relay import start_relay
+from tests.fix_relay import start_relay, wait_for
 from tests.fix_sshd import SshTarget
 
 
@@ -181,15 +181,19 @@ def test_error_details_and_query_literals_are_masked(pg_relay: PgRelay) -> None:
         assert masked(pan) in detail and pan not in detail
         assert conn.execute(f"SELECT '{pan}' AS literal").fetchone() == (masked(pan),)
     cfg = load_config(pg_relay.relay.config)
-    store = Store.open(cfg.store_url())
-    try:
-        texts = [
-            c["text"]
-            for s in store.list_sessions(target="appdb")
-            for c in store.list_commands(s["id"])
-        ]
-    finally:
-        store.close()
+    texts: list[str] = []
+
+    def logged() -> bool:
+        # The relay writes the query log in batches, the last as the session closes.
+        with Store.open(cfg.store_url()) as store:
+            texts[:] = [
+                c["text"]
+                for s in store.list_sessions(target="appdb")
+                for c in store.list_commands(s["id"])
+            ]
+        return any("INSERT INTO u VALUES" in t for t in texts)
+
+    wait_for(logged, 30)
     assert any("INSERT INTO u VALUES" in t for t in texts)
     assert all(pan not in t for t in texts)
     assert any(f"'{masked(pan)}'" in t for t in texts)
