@@ -52,6 +52,16 @@ class Message:
         return _HDR.pack(self.type, len(self.body) + 4) + self.body
 
 
+@dataclass(frozen=True, slots=True)
+class RowRun:
+    """Consecutive complete DataRow messages of one read, framed as on the wire."""
+
+    raw: bytes
+    count: int
+    # Where each row starts in ``raw`` (the decoder found them anyway).
+    starts: list[int] | None = None
+
+
 @dataclass(frozen=True)
 class Startup:
     """An untyped startup-phase packet: StartupMessage, SSLRequest, GSSENCRequest or
@@ -116,6 +126,42 @@ class MessageDecoder:
         while n - pos >= 5:
             typ, length = _HDR.unpack_from(buf, pos)
             if length < 4 or length > self._max:
+                raise ProtocolError(f"invalid length {length} for message type {typ!r}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            yield Message(typ, bytes(buf[pos + 5 : end]))
+            pos = end
+        if pos:
+            del buf[:pos]
+
+    def feed_runs(self, data: bytes) -> Iterator[Message | RowRun]:
+        """Like ``feed``, but consecutive complete DataRows ('D' from the server) come
+        as one ``RowRun``: a result set is masked a block at a time (relay/pg/rows.py)."""
+        buf = self._buf
+        buf += data
+        pos = 0
+        n = len(buf)
+        cap = self._max
+        while n - pos >= 5:
+            if buf[pos] == 0x44:
+                start = pos
+                starts: list[int] = []
+                while n - pos >= 5 and buf[pos] == 0x44:
+                    (length,) = _I32.unpack_from(buf, pos + 1)
+                    if length < 4 or length > cap:
+                        raise ProtocolError(f"invalid length {length} for message type b'D'")
+                    end = pos + 1 + length
+                    if end > n:
+                        break
+                    starts.append(pos - start)
+                    pos = end
+                if not starts:
+                    break
+                yield RowRun(bytes(buf[start:pos]), len(starts), starts)
+                continue
+            typ, length = _HDR.unpack_from(buf, pos)
+            if length < 4 or length > cap:
                 raise ProtocolError(f"invalid length {length} for message type {typ!r}")
             end = pos + 1 + length
             if end > n:

@@ -21,18 +21,19 @@ import ssl
 import struct
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from recorder.config import TargetConfig
-from recorder.masking import luhn_valid
 from recorder.recording import CastWriter, DiscardWriter, RecordingError
 from recorder.session import SessionRecorder
 from recorder.store import StoreError
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
 from relay.pg import protocol as p
+from relay.pg.protocol import RowRun
+from relay.pg.rows import RowMasker
 from relay.pg.sql import TOO_LONG, TOO_LONG_RULE, SqlGate
 from relay.pg.transcript import Transcript
 from relay.pg.upstream import Upstream, UpstreamError, connect, resolve_mask_columns
@@ -40,15 +41,6 @@ from relay.policy import Decision
 
 log = logging.getLogger("castgate.pg")
 
-_DIGITS = b"0123456789"
-# mask_columns: every ASCII letter and digit becomes '*', the rest (separators) stays.
-_ALNUM_STAR = bytes(
-    0x2A if (0x30 <= b <= 0x39 or 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A) else b for b in range(256)
-)
-# Binary formats that are plain UTF-8 text: masked like text.
-_TEXT_OIDS = {25, 1043, 1042, 19, 114, 142, 705}
-_JSONB_OID = 3802
-_INT8_OID = 20
 _PASS_PARAMS = {
     "application_name",
     "client_encoding",
@@ -59,10 +51,6 @@ _PASS_PARAMS = {
     "search_path",
 }
 _FLUSH_INTERVAL = 0.25
-
-
-def _digit_count(data: bytes) -> int:
-    return len(data) - len(data.translate(None, _DIGITS))
 
 
 def is_loopback(host: str) -> bool:
@@ -152,12 +140,7 @@ _Pending = _Query | _Parse | _Bind | _Describe | _Execute | _Close | _Sync
 @dataclass
 class _Columns:
     fields: list[p.Field]
-    masked: list[bool]
-    names: list[str] = field(default_factory=list)
-
-    @property
-    def any_masked(self) -> bool:
-        return any(self.masked)
+    rows: RowMasker
 
 
 class PgSession:
@@ -192,6 +175,8 @@ class PgSession:
         self.mask_keys: set[tuple[int, int]] = set()
         self.sentinels: dict[str, str] = {}
         self.columns: _Columns | None = None
+        # Rows of a result whose shape is unknown: masked by content only.
+        self._plain_rows = RowMasker(ctx.masker, full=ctx.masker.policy.style == "full")
         self.status = "closed"
         self.cancel_key: tuple[int, int] | None = None
         self._log_rows: list[dict[str, Any]] = []
@@ -865,106 +850,16 @@ class PgSession:
         masked = (
             [(f.table_oid, f.attnum) in keys for f in fields] if keys else [False] * len(fields)
         )
-        return _Columns(fields, masked, [f.name for f in fields])
-
-    def _mask_row(self, body: bytes) -> bytes:
-        """Mask a DataRow body. Text masking keeps every length, so values are
-        rewritten in place; only a value that must become NULL forces a rebuild."""
-        cols = self.columns
-        masker = self.ctx.masker
-        any_masked = cols is not None and cols.any_masked
-        custom = bool(masker.policy.patterns) and masker.custom_in(body)
-        if not any_masked and not custom and _digit_count(body) < 13:
-            return body
-        counts = self.rec.input_counts if self.rec else None
-        out: bytearray | None = None
-        end = len(body)
-        if end < 2:
-            raise p.ProtocolError("malformed DataRow message")
-        (n,) = struct.unpack_from("!h", body, 0)
-        pos = 2
-        for i in range(n):
-            if pos + 4 > end:
-                raise p.ProtocolError("malformed DataRow message")
-            (length,) = struct.unpack_from("!i", body, pos)
-            pos += 4
-            if length < 0:
-                continue
-            if pos + length > end:
-                # A short value would be masked into a row of another length.
-                raise p.ProtocolError("malformed DataRow message")
-            v = body[pos : pos + length]
-            field = cols.fields[i] if cols is not None and i < len(cols.fields) else None
-            fmt = field.format if field is not None else 0
-            new: bytes | None
-            if cols is not None and i < len(cols.masked) and cols.masked[i]:
-                if fmt == 1:
-                    return self._mask_row_rebuild(body, counts, custom)
-                new = self._mask_column_value(v, counts)
-            elif fmt == 0:
-                new = masker.mask_bytes(v, counts, customs=custom)
-            else:
-                new = self._mask_binary(field.type_oid if field else 0, v, counts)
-                if new is None:
-                    return self._mask_row_rebuild(body, counts, custom)
-            if new is not v and new != v:
-                if out is None:
-                    out = bytearray(body)
-                out[pos : pos + length] = new
-            pos += length
-        return bytes(out) if out is not None else body
-
-    def _mask_column_value(self, v: bytes, counts: Any) -> bytes:
-        """A text value of a ``mask_columns`` column: a card number keeps its
-        bin6-last4 form, anything else is hidden whole (same length)."""
-        if counts is not None:
-            counts["mask_columns"] += 1
-        # The common case, a bare card number, without the scanner.
-        if 13 <= len(v) <= 19 and v.isdigit():
-            if not luhn_valid(v):
-                return b"*" * len(v)
-            if counts is not None:
-                counts["pan"] += 1
-            if self.ctx.masker.policy.style == "full":
-                return b"*" * len(v)
-            return v[:6] + b"*" * (len(v) - 10) + v[-4:]
-        masked = self.ctx.masker.mask_bytes(v, counts)
-        return masked if masked != v else v.translate(_ALNUM_STAR)
-
-    def _mask_row_rebuild(self, body: bytes, counts: Any, custom: bool) -> bytes:
-        """The slow path: values may become NULL, so the row is built again."""
-        cols = self.columns
-        masker = self.ctx.masker
-        out: list[bytes | None] = []
-        for i, v in enumerate(p.parse_data_row(body)):
-            if v is None:
-                out.append(None)
-                continue
-            field = cols.fields[i] if cols is not None and i < len(cols.fields) else None
-            fmt = field.format if field is not None else 0
-            if cols is not None and i < len(cols.masked) and cols.masked[i]:
-                # Binary values cannot be masked in place: NULL rather than malformed.
-                out.append(None if fmt == 1 else self._mask_column_value(v, counts))
-            elif fmt == 0:
-                out.append(masker.mask_bytes(v, counts, customs=custom))
-            else:
-                out.append(self._mask_binary(field.type_oid if field else 0, v, counts))
-        return p.data_row(out)[5:]
-
-    def _mask_binary(self, type_oid: int, v: bytes, counts: Any) -> bytes | None:
-        """Binary-format values: text types are UTF-8 and masked in place (jsonb after
-        its version byte); a bigint holding a card number becomes NULL."""
-        if type_oid in _TEXT_OIDS:
-            return self.ctx.masker.mask_bytes(v, counts)
-        if type_oid == _JSONB_OID and v[:1] == b"\x01":
-            return b"\x01" + self.ctx.masker.mask_bytes(v[1:], counts)
-        if type_oid == _INT8_OID and len(v) == 8:
-            digits = str(abs(struct.unpack("!q", v)[0])).encode()
-            if 13 <= len(digits) <= 19 and self.ctx.masker.mask_bytes(digits) != digits:
-                if counts is not None:
-                    counts["pan"] += 1
-                return None
-        return v
+        return _Columns(
+            fields,
+            RowMasker(
+                self.ctx.masker,
+                masked,
+                [f.format for f in fields],
+                [f.type_oid for f in fields],
+                full=self.ctx.masker.policy.style == "full",
+            ),
+        )
 
     def _log(
         self,
@@ -1048,21 +943,27 @@ class PgSession:
             # Transcript work waits until the client has its answer (it is for the
             # recording, not for the client), in the order the messages came.
             todo: list[tuple[Any, ...]] | None = [] if self.transcript is not None else None
-            for msg in dec.feed(data):
-                t = msg.type
-                if t == b"D":
+            for msg in dec.feed_runs(data):
+                if msg.__class__ is RowRun:
+                    assert isinstance(msg, RowRun)
                     head = pending[0] if pending else None
                     if isinstance(head, _Execute):
-                        head.rows += 1
+                        head.rows += msg.count
                         if self.columns is None:
                             self.columns = self._execute_columns(head)
                     elif isinstance(head, _Query):
-                        head.rows += 1
-                    body = self._mask_row(msg.body)
+                        head.rows += msg.count
+                    cols = self.columns
+                    rows = (cols.rows if cols is not None else self._plain_rows).mask_run(
+                        msg, self.rec.input_counts if self.rec else None
+                    )
                     if todo is not None:
-                        todo.append((0, body))
-                    out += p.message(b"D", body) if body is not msg.body else msg.raw()
-                elif t == b"T":
+                        todo.append((0, rows, msg.count))
+                    out += rows
+                    continue
+                assert isinstance(msg, p.Message)
+                t = msg.type
+                if t == b"T":
                     seen = described.get(msg.body)
                     fields = seen[0] if seen is not None else p.parse_row_description(msg.body)
                     head = pending[0] if pending else None
@@ -1178,7 +1079,7 @@ class PgSession:
         for item in todo:
             kind = item[0]
             if kind == 0:
-                tr.add_row(item[1])
+                tr.add_rows(item[1], item[2])
             elif kind == 1:
                 fields = item[1]
                 tr.columns([f.name for f in fields], [f.format for f in fields])

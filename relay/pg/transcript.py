@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from relay.pg.protocol import parse_data_row
+from relay.pg.rows import row_bodies
 
 _MAX_CELL = 60
 
@@ -57,6 +58,16 @@ class Transcript:
             self.row(parse_data_row(body))
         else:
             self._count += 1
+
+    def add_rows(self, raw: bytes, count: int) -> None:
+        """A run of ``count`` (already masked) DataRows, framed; only the rows that
+        will be drawn are decoded."""
+        room = self.max_rows - len(self._rows)
+        if room > 0:
+            for body in row_bodies(raw, min(room, count)):
+                self.row(parse_data_row(body))
+            count -= min(room, count)
+        self._count += count
 
     def row(self, values: Sequence[bytes | None]) -> None:
         """One (already masked) row."""

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import re
 import struct
-from types import SimpleNamespace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recorder.masking import CustomPattern, Masker, MaskPolicy
 from relay.pg import protocol as p
-from relay.pg.relay import PgSession, _Columns
+from relay.pg.rows import RowMasker
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -23,14 +22,21 @@ TEXT_OIDS = [25, 1043]
 OIDS = [*TEXT_OIDS, 20, 23, 3802, 17]
 
 
-def session(fields: list[p.Field] | None, masked: list[bool] | None) -> PgSession:
-    """A PgSession with only what ``_mask_row`` reads: columns, masker, recorder."""
-    s = PgSession.__new__(PgSession)
-    masker = Masker(MaskPolicy(patterns=[CustomPattern("key", "sk_live_[A-Za-z0-9]{24}")]))
-    s.ctx = SimpleNamespace(masker=masker)  # type: ignore[assignment]
-    s.rec = None
-    s.columns = None if fields is None else _Columns(fields, masked or [False] * len(fields))
-    return s
+MASKER = Masker(MaskPolicy(patterns=[CustomPattern("key", "sk_live_[A-Za-z0-9]{24}")]))
+
+
+def session(
+    fields: list[p.Field] | None, masked: list[bool] | None, masker: Masker = MASKER
+) -> RowMasker:
+    """The relay's masker for rows of this shape (None: shape unknown, content only)."""
+    if fields is None:
+        return RowMasker(masker)
+    return RowMasker(
+        masker,
+        masked or [False] * len(fields),
+        [f.format for f in fields],
+        [f.type_oid for f in fields],
+    )
 
 
 pad = st.text(alphabet="ghxyz ,;:!|\t\u00e9", max_size=8).map(str.encode)
@@ -77,7 +83,7 @@ def test_masking_a_row_keeps_lengths_and_hides_card_numbers(
 ) -> None:
     values, fields, masked = row
     body = p.data_row(values)[5:]
-    out = session(fields, masked)._mask_row(body)
+    out = session(fields, masked).mask_row(body)
     got = p.parse_data_row(out)
     assert len(got) == len(values)
     all_text = fields is None or all(f.format == 0 for f in fields)
@@ -110,7 +116,7 @@ def test_a_malformed_row_is_refused_or_passed_through_unchanged(
     body = p.data_row(values)[5:]
     bad = body[: cut % (len(body) + 1)] + junk
     try:
-        out = session(fields, masked)._mask_row(bad)
+        out = session(fields, masked).mask_row(bad)
     except p.ProtocolError as exc:
         assert "DataRow" in str(exc)
         return
@@ -129,7 +135,7 @@ def test_a_value_length_past_the_body_is_a_protocol_error() -> None:
     body = struct.pack("!hi", 1, 100) + b"4111111111111111 and then the row ends"
     for fields in (None, [p.Field("pan", 1000, 1, 25, 0)]):
         try:
-            session(fields, [True] if fields else None)._mask_row(body)
+            session(fields, [True] if fields else None).mask_row(body)
         except p.ProtocolError:
             continue
         raise AssertionError("a row whose value runs past its end was masked")

@@ -1,0 +1,171 @@
+"""DataRow runs (relay/pg/rows.py): masking a run as one block gives exactly what
+masking each row alone gives, counts included, for any rows and result shape; the
+decoder's runs hold exactly the messages ``feed`` would yield, however the stream is cut."""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from recorder.masking import CustomPattern, Masker, MaskPolicy
+from relay.pg import protocol as p
+from relay.pg.rows import RowMasker, luhn_digits, row_bodies
+from tests.unit.test_fuzz_pg_masking import OIDS, PANS, value
+
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+KEY = "sk_live_[A-Za-z0-9]{24}"
+MASKERS = {
+    # A literal-led, anchor-free pattern: the block path.
+    "block": Masker(MaskPolicy(patterns=[CustomPattern("key", KEY)])),
+    # An anchored pattern cannot be scanned across values: every row alone.
+    "anchored": Masker(MaskPolicy(patterns=[CustomPattern("key", "^" + KEY)])),
+    "full": Masker(MaskPolicy(style="full")),
+}
+
+
+@st.composite
+def results(draw: st.DrawFn) -> tuple[list[p.Field] | None, list[bool], list[list[bytes | None]]]:
+    width = draw(st.integers(min_value=0, max_value=5))
+    fields: list[p.Field] | None = None
+    masked: list[bool] = []
+    if draw(st.booleans()):
+        n = draw(st.integers(min_value=0, max_value=width + 1))
+        fields = [
+            p.Field(
+                f"c{i}", 1000, i + 1, draw(st.sampled_from(OIDS)), draw(st.sampled_from([0, 1]))
+            )
+            for i in range(n)
+        ]
+        masked = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    # Rows of the run usually share the width; now and then one does not.
+    row = st.lists(value, min_size=width, max_size=width) | st.lists(value, max_size=6)
+    return fields, masked, draw(st.lists(row, max_size=12))
+
+
+def masker_for(name: str, fields: list[p.Field] | None, masked: list[bool]) -> RowMasker:
+    m = MASKERS[name]
+    if fields is None:
+        return RowMasker(m, full=name == "full")
+    return RowMasker(
+        m, masked, [f.format for f in fields], [f.type_oid for f in fields], full=name == "full"
+    )
+
+
+@FAST
+@given(result=results(), name=st.sampled_from(sorted(MASKERS)))
+def test_a_run_is_masked_exactly_like_its_rows_one_by_one(
+    result: tuple[list[p.Field] | None, list[bool], list[list[bytes | None]]], name: str
+) -> None:
+    fields, masked, rows = result
+    rm = masker_for(name, fields, masked)
+    raw = b"".join(p.data_row(r) for r in rows)
+    one_by_one: Counter[str] = Counter()
+    expected = b"".join(p.message(b"D", rm.mask_row(p.data_row(r)[5:], one_by_one)) for r in rows)
+    as_run: Counter[str] = Counter()
+    # As the decoder hands it over (with row offsets), and bare.
+    run = next(iter(p.MessageDecoder().feed_runs(raw)), None) if rows else p.RowRun(b"", 0)
+    assert isinstance(run, p.RowRun)
+    assert rm.mask_run(run, as_run) == expected
+    assert rm.mask_run(p.RowRun(raw, len(rows))) == expected
+    assert +as_run == +one_by_one
+
+
+def test_a_masked_column_keeps_bin6_last4_and_the_rest_is_untouched() -> None:
+    rm = RowMasker(MASKERS["block"], [False, True, False], [0, 0, 0], [23, 25, 25])
+    rows: list[list[bytes | None]] = [
+        [b"1", b"4111111111111111", b"ok"],
+        [b"2", b"4111111111111112", None],  # not Luhn-valid: hidden whole
+        [b"3", b"card 5555555555554444", b"note 378282246310005"],
+        [b"4", None, b"sk_live_" + b"B" * 24],
+    ]
+    counts: Counter[str] = Counter()
+    out = rm.mask_run(p.RowRun(b"".join(p.data_row(r) for r in rows), 4), counts)
+    got = [p.parse_data_row(b) for b in row_bodies(out, 10)]
+    assert got == [
+        [b"1", b"411111******1111", b"ok"],
+        [b"2", b"****************", None],
+        [b"3", b"card 555555******4444", b"note 378282*****0005"],
+        [b"4", None, b"*" * 32],
+    ]
+    assert counts["mask_columns"] == 3
+    assert counts["pan"] == 3  # two in the masked column, one in the note
+    assert counts["key"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(MASKERS))
+def test_a_malformed_row_in_a_run_is_a_protocol_error(name: str) -> None:
+    fields = [p.Field("pan", 1000, 1, 25, 0)]
+    good = p.data_row([b"4111111111111111"])
+    # The value claims 100 bytes; the row holds 16.
+    body = struct.pack("!hi", 1, 100) + b"4111111111111111"
+    bad = p.message(b"D", body)
+    with pytest.raises(p.ProtocolError, match="DataRow"):
+        masker_for(name, fields, [True]).mask_run(p.RowRun(good + bad, 2))
+
+
+def test_luhn_of_digit_strings() -> None:
+    for pan in PANS:
+        assert luhn_digits(pan)
+        assert not luhn_digits(pan[:-1] + bytes([48 + (pan[-1] - 47) % 10]))
+
+
+def messages(stream: bytes, cuts: list[int], runs: bool) -> list[tuple[bytes, bytes]]:
+    dec = p.MessageDecoder()
+    out: list[tuple[bytes, bytes]] = []
+    prev = 0
+    for cut in [*sorted(c % (len(stream) + 1) for c in cuts), len(stream)]:
+        chunk, prev = stream[prev:cut], cut
+        for m in dec.feed_runs(chunk) if runs else dec.feed(chunk):
+            if isinstance(m, p.RowRun):
+                assert m.starts == RowMasker._starts(m.raw)
+                bodies = row_bodies(m.raw, m.count)
+                assert len(bodies) == m.count
+                out.extend((b"D", b) for b in bodies)
+            else:
+                out.append((m.type, m.body))
+    return out
+
+
+@FAST
+@given(
+    msgs=st.lists(
+        st.tuples(st.sampled_from([b"D", b"D", b"D", b"T", b"C", b"Z"]), st.binary(max_size=30)),
+        max_size=20,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=6),
+)
+def test_runs_hold_the_messages_feed_yields(
+    msgs: list[tuple[bytes, bytes]], cuts: list[int]
+) -> None:
+    stream = b"".join(p.message(t, b) for t, b in msgs)
+    assert messages(stream, cuts, runs=True) == messages(stream, cuts, runs=False) == msgs
+
+
+def test_a_match_that_starts_in_one_row_does_not_hide_the_next_rows_own() -> None:
+    # In the block, "A" at the end of row 1 starts a match that runs through row 2's
+    # header into its "A12B", so the scan reports one span over both rows: row 2 must
+    # still be masked on its own.
+    rm = RowMasker(Masker(MaskPolicy(patterns=[CustomPattern("ab", "A[^!]{0,20}B")])))
+    rows = [[b"xA"], [b"A12B"]]
+    raw = b"".join(p.data_row(r) for r in rows)
+    assert len(rm.masker.hit_spans(raw)) == 1
+    out = rm.mask_run(p.RowRun(raw, 2))
+    assert [p.parse_data_row(b) for b in row_bodies(out, 2)] == [[b"xA"], [b"****"]]
+
+
+def test_odd_rows_in_a_run_are_masked_like_rows_alone() -> None:
+    rm = RowMasker(MASKERS["block"], [False, True], [0, 0], [25, 25])
+    # One field declared, then bytes that would read as a second field holding a card
+    # number: not a value (the row alone leaves them), so neither does the run.
+    trailing = p.message(b"D", struct.pack("!hi", 1, 1) + b"x" + struct.pack("!i", 16) + PANS[0])
+    # Shaped like a card number but not digits: hidden whole, counted once.
+    letters = p.data_row([b"1", b"abcdefghijklmnop"])
+    counts: Counter[str] = Counter()
+    out = rm.mask_run(p.RowRun(trailing + letters, 2), counts)
+    assert out == trailing + p.data_row([b"1", b"*" * 16])
+    assert counts == Counter({"mask_columns": 1})
