@@ -20,6 +20,7 @@ column, measured in one run.
   ``fetchall``), directly and through the relay, alternating, every round; through the
   relay every ``pan`` must come back masked.
 - Profile (``--profile auto``: only when a target is missed): py-spy on the relay
+  (100 samples a second; BENCH_SPY_RATE sets another rate)
   during one extra 8-client run and one extra large read, after the measured runs.
 
 Run: .venv/bin/python -m bench.bench_pg [--rounds 3] [--secs 10] [--rows 1000000]
@@ -605,7 +606,7 @@ def _spy(pid: int, fmt: str, out: str) -> subprocess.Popen[bytes]:
             spy,
             "record",
             "-r",
-            "100",
+            os.environ.get("BENCH_SPY_RATE", "100"),
             "--gil",
             "--nolineno",
             "-f",

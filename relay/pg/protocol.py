@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 PROTOCOL_3_0 = 196608
 PROTOCOL_3_2 = 196610
@@ -40,9 +41,10 @@ def _malformed(what: str) -> ProtocolError:
     return ProtocolError(f"malformed {what} message")
 
 
-@dataclass(frozen=True)
-class Message:
-    """One typed message: its type byte and body (without type and length)."""
+class Message(NamedTuple):
+    """One typed message: its type byte and body (without type and length). A tuple:
+    the relay makes several per statement, and a frozen dataclass costs twice as much
+    to build."""
 
     type: bytes
     body: bytes
@@ -52,12 +54,11 @@ class Message:
         return _HDR.pack(self.type, len(self.body) + 4) + self.body
 
 
-@dataclass(frozen=True, slots=True)
-class RowRun:
+class RowRun(NamedTuple):
     """Consecutive complete DataRow messages of one read, framed as on the wire."""
 
     raw: bytes
-    count: int
+    nrows: int
     # Where each row starts in ``raw`` (the decoder found them anyway).
     starts: list[int] | None = None
 

@@ -51,6 +51,12 @@ _PASS_PARAMS = {
     "search_path",
 }
 _FLUSH_INTERVAL = 0.25
+# Transcript text waits at most this long (or this many characters) for the cast.
+_CAST_BATCH = 0.05
+_CAST_BATCH_BYTES = 64 * 1024
+# Answers are drawn into the transcript when the client's next statement has gone to
+# the target, or after this long.
+_POST_DELAY = 0.005
 
 
 def is_loopback(host: str) -> bool:
@@ -141,6 +147,8 @@ _Pending = _Query | _Parse | _Bind | _Describe | _Execute | _Close | _Sync
 class _Columns:
     fields: list[p.Field]
     rows: RowMasker
+    names: tuple[str, ...] = ()
+    formats: tuple[int, ...] = ()
 
 
 class PgSession:
@@ -179,11 +187,16 @@ class PgSession:
         self._plain_rows = RowMasker(ctx.masker, full=ctx.masker.policy.style == "full")
         self.status = "closed"
         self.cancel_key: tuple[int, int] | None = None
-        self._log_rows: list[dict[str, Any]] = []
+        self._log_rows: list[tuple[Any, ...]] = []
         self._last_flush = time.monotonic()
         self.statements = 0
         self._early = b""
         self._cast_buf: list[str] = []
+        self._cast_len = 0
+        self._cast_timer: asyncio.TimerHandle | None = None
+        # Transcript work of answers already sent (see ``_after_forward``).
+        self._post: list[tuple[Any, ...]] = []
+        self._post_timer: asyncio.TimerHandle | None = None
         # The target's own FATAL message (masked), once it sent one: it is ending the
         # connection and has told the client why.
         self._target_fatal: str | None = None
@@ -520,11 +533,26 @@ class PgSession:
         as one cast event per batch of messages."""
         if self.rec is not None:
             self._cast_buf.append(text)
+            self._cast_len += len(text)
+
+    def _cast_soon(self) -> None:
+        """Write the queued transcript within ``_CAST_BATCH`` seconds (at once past
+        ``_CAST_BATCH_BYTES``): a session running thousands of statements a second
+        then costs tens of cast events a second, not thousands."""
+        if not self._cast_buf:
+            return
+        if self._cast_len >= _CAST_BATCH_BYTES:
+            self._flush_cast()
+        elif self._cast_timer is None:
+            self._cast_timer = asyncio.get_running_loop().call_later(_CAST_BATCH, self._flush_cast)
 
     def _flush_cast(self) -> None:
+        if self._cast_timer is not None:
+            self._cast_timer.cancel()
+            self._cast_timer = None
         if self.rec is None or not self._cast_buf:
             return
-        text, self._cast_buf = "".join(self._cast_buf), []
+        text, self._cast_buf, self._cast_len = "".join(self._cast_buf), [], 0
         try:
             self.rec.output_masked(text.encode())
         except RecordingError as exc:
@@ -586,6 +614,9 @@ class PgSession:
             self._loop.call_soon_threadsafe(self._recording_failed, message)
 
     def _marker(self, text: str) -> None:
+        # After the transcript of everything that came before it.
+        self._run_post()
+        self._flush_cast()
         if self.rec is not None:
             with contextlib.suppress(RecordingError):
                 self.rec.marker(text)
@@ -634,6 +665,7 @@ class PgSession:
                 self._log(req.text, "allow", None, "target lost")
         self.pending.clear()
         reason = self._target_fatal
+        self._run_post()
         if reason is None:
             reason = f"castgate: target {name} closed the connection" + (f" ({exc})" if exc else "")
             if self.transcript is not None:
@@ -761,6 +793,9 @@ class PgSession:
                 if not data:
                     return
             out = bytearray()
+            # Transcript lines of the statements forwarded by this batch: written after
+            # the forward (see ``_after_forward``).
+            said: list[str] = []
             for msg in dec.feed(data):
                 t = msg.type
                 if t == b"Q":
@@ -772,6 +807,7 @@ class PgSession:
                         if out:
                             up.write(out)
                             out = bytearray()
+                        self._after_forward(said)
                         ok, why = await self._enforce(decision, masked)
                         if not ok:
                             self.pending.append(_Query(masked, time.monotonic(), log=False))
@@ -780,8 +816,7 @@ class PgSession:
                                 self._write_cast(self.transcript.query(masked))
                             continue
                     self.pending.append(_Query(masked, time.monotonic()))
-                    if self.transcript is not None:
-                        self._write_cast(self.transcript.query(masked))
+                    said.append(masked)
                     out += msg.raw()
                 elif t == b"P":
                     parse = p.parse_parse(msg.body)
@@ -793,6 +828,7 @@ class PgSession:
                         if out:
                             up.write(out)
                             out = bytearray()
+                        self._after_forward(said)
                         ok, why = await self._enforce(decision, masked)
                         if not ok:
                             out += p.parse_msg(parse.name, self._sentinel(why), parse.param_types)
@@ -822,8 +858,7 @@ class PgSession:
                     text = self.stmt_text.get(stmt, "")
                     self.statements += 1
                     self.pending.append(_Execute(portal, stmt, fmts, text, time.monotonic()))
-                    if self.transcript is not None:
-                        self._write_cast(self.transcript.query(text))
+                    said.append(text)
                     out += msg.raw()
                 elif t == b"C":
                     self.pending.append(_Close())
@@ -834,6 +869,7 @@ class PgSession:
                 elif t == b"X":
                     out += msg.raw()
                     up.write(out)
+                    self._after_forward(said)
                     await up.drain()
                     return
                 else:
@@ -842,6 +878,7 @@ class PgSession:
                     out += msg.raw()
             if out:
                 up.write(out)
+            self._after_forward(said)
             await up.drain()
             data = b""
 
@@ -852,7 +889,9 @@ class PgSession:
         )
         return _Columns(
             fields,
-            RowMasker(
+            names=tuple(f.name for f in fields),
+            formats=tuple(f.format for f in fields),
+            rows=RowMasker(
                 self.ctx.masker,
                 masked,
                 [f.format for f in fields],
@@ -870,21 +909,29 @@ class PgSession:
         rows: int | None = None,
         duration: float | None = None,
     ) -> None:
-        now = datetime.now(UTC)
-        self._log_rows.append(
-            {
-                "session_id": self.id,
-                "at": now,
-                "text": text,
-                "kind": "sql",
-                "action": action,
-                "rule": rule,
-                "status": status,
-                "rows": rows,
-                "duration_ms": duration,
-                "finished_at": now,
-            }
-        )
+        # A tuple now, the store's row in the flush thread (``_store_log``).
+        self._log_rows.append((time.time(), text, action, rule, status, rows, duration))
+
+    def _store_log(self, entries: list[tuple[Any, ...]]) -> None:
+        sid = self.id
+        rows = []
+        for wall, text, action, rule, status, count, duration in entries:
+            now = datetime.fromtimestamp(wall, UTC)
+            rows.append(
+                {
+                    "session_id": sid,
+                    "at": now,
+                    "text": text,
+                    "kind": "sql",
+                    "action": action,
+                    "rule": rule,
+                    "status": status,
+                    "rows": count,
+                    "duration_ms": duration,
+                    "finished_at": now,
+                }
+            )
+        self.ctx.spool.add_finished_commands(rows)
 
     async def _flush_log(self, force: bool = False) -> None:
         if not self._log_rows:
@@ -898,7 +945,7 @@ class PgSession:
         rows, self._log_rows = self._log_rows, []
         self._last_flush = time.monotonic()
         try:
-            await asyncio.to_thread(self.ctx.spool.add_finished_commands, rows)
+            await asyncio.to_thread(self._store_log, rows)
         except Exception:
             log.exception("store.query_log_failed", extra={"session": self.id, "rows": len(rows)})
 
@@ -932,6 +979,8 @@ class PgSession:
         # RowDescriptions repeat (the same statements run again and again): parsed and
         # matched against mask_columns once per distinct message.
         described: dict[bytes, tuple[list[p.Field], _Columns | None]] = {}
+        # Command tags repeat too ("SELECT 1").
+        completes: dict[bytes, tuple[str, int | None]] = {}
         # Messages that arrived with the authentication exchange.
         while True:
             data = await reader.read(65536)
@@ -944,24 +993,23 @@ class PgSession:
             # recording, not for the client), in the order the messages came.
             todo: list[tuple[Any, ...]] | None = [] if self.transcript is not None else None
             for msg in dec.feed_runs(data):
-                if msg.__class__ is RowRun:
-                    assert isinstance(msg, RowRun)
+                if type(msg) is RowRun:
                     head = pending[0] if pending else None
                     if isinstance(head, _Execute):
-                        head.rows += msg.count
+                        head.rows += msg.nrows
                         if self.columns is None:
                             self.columns = self._execute_columns(head)
                     elif isinstance(head, _Query):
-                        head.rows += msg.count
+                        head.rows += msg.nrows
                     cols = self.columns
                     rows = (cols.rows if cols is not None else self._plain_rows).mask_run(
                         msg, self.rec.input_counts if self.rec else None
                     )
                     if todo is not None:
-                        todo.append((0, rows, msg.count))
+                        todo.append((0, rows, msg.nrows))
                     out += rows
                     continue
-                assert isinstance(msg, p.Message)
+                assert type(msg) is p.Message  # (for mypy: the only other kind)
                 t = msg.type
                 if t == b"T":
                     seen = described.get(msg.body)
@@ -983,10 +1031,15 @@ class PgSession:
                                 described[msg.body] = (fields, cols)
                         self.columns = cols
                         if todo is not None:
-                            todo.append((1, fields))
+                            todo.append((1, cols))
                     out += msg.raw()
                 elif t == b"C":
-                    tag, count = p.parse_command_complete(msg.body)
+                    done = completes.get(msg.body)
+                    if done is None:
+                        done = p.parse_command_complete(msg.body)
+                        if len(completes) < 256:
+                            completes[msg.body] = done
+                    tag, count = done
                     head = pending[0] if pending else None
                     elapsed = 0.0
                     if isinstance(head, _Execute):
@@ -1066,10 +1119,38 @@ class PgSession:
             if out:
                 self.cw.write(out)
             if todo:
-                self._transcribe(todo)
-            self._flush_cast()
+                self._post.extend(todo)
+                if self._post_timer is None:
+                    self._post_timer = asyncio.get_running_loop().call_later(
+                        _POST_DELAY, self._post_timer_fired
+                    )
             await self.cw.drain()
             await self._flush_log()
+
+    def _after_forward(self, said: list[str]) -> None:
+        """Transcript work, done once the client's statements are on their way to the
+        target: the target's answer takes longer than the drawing of the previous one,
+        so a client waiting for its answer does not wait for the transcript too. The
+        answers drawn first, then the statements just forwarded, in order."""
+        self._run_post()
+        if said:
+            tr = self.transcript
+            if tr is not None:
+                for text in said:
+                    self._write_cast(tr.query(text))
+            said.clear()
+        self._cast_soon()
+
+    def _post_timer_fired(self) -> None:
+        # A client that sends nothing more still gets its answers drawn soon.
+        self._post_timer = None
+        self._run_post()
+        self._cast_soon()
+
+    def _run_post(self) -> None:
+        if self._post:
+            todo, self._post = self._post, []
+            self._transcribe(todo)
 
     def _transcribe(self, todo: list[tuple[Any, ...]]) -> None:
         """Draw the messages of one read into the transcript (see ``_server_loop``)."""
@@ -1081,8 +1162,7 @@ class PgSession:
             if kind == 0:
                 tr.add_rows(item[1], item[2])
             elif kind == 1:
-                fields = item[1]
-                tr.columns([f.name for f in fields], [f.format for f in fields])
+                tr.columns(item[1].names, item[1].formats)
             elif kind == 2:
                 self._write_cast(tr.complete(item[1], item[2]))
             else:
@@ -1099,6 +1179,12 @@ class PgSession:
         return self._columns_for(fields)
 
     async def _close(self) -> None:
+        # Live watchers see the end of the transcript too.
+        if self._post_timer is not None:
+            self._post_timer.cancel()
+            self._post_timer = None
+        self._run_post()
+        self._flush_cast()
         self.ctx.live.pop(self.id, None)
         self.ctx.hub.close(self.id, self.status)
         if self.cancel_key is not None:

@@ -15,7 +15,6 @@ rather than passed unchecked, and only short texts are cached.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -132,15 +131,19 @@ class SqlGate:
             else:
                 words.update(kws)
         self.enabled = bool(words) or self.always
-        self._rx = re.compile("|".join(sorted(words)), re.IGNORECASE) if words else None
+        # A few substring tests of the lowercased text: several times cheaper than one
+        # case-insensitive alternation (this runs for every statement).
+        self._words = tuple(sorted(words))
 
     def nodes(self, text: str) -> frozenset[str] | None:
         """Node names of ``text`` if a rule could care, else None (nothing to match);
         ``{TOO_LONG}`` when a rule could care but the text is too long to parse."""
         if not self.enabled:
             return None
-        if not self.always and (self._rx is None or not self._rx.search(text)):
-            return None
+        if not self.always:
+            low = text.lower()
+            if not any(w in low for w in self._words):
+                return None
         if len(text) > MAX_PARSE_CHARS:
             return frozenset((TOO_LONG,))
         return analyze(text).nodes

@@ -27,15 +27,20 @@ def _cell(value: bytes | None, fmt: int) -> str:
 
 
 class Transcript:
-    """Builds transcript text; the caller writes it into the cast as output."""
+    """Builds transcript text; the caller writes it into the cast as output.
+
+    This runs for every statement (thousands a second under load), so the common
+    shapes are cheap: names and formats are taken as given (tuples the relay keeps per
+    result shape), and a table's header lines are built once per shape and width."""
 
     def __init__(self, target: str, max_rows: int = 100) -> None:
         self.prompt = f"{target}=> "
         self.max_rows = max_rows
-        self._names: list[str] = []
-        self._formats: list[int] = []
+        self._names: Sequence[str] = ()
+        self._formats: Sequence[int] = ()
         self._rows: list[list[str]] = []
         self._count = 0
+        self._heads: dict[tuple[Sequence[str], tuple[int, ...]], str] = {}
 
     def banner(self, identity: str, database: str) -> str:
         """First lines of the cast."""
@@ -47,17 +52,10 @@ class Transcript:
 
     def columns(self, names: Sequence[str], formats: Sequence[int]) -> None:
         """A result set starts."""
-        self._names = list(names)
-        self._formats = list(formats)
+        self._names = names
+        self._formats = formats
         self._rows = []
         self._count = 0
-
-    def add_row(self, body: bytes) -> None:
-        """One (already masked) DataRow body; decoded only if it will be drawn."""
-        if len(self._rows) < self.max_rows:
-            self.row(parse_data_row(body))
-        else:
-            self._count += 1
 
     def add_rows(self, raw: bytes, count: int) -> None:
         """A run of ``count`` (already masked) DataRows, framed; only the rows that
@@ -69,46 +67,67 @@ class Transcript:
             count -= min(room, count)
         self._count += count
 
+    def add_row(self, body: bytes) -> None:
+        """One (already masked) DataRow body; decoded only if it will be drawn."""
+        if len(self._rows) < self.max_rows:
+            self.row(parse_data_row(body))
+        else:
+            self._count += 1
+
     def row(self, values: Sequence[bytes | None]) -> None:
         """One (already masked) row."""
         self._count += 1
         if len(self._rows) < self.max_rows:
-            fmts = self._formats or [0] * len(values)
-            self._rows.append(
-                [_cell(v, fmts[i] if i < len(fmts) else 0) for i, v in enumerate(values)]
-            )
+            fmts = self._formats
+            n = len(fmts)
+            self._rows.append([_cell(v, fmts[i] if i < n else 0) for i, v in enumerate(values)])
 
     def complete(self, tag: str, elapsed_ms: float) -> str:
         """The table (if any), the command tag or row count, and the timing."""
-        out: list[str] = []
-        if self._names:
-            widths = [len(n) for n in self._names]
-            for r in self._rows:
-                for i, c in enumerate(r[: len(widths)]):
-                    widths[i] = max(widths[i], len(c))
-            out.append(
-                " " + " | ".join(n.center(w) for n, w in zip(self._names, widths, strict=False))
-            )
-            out.append("-" + "-+-".join("-" * w for w in widths) + "-")
-            for r in self._rows:
-                out.append(" " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)))
-            hidden = self._count - len(self._rows)
+        names = self._names
+        count = self._count
+        if names:
+            rows = self._rows
+            widths = [len(n) for n in names]
+            ncols = len(widths)
+            for r in rows:
+                for i, c in enumerate(r[:ncols]):
+                    if len(c) > widths[i]:
+                        widths[i] = len(c)
+            key = (names, tuple(widths))
+            head = self._heads.get(key)
+            if head is None:
+                head = (
+                    " "
+                    + " | ".join(n.center(w) for n, w in zip(names, widths, strict=False))
+                    + "\r\n-"
+                    + "-+-".join("-" * w for w in widths)
+                    + "-\r\n"
+                )
+                if len(self._heads) < 64:
+                    self._heads[key] = head
+            out = [head]
+            for r in rows:
+                out.append(
+                    " " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "\r\n"
+                )
+            hidden = count - len(rows)
             if hidden > 0:
-                out.append(f"... {hidden} more rows not drawn")
-            out.append(f"({self._count} row{'s' if self._count != 1 else ''})")
-        elif tag:
-            out.append(tag)
-        out.append(f"Time: {elapsed_ms:.3f} ms")
-        self._names = []
+                out.append(f"... {hidden} more rows not drawn\r\n")
+            out.append(f"({count} row{'s' if count != 1 else ''})\r\n")
+            text = "".join(out)
+        else:
+            text = tag + "\r\n" if tag else ""
+        self._names = ()
         self._rows = []
         self._count = 0
-        return "\r\n".join(out) + "\r\n\r\n"
+        return f"{text}Time: {elapsed_ms:.3f} ms\r\n\r\n"
 
     def error(self, severity: str, message: str, detail: str | None) -> str:
         """An error or notice as psql prints it."""
         text = f"{severity}:  {message}\r\n"
         if detail:
             text += f"DETAIL:  {detail}\r\n"
-        self._names = []
+        self._names = ()
         self._rows = []
         return text

@@ -123,8 +123,8 @@ def messages(stream: bytes, cuts: list[int], runs: bool) -> list[tuple[bytes, by
         for m in dec.feed_runs(chunk) if runs else dec.feed(chunk):
             if isinstance(m, p.RowRun):
                 assert m.starts == RowMasker._starts(m.raw)
-                bodies = row_bodies(m.raw, m.count)
-                assert len(bodies) == m.count
+                bodies = row_bodies(m.raw, m.nrows)
+                assert len(bodies) == m.nrows
                 out.extend((b"D", b) for b in bodies)
             else:
                 out.append((m.type, m.body))

@@ -453,6 +453,66 @@ def test_commands_are_logged_and_finished(store: Store) -> None:
         store.add_command("missing", "ls", kind="exec", action="allow")
 
 
+def test_many_finished_commands_in_one_call(store: Store) -> None:
+    """The PostgreSQL relay's query log: one call, one transaction, every column bound
+    as add_command + finish_command would (both store dialects)."""
+    _session(store)
+    later = T0 + timedelta(seconds=2)
+    store.add_finished_commands(
+        [
+            {
+                "session_id": "s1",
+                "at": T0,
+                "finished_at": T0,
+                "text": "SELECT 1",
+                "kind": "sql",
+                "action": "allow",
+                "status": "SELECT 1",
+                "rows": 1,
+                "duration_ms": 0.25,
+            },
+            {
+                "session_id": "s1",
+                "at": T0,
+                "finished_at": later,
+                "text": "DROP TABLE t",
+                "kind": "sql",
+                "action": "block",
+                "rule": "no-drop",
+                "status": "blocked",
+            },
+        ]
+    )
+    [one, two] = store.list_commands("s1")
+    assert (one["at"], one["finished_at"], one["text"], one["rows"], one["duration_ms"]) == (
+        T0,
+        T0,
+        "SELECT 1",
+        1,
+        0.25,
+    )
+    assert (two["finished_at"], two["rule"], two["status"], two["rows"]) == (
+        later,
+        "no-drop",
+        "blocked",
+        None,
+    )
+    with pytest.raises(ValueError, match="kind"):
+        store.add_finished_commands([{**one, "id": None, "kind": "nope"}])
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.add_finished_commands(
+            [
+                {
+                    "session_id": "s1",
+                    "at": datetime(2026, 1, 1),
+                    "text": "x",
+                    "kind": "sql",
+                    "action": "allow",
+                }
+            ]
+        )
+
+
 def test_command_links_to_its_approval(store: Store) -> None:
     approval_id = _approval(store)
     cmd = store.add_command(
