@@ -6,6 +6,7 @@ import json
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -162,6 +163,60 @@ def test_psql_transcript_and_query_log(pg_relay: PgRelay) -> None:
     )
     assert "appdb=> SELECT holder, pan FROM cards ORDER BY id" in out
     assert masked(PANS[0]) in out and "(4 rows)" in out
+
+
+def test_transcript_keeps_statements_answers_and_markers_in_order(pg_relay: PgRelay) -> None:
+    # The relay draws an answer after the client's next statement has gone on, and
+    # writes the transcript in batches: the cast must still read in session order.
+    script = (
+        "SELECT 'first' AS one;\n"
+        "SELECT 'second' AS two;\n"
+        "DROP DATABASE app_order_check;\n"
+        "SELECT 'third' AS three;\n"
+    )
+    res = subprocess.run(
+        ["psql", pg_relay.dsn(), "-X", "-f", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "third" in res.stdout and "no-drop-database" in res.stderr, res.stderr
+
+    def the_cast() -> Path | None:
+        for c in casts(pg_relay.relay):
+            if (
+                "app_order_check" in c.read_text()
+                and c.with_name(c.name + ".manifest.json").exists()
+            ):
+                return c
+        return None
+
+    wait_for(lambda: the_cast() is not None, 15)
+    cast = the_cast()
+    assert cast is not None
+    events = [json.loads(x) for x in cast.read_text().splitlines()[1:]]
+    # Output text and markers, in file order, as one line each.
+    seq = "".join(e[2] if e[1] == "o" else f"[marker {e[2]}]" for e in events if e[1] in "om")
+    order = [
+        "appdb=> SELECT 'first' AS one;",
+        " first",
+        "(1 row)",
+        "appdb=> SELECT 'second' AS two;",
+        " second",
+        "(1 row)",
+        "[marker blocked: no-drop-database]",
+        "appdb=> DROP DATABASE app_order_check;",
+        "ERROR:  castgate: blocked by rule no-drop-database",
+        "appdb=> SELECT 'third' AS three;",
+        " third",
+        "(1 row)",
+    ]
+    pos = 0
+    for s in order:
+        found = seq.find(s, pos)
+        assert found >= 0, f"{s!r} missing or out of order in {seq[pos:]!r}"
+        pos = found + len(s)
 
 
 def test_bad_token_and_wrong_target_are_refused(pg_relay: PgRelay) -> None:
