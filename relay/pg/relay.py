@@ -183,6 +183,7 @@ class PgSession:
         self.mask_keys: set[tuple[int, int]] = set()
         self.sentinels: dict[str, str] = {}
         self.columns: _Columns | None = None
+        self._exec_cols: dict[tuple[Any, ...], tuple[list[p.Field], _Columns]] = {}
         # Rows of a result whose shape is unknown: masked by content only.
         self._plain_rows = RowMasker(ctx.masker, full=ctx.masker.policy.style == "full")
         self.status = "closed"
@@ -1170,13 +1171,29 @@ class PgSession:
                 self._write_cast(tr.error(sev, item[2], item[3]))
 
     def _execute_columns(self, ex: _Execute) -> _Columns | None:
+        # A prepared statement runs again and again: its columns are matched against
+        # mask_columns once per description and result formats, not per Execute.
         fields = self.portal_desc.get(ex.portal)
-        if fields is None:
+        key: tuple[Any, ...]
+        if fields is not None:
+            source: list[p.Field] = fields
+            key = ("P", ex.portal)
+        else:
             desc = self.stmt_desc.get(ex.statement)
             if desc is None:
                 return None
-            fields = p.with_formats(desc, ex.formats)
-        return self._columns_for(fields)
+            source = desc
+            key = ("S", ex.statement, tuple(ex.formats))
+        hit = self._exec_cols.get(key)
+        if hit is not None and hit[0] is source:
+            return hit[1]
+        cols = self._columns_for(
+            source if fields is not None else p.with_formats(source, ex.formats)
+        )
+        if len(self._exec_cols) >= 256:
+            self._exec_cols.clear()
+        self._exec_cols[key] = (source, cols)
+        return cols
 
     async def _close(self) -> None:
         # Live watchers see the end of the transcript too.
