@@ -1,0 +1,53 @@
+"""The cheap tests in front of RE2 (recorder/masking.py): a custom pattern's required
+literal never hides a match, and only anchor-free patterns are scanned across values."""
+
+from __future__ import annotations
+
+import re2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recorder.masking import (
+    CustomPattern,
+    Masker,
+    MaskPolicy,
+    _context_free,
+    _required_literal,
+)
+
+ATOMS = ["a", "b", "k_", "[0-9]", "[^x]", "\\d", ".", "(ab|c)", "x*", "y+", "z?", "\\b", "^", "$"]
+
+
+@st.composite
+def patterns(draw: st.DrawFn) -> str:
+    parts = draw(st.lists(st.sampled_from(ATOMS), min_size=1, max_size=6))
+    flags = draw(st.sampled_from(["", "(?i)", "(?s)"]))
+    return flags + "".join(parts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=patterns(), text=st.text(alphabet="abk_xyz0123 \n", max_size=30))
+def test_the_literal_prefilter_never_hides_a_match(pattern: str, text: str) -> None:
+    data = text.encode()
+    masker = Masker(MaskPolicy(detectors=(), patterns=[CustomPattern("p", pattern)]))
+    assert masker.custom_in(data) == (re2.compile(pattern.encode()).search(data) is not None)
+    lit = _required_literal(pattern)
+    if lit is not None and re2.compile(pattern.encode()).search(data):
+        assert lit in data
+
+
+def test_required_literals() -> None:
+    assert _required_literal("sk_live_[A-Za-z0-9]{24}") == b"sk_live_"
+    assert _required_literal(r"\bsecret=\w+") == b"secret="
+    assert _required_literal("abc*x") == b"ab"  # 'c' is optional
+    for pattern in ("(?i)sk_live", "ab|cd", "x{,3}", r"\Qab\E", "a", "(?x)ab"):
+        assert _required_literal(pattern) is None, pattern
+
+
+def test_only_anchor_free_patterns_are_scanned_across_values() -> None:
+    assert _context_free("sk_live_[A-Za-z0-9]{24}")
+    assert _context_free("[^x]+y")
+    for pattern in ("^x", "x$", r"\bkey", r"(a|\bb)+", r"\Ax", r"\Qx\E"):
+        assert not _context_free(pattern), pattern
+    assert not Masker(MaskPolicy(patterns=[CustomPattern("p", "^k")])).block_safe
+    assert Masker(MaskPolicy(patterns=[CustomPattern("p", "k_[0-9]+")])).block_safe
