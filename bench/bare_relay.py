@@ -1,7 +1,8 @@
 """A bare asyncssh exec relay (no masking, no recording, no store, no policy): the
 ceiling DESIGN.md measures, rebuilt so bench_ssh can measure it in the same run as the
 castgate relay. Same shape as relay/ssh_relay.py: callback API on both hops, AES-GCM
-first, flow control passed through.
+first, flow control passed through, writes coalesced per loop iteration
+(relay/coalesce.py).
 
 Run: .venv/bin/python -m bench.bare_relay HOST:PORT USER KEY_FILE HOST_KEY_LINE
 Prints ``PORT HOST_KEY_LINE`` on one line when listening; SIGTERM ends it.
@@ -14,6 +15,8 @@ import signal
 import sys
 
 import asyncssh
+
+from relay.coalesce import coalesce
 
 ENCRYPTION = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
 
@@ -103,6 +106,7 @@ class _Server(asyncssh.SSHServer):
         self.upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        coalesce(conn)
         self.upstream = asyncio.ensure_future(self._connect())
 
     def begin_auth(self, username: str) -> bool:
@@ -123,7 +127,7 @@ class _Server(asyncssh.SSHServer):
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         host, port, user, key, host_key = self.target
-        return await asyncssh.connect(
+        conn = await asyncssh.connect(
             host,
             port,
             username=user,
@@ -133,6 +137,8 @@ class _Server(asyncssh.SSHServer):
             agent_path=None,
             encryption_algs=ENCRYPTION,
         )
+        coalesce(conn)
+        return conn
 
 
 async def main() -> None:

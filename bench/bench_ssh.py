@@ -7,8 +7,9 @@ against direct OpenSSH to the same sshd, measured in one run.
   run) on the target, directly and through the relay; its stdout is a pipe this process
   drains, counts and checksums (the count and the CRC must be exact). Paths: direct,
   the castgate relay, and bench/bare_relay.py (a bare asyncssh relay: DESIGN.md's
-  ceiling, re-measured; ``--no-bare`` skips it). Runs are interleaved, the order rotating
-  each round.
+  ceiling, re-measured; ``--no-bare`` skips it); with ``--split``, bench/split_relay.py
+  too (a two-process prototype: masking and recording on the target's hop, in a process
+  of its own). Runs are interleaved, the order rotating each round.
 - Echo: an asyncssh client opens an interactive PTY shell (term_type xterm) directly and
   through the relay, types one printable character at a time and times the arrival of
   its echo; it waits ``--pause-ms`` of quiet after each echo so that every sample is one
@@ -19,7 +20,7 @@ product's defaults for what matters here: masking on, recording on (input = comm
 ``recording.fsync_interval`` 1.0 (the default), ``masking.hold_deadline_ms`` 20.
 
 Run: .venv/bin/python -m bench.bench_ssh [--mb 200] [--runs 3] [--keys 200] [--no-bare]
-     [--profile /tmp/relay]  (py-spy, after the measured runs; not part of the figures)
+     [--split] [--profile /tmp/relay]  (py-spy, after the measured runs; not part of the figures)
 """
 
 from __future__ import annotations
@@ -126,14 +127,15 @@ def relay(target: SshTarget) -> Iterator[Relay]:
 
 
 @contextlib.contextmanager
-def bare_relay(target: SshTarget) -> Iterator[list[str]]:
-    """bench/bare_relay.py in its own process; yields the ssh client arguments."""
+def bare_relay(target: SshTarget, module: str = "bench.bare_relay") -> Iterator[list[str]]:
+    """bench/bare_relay.py (or ``module``, which takes the same arguments) in its own
+    process; yields the ssh client arguments."""
     workdir = Path(tempfile.mkdtemp(prefix="castgate-bench-bare-"))
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "bench.bare_relay",
+            module,
             f"{target.host}:{target.port}",
             target.user,
             str(target.client_key),
@@ -462,6 +464,11 @@ def main() -> None:
         "--no-bare", action="store_true", help="skip the bare asyncssh relay (the ceiling)"
     )
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy the relay afterwards")
+    ap.add_argument(
+        "--split",
+        action="store_true",
+        help="also measure bench/split_relay.py (two processes, one per hop: a prototype)",
+    )
     args = ap.parse_args()
     out: dict[str, object] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -470,14 +477,19 @@ def main() -> None:
         "relay_config": "masking on (bin6-last4 + 1 custom pattern), recording on "
         "(input=commands), fsync_interval 1.0, hold_deadline_ms 20",
     }
-    with sshd() as target, relay(target) as r, bare_relay(target) as bare:
+    with contextlib.ExitStack() as stack:
+        target = stack.enter_context(sshd())
+        r = stack.enter_context(relay(target))
         ssh = ["ssh", "-F", "none"]
         paths = {
             "direct": [*ssh, *target.ssh_args(), "-c", CIPHER, f"{target.user}@127.0.0.1"],
             "relay": [*ssh, *r.ssh_args(), "-c", CIPHER, f"{TARGET}@127.0.0.1"],
         }
         if not args.no_bare:
-            paths["bare_asyncssh"] = [*ssh, *bare]
+            paths["bare_asyncssh"] = [*ssh, *stack.enter_context(bare_relay(target))]
+        if args.split:
+            split = stack.enter_context(bare_relay(target, "bench.split_relay"))
+            paths["split_prototype"] = [*ssh, *split]
         out["bulk_MBps"] = bulk(paths, r, args.mb, args.runs)
         out["echo"] = echo(target, r, args.keys, args.pause_ms / 1000)
         if args.profile:

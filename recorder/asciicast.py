@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 EVENT_CODES = ("o", "i", "r", "m")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def header_line(
@@ -43,8 +45,12 @@ def header_line(
 
 def event_line(t: float, code: str, data: str) -> bytes:
     """One event line ``[t, code, data]`` (without newline). orjson: the stdlib encoder
-    was the recorder's largest single cost on bulk output."""
-    return orjson.dumps([round(t, 6), code, data])
+    was the recorder's largest single cost on bulk output. A lone surrogate (text decoded
+    with ``surrogateescape``), which JSON text cannot hold, becomes U+FFFD."""
+    try:
+        return orjson.dumps([round(t, 6), code, data])
+    except TypeError:
+        return orjson.dumps([round(t, 6), code, _SURROGATE.sub("\ufffd", data)])
 
 
 @dataclass
@@ -65,6 +71,12 @@ class EventEncoder:
     def encode(self, t: float, code: str, data: bytes | str) -> bytes | None:
         """Encode one event; returns None when a byte chunk held only part of a
         character (it is emitted with the next chunk)."""
+        event = self.prepare(t, code, data)
+        return None if event is None else event_line(*event)
+
+    def prepare(self, t: float, code: str, data: bytes | str) -> tuple[float, str, str] | None:
+        """What ``encode`` does short of the JSON: the event's time and text, or None
+        (a partial character). The cast writer's pool threads make the line."""
         if code not in EVENT_CODES:
             raise ValueError(f"unknown event code {code!r}")
         if isinstance(data, bytes):
@@ -76,7 +88,7 @@ class EventEncoder:
                 return None
         else:
             text = data
-        return event_line(self._time(t), code, text)
+        return self._time(t), code, text
 
     def finish(self, t: float) -> list[bytes]:
         """Lines for any bytes still pending in the decoders (a cut final character)."""

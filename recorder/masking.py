@@ -171,6 +171,12 @@ def _required_literal(pattern: str) -> bytes | None:
 _ZERO_WIDTH = (re._constants.AT, re._constants.ASSERT, re._constants.ASSERT_NOT)  # type: ignore[attr-defined]
 
 
+def _holds(data: bytes | bytearray, lit: bytes, end: int | None = None) -> bool:
+    """``lit in data[:end]``, first by memchr of its first byte: ``in`` itself skips
+    through a buffer without that byte ten times slower."""
+    return lit[:1] in data and data.find(lit, 0, len(data) if end is None else end) >= 0
+
+
 def _context_free(pattern: str) -> bool:
     """True when a match of ``pattern`` inside a value is also a match inside any longer
     text holding that value: no anchors or word boundaries anywhere (RE2 has no
@@ -231,7 +237,7 @@ class Masker:
         """True when a custom pattern matches somewhere in ``data``."""
         c = self._c
         for (_n, full, _p), lit in zip(c.customs, c.literals, strict=True):
-            if (lit is None or lit in data) and full.search(data):  # type: ignore[attr-defined]
+            if (lit is None or _holds(data, lit)) and full.search(data):  # type: ignore[attr-defined]
                 return True
         return False
 
@@ -253,7 +259,7 @@ class Masker:
         else:
             spans = [m.span() for m in c.candidate.finditer(data)]  # type: ignore[attr-defined]
         for (_n, full, _p), lit in zip(c.customs, c.literals, strict=True):
-            if lit is None or lit in data:
+            if lit is None or _holds(data, lit):
                 spans.extend(
                     m.span()
                     for m in full.finditer(data)  # type: ignore[attr-defined]
@@ -330,7 +336,7 @@ class Masker:
                 hexy = _hex_positions(buf, s, e, left)
                 self._pan_ranges(buf, s, e, limit, glued, hexy, stars, counts, track_spans)
         for (name, full, _partial), lit in zip(c.customs, c.literals, strict=True):
-            if lit is not None and buf.find(lit, 0, end) < 0:
+            if lit is not None and not _holds(buf, lit, end):
                 continue
             for m in full.finditer(buf, 0, end):  # type: ignore[attr-defined]
                 if m.start() >= limit:
@@ -429,8 +435,10 @@ class Masker:
             t = _TRACK_TAIL.search(window)
             if t:
                 hold = min(hold, base + t.start())
-        for _name, _full, partial in self._c.customs:
+        for (_name, _full, partial), lit in zip(self._c.customs, self._c.literals, strict=True):
             cw = buf[max(0, n - _MAX_CUSTOM_HOLD) :]
+            if lit is not None and lit[:1] not in cw:
+                continue  # every match starts with its literal: none can be in progress
             for pm in partial.finditer(cw, partial=True):
                 if pm.partial and pm.end() > pm.start():
                     hold = min(hold, n - len(cw) + pm.start())
@@ -487,6 +495,22 @@ def _apply(buf: bytearray, stars: Iterable[int], offset: int) -> None:
             buf[j] = 0x2A
 
 
+_DIGITS = tuple(bytes([d]) for d in b"0123456789")
+
+
+def _has_digit(buf: bytes) -> bool:
+    """True when ``buf`` holds an ASCII digit: ten memchr passes, some 20 times faster
+    than one RE2 scan of the same buffer."""
+    return any(map(buf.__contains__, _DIGITS))  # no generator: a third of the time
+
+
+def _custom_possible(m: Masker, buf: bytes) -> bool:
+    """False when no custom pattern can match in ``buf``: each has a required literal
+    whose first byte is absent (memchr; ``lit in buf`` itself skips through a buffer
+    without that byte at a tenth of memchr's speed)."""
+    return any(lit is None or lit[:1] in buf for lit in m._c.literals)
+
+
 class StreamMasker:
     """Masks one byte stream chunk by chunk, holding back only what could still
     become a match.
@@ -528,22 +552,31 @@ class StreamMasker:
             hold, glued = len(buf), False
         else:
             hold, glued = m._hold_from(buf)
-        stars = m._find(
-            buf,
-            len(buf),
-            glued_left=self._glued,
-            counts=self.counts,
-            final_before=hold,
-            left=self._left,
-        )
-        out = bytearray(buf[:hold])
-        _apply(out, stars, 0)
-        _apply(out, self._held_stars, 0)
-        self._held_stars = [i - hold for i in stars if i >= hold] + [
-            i - hold for i in self._held_stars if i >= hold
-        ]
+        if _has_digit(buf) or (_custom_possible(m, buf) and m.custom_in(buf)):
+            stars = m._find(
+                buf,
+                len(buf),
+                glued_left=self._glued,
+                counts=self.counts,
+                final_before=hold,
+                left=self._left,
+            )
+        else:
+            # Every built-in detector needs digits: a chunk without any (binary zeros,
+            # plain text) skips the RE2 scan, the masker's largest cost on bulk output.
+            stars = []
+        if stars or self._held_stars:
+            out = bytearray(buf[:hold])
+            _apply(out, stars, 0)
+            _apply(out, self._held_stars, 0)
+            released = bytes(out)
+            self._held_stars = [i - hold for i in stars if i >= hold] + [
+                i - hold for i in self._held_stars if i >= hold
+            ]
+        else:
+            released = buf[:hold]  # nothing to mask: no copy
         self._held = buf[hold:]
         if hold:
             self._glued = glued
             self._left = (self._left + buf[max(0, hold - _HEX_CONTEXT) : hold])[-_HEX_CONTEXT:]
-        return bytes(out)
+        return released

@@ -5,11 +5,13 @@ Every line is written to the file as soon as it is encoded (live watchers and a 
 see it); ``fsync`` runs at most every ``fsync_interval`` seconds, and each fsync
 reports a checkpoint (line count, chain hash) to the caller, which stores it.
 
-With ``threaded=True`` (what the relay uses) the hash chain, the file hashes, the writes
-and the fsyncs run in the process's writer pool (recorder/writerpool.py): hashing and
-writing release the GIL, so a busy session's recording uses the second core instead of
-the event loop. Errors in the pool surface on the next call; more than 32 MiB queued
-makes the caller wait.
+With ``threaded=True`` (what the relay uses) the JSON of the event lines, the hash
+chain, the file hashes, the writes and the fsyncs run in the process's writer pool
+(recorder/writerpool.py): hashing and writing release the GIL, so a busy session's
+recording uses the second core instead of the event loop. The caller still decodes the
+UTF-8 and stamps the time, so line counts and timestamps are known at once. Errors in
+the pool surface on the next call; more than 32 MiB of event text queued makes the
+caller wait.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from recorder.asciicast import EventEncoder, header_line
+from recorder.asciicast import EventEncoder, event_line, header_line
 from recorder.errors import CastgateError
 from recorder.integrity import (
     CHAIN_ENTRY,
@@ -38,7 +40,11 @@ from recorder.signing import SigningKey
 from recorder.writerpool import shared_pool
 
 CheckpointHook = Callable[[int, str], None]
+Event = tuple[float, str, str]  # time, code, text: a line the pool encodes
 _MAX_QUEUED = 32 << 20
+# JSON encoded in a pool thread before its lines are hashed and written: encoding holds
+# the GIL, hashing releases it, so the event loop never waits behind a long run.
+_ENCODE_RUN = 64 << 10
 # Queue item asking the writer thread to fsync and report a checkpoint.
 _SYNC = object()
 
@@ -170,7 +176,8 @@ class CastWriter:
         """Seconds since the recording started."""
         return self._clock() - self.started
 
-    def _write(self, line: bytes) -> None:
+    def _write(self, line: bytes | Event) -> None:
+        """Queue a line, or an event whose line the pool thread encodes."""
         if self._closed:
             raise RecordingError(f"{self.path}: recording already closed")
         if self._error is not None:
@@ -179,13 +186,13 @@ class CastWriter:
             raise RecordingError(self._error)
         self._lines += 1
         if self._worker is None:
-            self._write_now([line])
+            self._write_now([line if isinstance(line, bytes) else event_line(*line)])
             if self._error is not None:
                 raise RecordingError(self._error)
             return
         while self._enq_bytes - self._done_bytes > _MAX_QUEUED and self._error is None:
             time.sleep(0.001)  # back-pressure: the disk is slower than the session
-        self._enq_bytes += len(line)
+        self._enq_bytes += len(line) if isinstance(line, bytes) else len(line[2])
         self._worker.submit(self, line)
 
     def _write_now(self, lines: list[bytes]) -> None:
@@ -213,20 +220,39 @@ class CastWriter:
         self._chain_file_hash.update(chain)
 
     def process(self, items: list[Any]) -> None:
-        """Write a batch of queued items (called by the writer pool, in order)."""
+        """Write a batch of queued items (called by the writer pool, in order). An
+        unexpected error fails this recording, never the pool thread that serves others."""
+        try:
+            self._process(items)
+        except Exception as exc:
+            self._fail(f"cannot record {self.path}: {exc}")
+            for item in items:
+                if isinstance(item, threading.Event):
+                    item.set()  # nobody waits forever on a batch that failed
+            self._done_bytes = self._enq_bytes
+
+    def _process(self, items: list[Any]) -> None:
         lines: list[bytes] = []
-        done = 0
+        size = done = 0
         for item in items:
-            if isinstance(item, bytes):
+            if isinstance(item, tuple):
+                line = event_line(*item)
+                lines.append(line)
+                done += len(item[2])
+                size += len(line)
+                if size >= _ENCODE_RUN:
+                    self._write_now(lines)
+                    lines, size = [], 0
+            elif isinstance(item, bytes):
                 lines.append(item)
                 done += len(item)
             elif item is _SYNC:
                 self._write_now(lines)
-                lines = []
+                lines, size = [], 0
                 self._sync_now()
             elif isinstance(item, threading.Event):
                 self._write_now(lines)
-                lines = []
+                lines, size = [], 0
                 item.set()
         self._write_now(lines)
         self._done_bytes += done
@@ -243,9 +269,11 @@ class CastWriter:
 
     def event(self, code: str, data: bytes | str, t: float | None = None) -> None:
         """Append one event (``o``, ``i``, ``r``, ``m``); data is already masked."""
-        line = self._enc.encode(self.elapsed() if t is None else t, code, data)
-        if line is not None:
-            self._write(line)
+        event = self._enc.prepare(self.elapsed() if t is None else t, code, data)
+        if event is not None:
+            # The JSON of a line is left to the pool thread: on bulk output it costs as
+            # much as the masking, and the event loop is the relay's busiest thread.
+            self._write(event)
         self.maybe_sync()
 
     def output(self, data: bytes) -> None:
@@ -255,6 +283,11 @@ class CastWriter:
         binary stream cost its session six times its size in recording work."""
         self.bytes_out += len(data)
         if b"\x00" in data:
+            if data[0] == 0 and data == bytes(len(data)):
+                # All NUL (a zero-filled binary stream): one memcmp, not a translate.
+                self.nul_bytes += len(data)
+                self.maybe_sync()
+                return
             kept = data.translate(None, b"\x00")
             self.nul_bytes += len(data) - len(kept)
             if not kept:
@@ -347,9 +380,9 @@ class CastWriter:
 
     def close(self, reason: str = "closed", extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Seal the recording: flush, fsync, write the signed manifest; returns it."""
+        self._leave_pool()  # before ``finish``: the pool may still hold events
         for line in self._enc.finish(self.elapsed()):
             self._write(line)
-        self._leave_pool()
         self._sync_now()
         self._closed = True
         os.close(self._fd)

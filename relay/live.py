@@ -14,6 +14,7 @@ import codecs
 import re
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,7 +130,10 @@ class LiveStream:
         self.id = session_id
         self.meta = meta
         self.width, self.height = width, height
-        self._tail = bytearray()
+        # Recent output as the chunks it came in (no copy per chunk); trimmed to at
+        # least _TAIL_BYTES once it holds twice that.
+        self._tail: deque[bytes] = deque()
+        self._tail_size = 0
         self._dec = codecs.getincrementaldecoder("utf-8")("replace")
         self.watchers: set[Watcher] = set()
         self.framed: set[Watcher] = set()
@@ -145,9 +149,12 @@ class LiveStream:
     def output(self, data: bytes) -> None:
         """Masked output of the session."""
         self.bytes += len(data)
-        self._tail += data
-        if len(self._tail) > _TAIL_BYTES * 2:
-            del self._tail[: len(self._tail) - _TAIL_BYTES]
+        self._tail.append(data)
+        self._tail_size += len(data)
+        if self._tail_size > _TAIL_BYTES * 2:
+            tail = self._tail
+            while self._tail_size - len(tail[0]) >= _TAIL_BYTES:
+                self._tail_size -= len(tail.popleft())
         if self.watchers or self.framed:
             self._publish(Event("o", self._dec.decode(data)))
 
@@ -256,8 +263,20 @@ class LiveStream:
         """The current screen as terminal output that redraws it (avt's dump), from the
         last ``tail`` bytes of output."""
         vt = avt.Vt(self.width, self.height)  # type: ignore[attr-defined]
-        vt.feed_str(bytes(self._tail[-tail:]).decode("utf-8", "replace"))
+        vt.feed_str(self.recent(tail).decode("utf-8", "replace"))
         return str(vt.dump())
+
+    def recent(self, size: int = _TAIL_BYTES) -> bytes:
+        """The last ``size`` bytes of output (fewer if there were fewer)."""
+        parts: list[bytes] = []
+        got = 0
+        for chunk in reversed(self._tail):
+            parts.append(chunk)
+            got += len(chunk)
+            if got >= size:
+                break
+        data = b"".join(reversed(parts))
+        return data[-size:] if size else b""
 
     def subscribe(self) -> tuple[Watcher, str]:
         """A new watcher and the screen to draw first."""

@@ -28,6 +28,7 @@ from recorder.recording import CastWriter, DiscardWriter, RecordingError
 from recorder.session import SessionRecorder
 from recorder.store import StoreError
 from relay.approvals import Outcome
+from relay.coalesce import coalesce
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
 from relay.operator import OPERATOR_ROLES, OPERATOR_USER, OperatorSession
@@ -118,6 +119,7 @@ class RelayServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        coalesce(conn)
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
 
@@ -332,7 +334,7 @@ async def connect_target(ctx: RelayContext, target: TargetConfig) -> asyncssh.SS
     if target.password_env:
         kwargs["password"] = os.environ.get(target.password_env)
     try:
-        return await asyncssh.connect(host.strip("[]"), int(port), **kwargs)
+        conn = await asyncssh.connect(host.strip("[]"), int(port), **kwargs)
     except asyncssh.HostKeyNotVerifiable:
         raise TargetError(
             f"target {target.name} presented a host key that does not match the pinned "
@@ -352,6 +354,8 @@ async def connect_target(ctx: RelayContext, target: TargetConfig) -> asyncssh.SS
         else:
             reason = str(exc) or type(exc).__name__
         raise TargetError(f"cannot reach target {target.name}: {reason}") from None
+    coalesce(conn)
+    return conn
 
 
 class RelaySession(asyncssh.SSHServerSession[bytes]):
@@ -381,6 +385,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self._done = self._loop.create_future()
         self._task: asyncio.Task[None] | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._fed: dict[str, float] = {}  # loop time of each stream's last held output
         self._input: asyncio.Queue[bytes | None] | None = None
         self._line = ShellLine(80)
         self._typed = TypedLine()
@@ -550,17 +555,26 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self._arm(stream, datatype)
 
     def _arm(self, stream: str, datatype: asyncssh.DataType) -> None:
-        timer = self._timers.pop(stream, None)
-        if timer is not None:
-            timer.cancel()
-        if self.rec is not None and self.rec.pending(stream):
-            loop = asyncio.get_event_loop()
-            self._timers[stream] = loop.call_later(
+        """Held output is released ``hold_deadline`` after the last chunk of its stream.
+        One timer per stream that pushes itself back when more output came meanwhile:
+        a new timer per chunk cost bulk output a timer and a cancel each."""
+        if self.rec is None or not self.rec.pending(stream):
+            timer = self._timers.pop(stream, None)
+            if timer is not None:
+                timer.cancel()
+            return
+        self._fed[stream] = self._loop.time()
+        if stream not in self._timers:
+            self._timers[stream] = self._loop.call_later(
                 self.ctx.hold_deadline, self._deadline, stream, datatype
             )
 
     def _deadline(self, stream: str, datatype: asyncssh.DataType) -> None:
         self._timers.pop(stream, None)
+        wait = self._fed.get(stream, 0.0) + self.ctx.hold_deadline - self._loop.time()
+        if wait > 0:
+            self._timers[stream] = self._loop.call_later(wait, self._deadline, stream, datatype)
+            return
         masked = self._safe(lambda rec: rec.flush_output(stream))
         if masked:
             self.chan.write(masked, datatype)

@@ -46,3 +46,23 @@ def test_slow_watcher_is_dropped_not_the_session() -> None:
         assert (await fast.next()) is None
 
     asyncio.run(main())
+
+
+def test_tail_keeps_the_latest_output_in_bounded_memory() -> None:
+    """The tail a late joiner's screen is drawn from: the last bytes exactly, whatever
+    the chunk sizes, and never much more than twice the tail kept."""
+    from relay import live
+
+    stream = LiveHub().open("s2", {}, 80, 24)
+    sent = bytearray()
+    sizes = [1, 7, 4096, 32768, 65536, 3, 300_000]
+    for i in range(400):
+        chunk = bytes([65 + i % 26]) * sizes[i % len(sizes)]
+        stream.output(chunk)
+        sent += chunk
+        assert stream._tail_size <= 2 * live._TAIL_BYTES + len(chunk)
+    for n in (0, 1, 5, 40_000, live._TAIL_BYTES):
+        assert stream.recent(n) == bytes(sent[len(sent) - n :])
+    assert stream.bytes == len(sent)
+    stream.output(b"\x1b[2J\x1b[Hlast words")
+    assert "last words" in stream.screen()

@@ -265,3 +265,64 @@ def test_hashes_and_uuids_holding_luhn_valid_runs_pass() -> None:
         assert stream_mask(MASKER, data, [cut]) == data
     # The same digits standing alone are a card number.
     assert MASKER.mask_bytes(f"pan {run}".encode()) != f"pan {run}".encode()
+
+
+# Pieces that build streams where the fast paths matter: digit-free runs (zeros, text),
+# card numbers, track data, a custom secret and the fragments of each.
+_STRIPE = Masker(MaskPolicy(patterns=[CustomPattern("stripe-key", "sk_live_[A-Za-z0-9]{24}")]))
+_PIECES = st.sampled_from(
+    [
+        b"\x00" * 64,
+        b"plain text, no digits\r\n",
+        b"sk_",
+        b"live_",
+        b"sk_live_" + b"Ab" * 12,
+        b"ssss",
+        b"\x1b[31m",
+        b" ",
+        b"-",
+        b"=",
+        b"^",
+        b"%B",
+        luhn_complete("411111111111111").encode(),
+        luhn_complete("555555555555444").encode()[:7],
+        b"12345678\n",
+        b"2512101",
+    ]
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fast_paths_release_what_the_full_scan_releases(data: st.DataObject) -> None:
+    """Chunks without digits skip the RE2 scan, and custom patterns whose literal cannot
+    occur skip theirs: what is released, when, and the counts stay those of the full scan."""
+    import recorder.masking as masking
+
+    stream = b"".join(data.draw(st.lists(_PIECES, max_size=24)))
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(stream)), max_size=10))))
+
+    def run() -> tuple[list[bytes], Counter[str]]:
+        s = _STRIPE.stream()
+        out, prev = [], 0
+        for cut in [*cuts, len(stream)]:
+            out.append(s.feed(stream[prev:cut]))
+            prev = cut
+        out.append(s.flush())
+        return out, s.counts
+
+    fast = run()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(masking, "_has_digit", lambda buf: True)
+        m.setattr(masking, "_custom_possible", lambda masker, buf: True)
+        full = run()
+    assert fast == full
+    assert len(b"".join(fast[0])) == len(stream)
+
+
+def test_digit_free_stream_still_masks_a_custom_secret_cut_anywhere() -> None:
+    key = b"sk_" + b"live_" + b"Zzy" * 8
+    data = b"\x00" * 100 + b"token " + key + b" end\r\n" + b"\x00" * 100
+    for cut in range(1, len(data)):
+        out = stream_mask(_STRIPE, data, [cut])
+        assert key not in out and out.count(b"*") == len(key)

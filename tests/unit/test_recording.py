@@ -265,3 +265,100 @@ def test_pool_serves_many_threaded_writers_in_order(tmp_path: Path) -> None:
         out = [json.loads(line)[2] for line in read_lines(tmp_path / f"w{i}.cast")[1:]]
         assert out == [f"{i}:{n}\r\n" for n in range(300)]
         assert verify_cast(tmp_path / f"w{i}.cast", KEY.public).verdict is Verdict.INTACT
+
+
+def test_pool_encoded_events_match_events_encoded_in_the_caller(tmp_path: Path) -> None:
+    """Threaded, the pool thread makes the JSON of each event: lines, line counts and
+    hashes are those of a writer that encodes in the caller, cut characters and a
+    character cut at the very end included."""
+    snow = "☃".encode()
+    chunks = [b"a" + snow[:1], snow[1:2], snow[2:] + b'\xff"\\\r\n', b"\x00" * 100, b"\x00x"]
+    chunks += [f"row {i}\t\x1b[1m{i}\x1b[0m\r\n".encode() for i in range(2000)] + [snow[:2]]
+    results = []
+    for threaded in (False, True):
+        clock = FakeClock()
+        path = tmp_path / f"{threaded}.cast"
+        w = CastWriter(
+            path,
+            width=80,
+            height=24,
+            session_id="p",
+            signing_key=KEY,
+            clock=clock,
+            threaded=threaded,
+        )
+        for i, chunk in enumerate(chunks):
+            clock.t += 0.001
+            w.output(chunk)
+            if i % 500 == 0:
+                w.marker(f"marker {i}")
+                w.input("ls\n")
+                w.resize(100 + i % 7, 30)
+        lines_before_close = w.lines
+        manifest = w.close()
+        assert verify_cast(path, KEY.public).verdict is Verdict.INTACT
+        results.append(
+            (read_lines(path)[1:], lines_before_close, manifest["lines"], manifest["nul_bytes"])
+        )
+        assert manifest["final_hash"] == w.chain_hash
+    assert results[0] == results[1]
+    out = [e[2] for e in map(json.loads, results[1][0]) if e[1] == "o"]
+    assert out[:3] == ["a", '☃\ufffd"\\\r\n', "x"] and out[-1] == "\ufffd"
+    assert results[1][3] == 101
+
+
+def test_an_error_in_the_pool_fails_one_recording_and_the_thread_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from recorder.asciicast import event_line as real
+    from recorder.writerpool import shared_pool
+
+    def flaky(t: float, code: str, data: str) -> bytes:
+        if data == "boom":
+            raise RuntimeError("encoder exploded")
+        return real(t, code, data)
+
+    monkeypatch.setattr("recorder.recording.event_line", flaky)
+    errors: list[str] = []
+    failed = threading.Event()
+
+    def on_error(message: str) -> None:
+        errors.append(message)
+        failed.set()
+
+    pool = shared_pool()
+    writers = []
+    for name in ("bad", "good"):
+        w = CastWriter(
+            tmp_path / f"{name}.cast",
+            width=80,
+            height=24,
+            session_id=name,
+            signing_key=KEY,
+            threaded=True,
+            on_error=on_error if name == "bad" else None,
+        )
+        w._worker = pool._workers[0]  # the same pool thread for both
+        writers.append(w)
+    bad, good = writers
+    bad.marker("boom")
+    assert failed.wait(30)
+    assert "encoder exploded" in errors[0]
+    bad.output(b"dropped after the failure\r\n")  # reported: dropped, not raised
+    for i in range(100):
+        good.output(f"still served {i}\r\n".encode())
+    good.close()
+    assert verify_cast(tmp_path / "good.cast", KEY.public).verdict is Verdict.INTACT
+    with pytest.raises(RecordingError, match="encoder exploded"):
+        bad.close()
+    # Bad's cast stays unsealed: verifiable up to its header.
+    assert verify_cast(tmp_path / "bad.cast", KEY.public).verdict is not Verdict.INTACT
+
+
+def test_lone_surrogates_become_replacement_characters() -> None:
+    from recorder.asciicast import event_line
+
+    line = event_line(1.0, "m", "blocked: rm \udcff\udc80 -rf")
+    assert json.loads(line) == [1.0, "m", "blocked: rm \ufffd\ufffd -rf"]
