@@ -26,6 +26,30 @@ class Decision:
 ALLOW = Decision("allow")
 
 
+class ScopedPolicy:
+    """The rules of one identity on one target (see ``Policy.scoped``); the first
+    match wins, no match means allow."""
+
+    def __init__(self, rules: Sequence[tuple[RuleConfig, re.Pattern[str] | None]]) -> None:
+        self._rules = [(rx, frozenset(rule.sql), Decision(rule.action, rule)) for rule, rx in rules]
+        self.sql_nodes = frozenset(n for rule, _rx in rules for n in rule.sql)
+        """Every parse-tree node name these rules ask about."""
+
+    def decide(
+        self, command: str | None = None, sql_nodes: Collection[str] | None = None
+    ) -> Decision:
+        """Decide a command (SSH exec or shell line, or SQL text with its parse-tree
+        node names)."""
+        for rx, nodes, decision in self._rules:
+            if rx is None and not nodes:
+                return decision  # scoped by target/group only
+            if rx is not None and command is not None and rx.search(command):
+                return decision
+            if nodes and sql_nodes is not None and not nodes.isdisjoint(sql_nodes):
+                return decision
+        return ALLOW
+
+
 class Policy:
     """Rules evaluated in order; the first match wins; no match means allow."""
 
@@ -53,19 +77,20 @@ class Policy:
     ) -> Decision:
         """Decide a command (SSH exec or shell line, or SQL text with its parse-tree
         node names) for an identity with ``groups`` on ``target``."""
+        return self.scoped(target, groups).decide(command, sql_nodes)
+
+    def scoped(self, target: str, groups: Sequence[str]) -> ScopedPolicy:
+        """The rules that can apply to an identity with ``groups`` on ``target``, in
+        order: a session picks them once instead of on every statement."""
         gset = set(groups)
-        for rule, rx in self._rules:
-            if rule.targets and target not in rule.targets:
-                continue
-            if rule.groups and not gset & set(rule.groups):
-                continue
-            if rx is None and not rule.sql:
-                return Decision(rule.action, rule)  # scoped by target/group only
-            if rx is not None and command is not None and rx.search(command):
-                return Decision(rule.action, rule)
-            if rule.sql and sql_nodes is not None and set(rule.sql) & set(sql_nodes):
-                return Decision(rule.action, rule)
-        return ALLOW
+        return ScopedPolicy(
+            [
+                (rule, rx)
+                for rule, rx in self._rules
+                if (not rule.targets or target in rule.targets)
+                and (not rule.groups or gset & set(rule.groups))
+            ]
+        )
 
     def rule(self, name: str) -> RuleConfig | None:
         """A rule by name."""

@@ -37,7 +37,7 @@ from relay.pg.rows import RowMasker
 from relay.pg.sql import TOO_LONG, TOO_LONG_RULE, SqlGate
 from relay.pg.transcript import Transcript
 from relay.pg.upstream import Upstream, UpstreamError, connect, resolve_mask_columns
-from relay.policy import Decision
+from relay.policy import Decision, ScopedPolicy
 
 log = logging.getLogger("castgate.pg")
 
@@ -186,6 +186,8 @@ class PgSession:
         self.mask_keys: set[tuple[int, int]] = set()
         self.sentinels: dict[str, str] = {}
         self.columns: _Columns | None = None
+        self._scoped: ScopedPolicy | None = None
+        self._gate: SqlGate | None = None
         self._exec_cols: dict[tuple[Any, ...], tuple[list[p.Field], _Columns]] = {}
         # Rows of a result whose shape is unknown: masked by content only.
         self._plain_rows = RowMasker(ctx.masker, full=ctx.masker.policy.style == "full")
@@ -688,13 +690,17 @@ class PgSession:
         )
 
     def _decide(self, text: str) -> Decision:
-        assert self.ident is not None and self.target is not None
-        nodes = self.listener.gate.nodes(text)
+        scoped = self._scoped
+        if scoped is None:
+            assert self.ident is not None and self.target is not None
+            # This identity's rules on this target, and the keywords they need, once.
+            scoped = self._scoped = self.ctx.policy.scoped(self.target.name, self.ident.groups)
+            self._gate = SqlGate(scoped.sql_nodes)
+        assert self._gate is not None
+        nodes = self._gate.nodes(text)
         if nodes is not None and TOO_LONG in nodes:
             return Decision("block", TOO_LONG_RULE)
-        return self.ctx.policy.decide(
-            target=self.target.name, groups=self.ident.groups, command=text, sql_nodes=nodes
-        )
+        return scoped.decide(text, nodes)
 
     async def _enforce(self, decision: Decision, masked: str) -> tuple[bool, str]:
         """Carry out a block or approve decision: (allowed, message if refused)."""
@@ -1268,7 +1274,6 @@ class PgListener:
         req = ctx.cfg.listen.postgres_require_tls
         self.require_tls = (not is_loopback(host)) if req is None else req
         self.cancels = CancelMap()
-        self.gate = SqlGate(n for r in ctx.cfg.rules for n in r.sql)
         self.sessions: set[PgSession] = set()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
