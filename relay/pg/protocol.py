@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 PROTOCOL_3_0 = 196608
 PROTOCOL_3_2 = 196610
@@ -120,32 +120,21 @@ class MessageDecoder:
 
     def feed(self, data: bytes) -> Iterator[Message]:
         """Add bytes and yield every complete message."""
-        buf = self._buf
-        buf += data
-        pos = 0
-        n = len(buf)
-        while n - pos >= 5:
-            typ, length = _HDR.unpack_from(buf, pos)
-            if length < 4 or length > self._max:
-                raise ProtocolError(f"invalid length {length} for message type {typ!r}")
-            end = pos + 1 + length
-            if end > n:
-                break
-            yield Message(typ, bytes(buf[pos + 5 : end]))
-            pos = end
-        if pos:
-            del buf[:pos]
+        return cast(Iterator[Message], self._feed(data, runs=False))
 
     def feed_runs(self, data: bytes) -> Iterator[Message | RowRun]:
         """Like ``feed``, but consecutive complete DataRows ('D' from the server) come
         as one ``RowRun``: a result set is masked a block at a time (relay/pg/rows.py)."""
+        return self._feed(data, runs=True)
+
+    def _feed(self, data: bytes, runs: bool) -> Iterator[Message | RowRun]:
         buf = self._buf
         buf += data
         pos = 0
         n = len(buf)
         cap = self._max
         while n - pos >= 5:
-            if buf[pos] == 0x44:
+            if runs and buf[pos] == 0x44:
                 start = pos
                 starts: list[int] = []
                 while n - pos >= 5 and buf[pos] == 0x44:
