@@ -169,3 +169,16 @@ def test_odd_rows_in_a_run_are_masked_like_rows_alone() -> None:
     out = rm.mask_run(p.RowRun(trailing + letters, 2), counts)
     assert out == trailing + p.data_row([b"1", b"*" * 16])
     assert counts == Counter({"mask_columns": 1})
+
+
+def test_a_card_number_as_a_binary_bigint_becomes_null_in_a_row_with_few_digits() -> None:
+    # Eight binary bytes hold no 13-digit run: the row must still be looked at.
+    pan = struct.pack("!q", int(PANS[0]))
+    rm = RowMasker(MASKERS["block"], [False, False], [1, 0], [20, 25])
+    for masked in (
+        rm.mask_row(p.data_row([pan, b"x"])[5:]),
+        rm.mask_run(p.RowRun(p.data_row([pan, b"x"]), 1))[5:],
+    ):
+        assert p.parse_data_row(masked) == [None, b"x"]
+    ordinary = struct.pack("!q", 42)
+    assert rm.mask_row(p.data_row([ordinary, b"x"])[5:]) == p.data_row([ordinary, b"x"])[5:]
