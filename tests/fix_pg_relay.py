@@ -68,6 +68,16 @@ password_env = "APPDB_PASSWORD"
 groups = ["agents", "sre"]
 mask_columns = ["secrets.code"]
 tls = "disable"
+[[targets]]
+name = "appdb-tls"
+kind = "postgres"
+address = "127.0.0.1:{port}"
+database = "app"
+user = "app"
+password_env = "APPDB_PASSWORD"
+groups = ["agents", "sre"]
+mask_columns = ["secrets.code"]
+tls = "require"
 [[rules]]
 name = "no-drop-database"
 sql = ["DropdbStmt"]

@@ -29,6 +29,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from castgate.localpg import installed_bindir
+from relay.pg import tls as relay_tls
 
 __all__ = ["PostgresServer", "find_postgres_bindir", "pg_url", "postgres_server"]
 
@@ -246,6 +247,14 @@ def postgres_server() -> Iterator[PostgresServer]:
         if initdb.returncode != 0:
             pytest.fail(f"initdb failed ({initdb.returncode}):\n{initdb.stderr}{initdb.stdout}")
 
+        # TLS on, with a throwaway self-signed certificate: clients and the relay's
+        # target connections (tls = "prefer" / "require") then run over TLS as they
+        # would against a production server.
+        relay_tls._generate(datadir / "server.crt", datadir / "server.key")
+        if account is not None:
+            for name in ("server.crt", "server.key"):
+                os.chown(datadir / name, account.pw_uid, account.pw_gid)
+
         for attempt in range(1, _START_ATTEMPTS + 1):
             port = _free_port()
             # Settings go to the conf file rather than through pg_ctl -o, which hands
@@ -262,6 +271,7 @@ def postgres_server() -> Iterator[PostgresServer]:
                 # DATABASE (one per test) much cheaper.
                 "wal_level": "minimal",
                 "max_wal_senders": "0",
+                "ssl": "on",
             }
             with conf.open("a") as fh:
                 fh.writelines(f"{key} = {value}\n" for key, value in settings.items())

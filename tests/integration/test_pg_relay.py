@@ -239,3 +239,26 @@ def test_cancel_reaches_the_right_backend(pg_relay: PgRelay) -> None:
             conn.execute("SELECT pg_sleep(20)")
         assert time.monotonic() - started < 10
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_tls_target_relays_masked_results_both_ways(pg_relay: PgRelay) -> None:
+    """Target ``appdb-tls`` (tls = "require"): the relay's connection to the server is
+    TLS, and queries, a large masked result and COPY pass through it as through plain."""
+    with psycopg.connect(pg_relay.dsn(target="appdb-tls"), autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        ).fetchone() == (True,)
+        rows = conn.execute("SELECT holder, pan FROM cards ORDER BY id").fetchall()
+        assert rows[0][1] == masked(PANS[0])
+        assert conn.execute("SELECT code FROM secrets").fetchone() == ("***-***-***",)
+        big = conn.execute(
+            f"SELECT g, '{PANS[0]}' || '' FROM generate_series(1, 50000) g"
+        ).fetchall()
+        assert len(big) == 50000 and {r[1] for r in big} == {masked(PANS[0])}
+        with (
+            conn.cursor() as cur,
+            cur.copy("COPY (SELECT pan FROM cards ORDER BY id) TO STDOUT") as cp,
+        ):
+            out = b"".join(bytes(b) for b in cp)
+        assert PANS[0].encode() not in out and masked(PANS[0]).encode() in out
+        assert conn.execute("SELECT 1").fetchone() == (1,)
