@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -12,6 +14,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from relay.pg import protocol as proto
 from tests.fix_pg_relay import PANS, PgRelay, casts
 from tests.fix_relay import TOKENS, wait_for
 
@@ -262,3 +265,52 @@ def test_a_tls_target_relays_masked_results_both_ways(pg_relay: PgRelay) -> None
             out = b"".join(bytes(b) for b in cp)
         assert PANS[0].encode() not in out and masked(PANS[0]).encode() in out
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_stops_reading_holds_the_target_back(pg_relay: PgRelay) -> None:
+    """A raw protocol client asks for ~300 MB of rows and reads nothing: the relay stops
+    reading the server (its memory stays flat and the backend waits on ClientWrite);
+    once the client reads again, every row arrives."""
+    relay = pg_relay.relay
+    sock = socket.create_connection(("127.0.0.1", relay.pg_port), timeout=30)
+    with sock:
+        sock.sendall(proto.startup_message({"user": "ci-agent", "database": "appdb"}))
+        dec = proto.MessageDecoder()
+
+        def until(kind: bytes) -> list[proto.Message]:
+            seen: list[proto.Message] = []
+            while not any(m.type == kind for m in seen):
+                data = sock.recv(65536)
+                assert data, "the relay closed the connection"
+                seen += list(dec.feed(data))
+            return seen
+
+        assert until(b"R")[-1].body[:4] == struct.pack("!i", 3)  # cleartext password
+        sock.sendall(proto.password_message(TOKENS["ci-agent"].encode() + b"\0"))
+        until(b"Z")
+        start = _rss_mb(relay.proc.pid)
+        sock.sendall(proto.query("SELECT repeat('x', 1000) FROM generate_series(1, 300000)"))
+        time.sleep(3)
+        with psycopg.connect(pg_relay.direct_dsn, autocommit=True) as admin:
+            waiting = admin.execute(
+                "SELECT wait_event FROM pg_stat_activity WHERE query LIKE 'SELECT repeat%'"
+            ).fetchall()
+        held = _rss_mb(relay.proc.pid)
+        assert waiting == [("ClientWrite",)]
+        assert held - start < 64, (start, held)
+        rows = 0
+        done = False
+        while not done:
+            data = sock.recv(1 << 20)
+            assert data, "the relay closed the connection"
+            for m in dec.feed(data):
+                rows += m.type == b"D"
+                done = done or m.type == b"Z"
+        assert rows == 300000
