@@ -21,6 +21,7 @@ import ssl
 import struct
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -54,8 +55,6 @@ _FLUSH_INTERVAL = 0.25
 # Up to what asyncio reads from a socket at once: a large result is masked in blocks
 # of this size (each block costs a fixed few hundred microseconds of numpy and RE2).
 _SERVER_READ = 256 * 1024
-# Answers waiting in the client's socket buffer past this: stop reading the target.
-_CLIENT_HIGH_WATER = 64 * 1024
 # Transcript text waits at most this long (or this many characters) for the cast.
 _CAST_BATCH = 0.05
 _CAST_BATCH_BYTES = 64 * 1024
@@ -200,10 +199,9 @@ class _UpstreamPipe(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def hold_until(self, ready: Any) -> None:
+    def hold_until(self, ready: asyncio.Future[Any]) -> None:
         """Stop reading the target until ``ready`` (the client's drain) completes."""
         if self._holding or self.transport is None:
-            ready.close()
             return
         self._holding = True
         self.transport.pause_reading()
@@ -224,6 +222,87 @@ class _UpstreamPipe(asyncio.Protocol):
     def _finish(self, failure: BaseException | None, lost: BaseException | None) -> None:
         if not self.done.done():
             self.done.set_result((failure, lost))
+
+
+class _ClientPipe(asyncio.Protocol):
+    """The client's connection once authenticated: reads go straight to
+    ``PgSession._client_data``; while a statement is on the slow path (waiting for an
+    approval, say) reading pauses and what was already read waits in ``backlog``.
+    ``done`` resolves to the error to raise, or None when the client has left."""
+
+    def __init__(self, session: PgSession) -> None:
+        self.session = session
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[BaseException | None] = self.loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.backlog: deque[bytes] = deque()
+        self.write_paused: asyncio.Future[None] | None = None
+        self.detached = False
+        self._pauses = 0
+        self._holding = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.detached or self.done.done():
+            return
+        if self.session._slow is not None:
+            self.backlog.append(data)
+            return
+        try:
+            self.session._client_data(data)
+        except Exception as exc:
+            self.finish(exc)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finish(exc)
+        if self.write_paused is not None and not self.write_paused.done():
+            self.write_paused.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self.write_paused is None:
+            self.write_paused = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self.write_paused = self.write_paused, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause(self) -> None:
+        """Stop reading (reasons count: the slow path, a full target buffer)."""
+        self._pauses += 1
+        if self._pauses == 1 and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        self._pauses -= 1
+        if self._pauses == 0 and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def hold_until(self, ready: asyncio.Future[Any]) -> None:
+        """Stop reading the client until ``ready`` (the target's drain) completes."""
+        if self._holding:
+            return
+        self._holding = True
+        self.pause()
+
+        async def wait() -> None:
+            try:
+                await ready
+            finally:
+                self._holding = False
+                self.resume()
+
+        self.session._holds.add(task := asyncio.ensure_future(wait()))
+        task.add_done_callback(self.session._holds.discard)
+
+    def finish(self, failure: BaseException | None) -> None:
+        if not self.done.done():
+            self.done.set_result(failure)
 
 
 class PgSession:
@@ -259,6 +338,9 @@ class PgSession:
         self.sentinels: dict[str, str] = {}
         self.columns: _Columns | None = None
         self._pipe: _UpstreamPipe | None = None
+        self._cpipe: _ClientPipe | None = None
+        self._cdec = p.MessageDecoder()
+        self._slow: asyncio.Future[None] | None = None
         self._sdec = p.MessageDecoder()
         # RowDescriptions repeat (the same statements run again and again): parsed and
         # matched against mask_columns once per distinct message; command tags too.
@@ -723,30 +805,42 @@ class PgSession:
         pipe.connection_made(self.up.writer.transport)
         if early:
             pipe.data_received(early)
-        client = asyncio.ensure_future(self._client_loop())
+        # The client's side likewise; statements that must wait go to a task.
+        creader = self.cr
+        cbuffered: bytearray = creader._buffer  # type: ignore[attr-defined]
+        cearly = self._early + bytes(cbuffered)
+        cbuffered.clear()
+        self._early = b""
+        cpipe = self._cpipe = _ClientPipe(self)
+        self.cw.transport.set_protocol(cpipe)
+        cpipe.connection_made(self.cw.transport)
+        if cearly:
+            cpipe.data_received(cearly)
         try:
-            waits: list[asyncio.Future[Any]] = [client, pipe.done]
+            waits: list[asyncio.Future[Any]] = [cpipe.done, pipe.done]
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if pipe.done in done:
                 failure, lost = pipe.done.result()
                 if failure is not None:
                     raise failure
                 # The server side ended first, and not because the relay closed it.
-                if client not in done and self.status in ("closed", "target closed"):
+                if cpipe.done not in done and self.status in ("closed", "target closed"):
                     if self.status == "closed":
                         self.status = "target closed"
                     if lost is None or isinstance(lost, OSError):
                         await self._target_lost(lost)
                         return
-            if client in done:
-                exc = client.exception()
-                if exc is not None:
-                    raise exc
+            if cpipe.done in done:
+                error = cpipe.done.result()
+                if error is not None:
+                    raise error
         finally:
-            pipe.detached = True
-            client.cancel()
-            with contextlib.suppress(BaseException):
-                await client
+            pipe.detached = cpipe.detached = True
+            slow = self._slow
+            if slow is not None:
+                slow.cancel()
+                with contextlib.suppress(BaseException):
+                    await slow
             if self._log_task is not None:
                 with contextlib.suppress(BaseException):
                     await self._log_task
@@ -887,106 +981,201 @@ class PgSession:
         self.sentinels[nonce] = message
         return f'SELECT * FROM pg_catalog."castgate-refused-{nonce}"'  # noqa: S608 - hex nonce
 
-    async def _client_loop(self) -> None:
+    async def _client_messages(self, msgs: Iterable[p.Message]) -> bool:
+        """Client messages the slow way: a statement a rule holds or blocks is enforced
+        here (it may wait for an approval). False once the client said Terminate."""
         assert self.up is not None
         up = self.up.writer
-        dec = p.MessageDecoder()
         masker = self.ctx.masker
-        data, self._early = self._early, b""
-        while True:
-            if not data:
-                data = await self.cr.read(65536)
-                if not data:
-                    return
-            out = bytearray()
-            # Transcript lines of the statements forwarded by this batch: written after
-            # the forward (see ``_after_forward``).
-            said: list[str] = []
-            for msg in dec.feed(data):
-                t = msg.type
-                if t == b"Q":
-                    text = p.parse_query(msg.body)
-                    masked = masker.mask(text)
-                    self.statements += 1
-                    decision = self._decide(text)
-                    if decision.action != "allow":
-                        if out:
-                            up.write(out)
-                            out = bytearray()
-                        self._after_forward(said)
-                        ok, why = await self._enforce(decision, masked)
-                        if not ok:
-                            self.pending.append(_Query(masked, time.monotonic(), log=False))
-                            out += p.query(self._sentinel(why))
-                            if self.transcript is not None:
-                                self._write_cast(self.transcript.query(masked))
-                            continue
-                    self.pending.append(_Query(masked, time.monotonic()))
-                    said.append(masked)
-                    out += msg.raw()
-                elif t == b"P":
-                    parse = p.parse_parse(msg.body)
-                    masked = masker.mask(parse.query)
-                    self.stmt_text[parse.name] = masked
-                    self.pending.append(_Parse(parse.name))
-                    decision = self._decide(parse.query)
-                    if decision.action != "allow":
-                        if out:
-                            up.write(out)
-                            out = bytearray()
-                        self._after_forward(said)
-                        ok, why = await self._enforce(decision, masked)
-                        if not ok:
-                            out += p.parse_msg(parse.name, self._sentinel(why), parse.param_types)
-                            continue
-                    out += msg.raw()
-                elif t == b"B":
-                    bind = p.parse_bind(msg.body)
-                    self.portal_stmt[bind.portal] = (bind.statement, bind.result_formats)
-                    self.described.discard(bind.portal)
-                    self.pending.append(_Bind())
-                    out += msg.raw()
-                elif t == b"D":
-                    kind, name = p.parse_describe(msg.body)
-                    if kind == "P":
-                        self.described.add(name)
-                    self.pending.append(_Describe(kind, name, hidden=False))
-                    out += msg.raw()
-                elif t == b"E":
-                    portal, _max = p.parse_execute(msg.body)
-                    if portal not in self.described:
-                        # The relay must know the columns to mask them: ask, and swallow
-                        # the answer (never synthesise one the client did not ask for).
-                        out += p.describe("P", portal)
-                        self.pending.append(_Describe("P", portal, hidden=True))
-                        self.described.add(portal)
-                    stmt, fmts = self.portal_stmt.get(portal, ("", ()))
-                    text = self.stmt_text.get(stmt, "")
-                    self.statements += 1
-                    self.pending.append(_Execute(portal, stmt, fmts, text, time.monotonic()))
-                    said.append(text)
-                    out += msg.raw()
-                elif t == b"C":
-                    self.pending.append(_Close())
-                    out += msg.raw()
-                elif t == b"S":
-                    self.pending.append(_Sync())
-                    out += msg.raw()
-                elif t == b"X":
-                    out += msg.raw()
-                    up.write(out)
+        out = bytearray()
+        # Transcript lines of the statements forwarded by this batch: written after
+        # the forward (see ``_after_forward``).
+        said: list[str] = []
+        for msg in msgs:
+            t = msg.type
+            if t == b"Q":
+                text = p.parse_query(msg.body)
+                masked = masker.mask(text)
+                self.statements += 1
+                decision = self._decide(text)
+                if decision.action != "allow":
+                    if out:
+                        up.write(out)
+                        out = bytearray()
                     self._after_forward(said)
-                    await self._up_drain()
-                    return
-                else:
-                    # Flush, CopyData/Done/Fail (input goes to the target as typed),
-                    # FunctionCall: forwarded unchanged.
-                    out += msg.raw()
-            if out:
+                    ok, why = await self._enforce(decision, masked)
+                    if not ok:
+                        self.pending.append(_Query(masked, time.monotonic(), log=False))
+                        out += p.query(self._sentinel(why))
+                        if self.transcript is not None:
+                            self._write_cast(self.transcript.query(masked))
+                        continue
+                self.pending.append(_Query(masked, time.monotonic()))
+                said.append(masked)
+                out += msg.raw()
+            elif t == b"P":
+                parse = p.parse_parse(msg.body)
+                masked = masker.mask(parse.query)
+                self.stmt_text[parse.name] = masked
+                self.pending.append(_Parse(parse.name))
+                decision = self._decide(parse.query)
+                if decision.action != "allow":
+                    if out:
+                        up.write(out)
+                        out = bytearray()
+                    self._after_forward(said)
+                    ok, why = await self._enforce(decision, masked)
+                    if not ok:
+                        out += p.parse_msg(parse.name, self._sentinel(why), parse.param_types)
+                        continue
+                out += msg.raw()
+            elif t == b"B":
+                bind = p.parse_bind(msg.body)
+                self.portal_stmt[bind.portal] = (bind.statement, bind.result_formats)
+                self.described.discard(bind.portal)
+                self.pending.append(_Bind())
+                out += msg.raw()
+            elif t == b"D":
+                kind, name = p.parse_describe(msg.body)
+                if kind == "P":
+                    self.described.add(name)
+                self.pending.append(_Describe(kind, name, hidden=False))
+                out += msg.raw()
+            elif t == b"E":
+                portal, _max = p.parse_execute(msg.body)
+                if portal not in self.described:
+                    # The relay must know the columns to mask them: ask, and swallow
+                    # the answer (never synthesise one the client did not ask for).
+                    out += p.describe("P", portal)
+                    self.pending.append(_Describe("P", portal, hidden=True))
+                    self.described.add(portal)
+                stmt, fmts = self.portal_stmt.get(portal, ("", ()))
+                text = self.stmt_text.get(stmt, "")
+                self.statements += 1
+                self.pending.append(_Execute(portal, stmt, fmts, text, time.monotonic()))
+                said.append(text)
+                out += msg.raw()
+            elif t == b"C":
+                self.pending.append(_Close())
+                out += msg.raw()
+            elif t == b"S":
+                self.pending.append(_Sync())
+                out += msg.raw()
+            elif t == b"X":
+                out += msg.raw()
                 up.write(out)
-            self._after_forward(said)
-            await self._up_drain()
-            data = b""
+                self._after_forward(said)
+                await self._up_drain()
+                return False
+            else:
+                # Flush, CopyData/Done/Fail (input goes to the target as typed),
+                # FunctionCall: forwarded unchanged.
+                out += msg.raw()
+        if out:
+            up.write(out)
+        self._after_forward(said)
+        await self._up_drain()
+        return True
+
+    def _client_data(self, data: bytes) -> None:
+        """One read from the client, handled where it arrives (``_ClientPipe``). The
+        first message that needs the slow path (a statement no rule simply allows,
+        Terminate) goes to ``_client_slow`` with everything after it, and reading
+        pauses until that is done."""
+        assert self.up is not None
+        msgs = self._cdec.feed(data)
+        out = bytearray()
+        said: list[str] = []
+        fast = self._client_fast
+        for msg in msgs:
+            if not fast(msg, out, said):
+                if out:
+                    self.up.writer.write(out)
+                self._after_forward(said)
+                self._start_slow([msg, *msgs])
+                return
+        if out:
+            self.up.writer.write(out)
+        self._after_forward(said)
+        pipe = self._pipe
+        if pipe is not None and pipe.write_paused is not None and self._cpipe is not None:
+            # The target's buffer is full: stop reading the client until it drains.
+            self._cpipe.hold_until(asyncio.shield(pipe.write_paused))
+
+    def _client_fast(self, msg: p.Message, out: bytearray, said: list[str]) -> bool:
+        """One client message on the fast path; False (and nothing changed) when it
+        needs the slow one."""
+        t = msg.type
+        if t == b"Q":
+            text = p.parse_query(msg.body)
+            if self._decide(text).action != "allow":
+                return False
+            masked = self.ctx.masker.mask(text)
+            self.statements += 1
+            self.pending.append(_Query(masked, time.monotonic()))
+            said.append(masked)
+        elif t == b"P":
+            parse = p.parse_parse(msg.body)
+            if self._decide(parse.query).action != "allow":
+                return False
+            self.stmt_text[parse.name] = self.ctx.masker.mask(parse.query)
+            self.pending.append(_Parse(parse.name))
+        elif t == b"B":
+            bind = p.parse_bind(msg.body)
+            self.portal_stmt[bind.portal] = (bind.statement, bind.result_formats)
+            self.described.discard(bind.portal)
+            self.pending.append(_Bind())
+        elif t == b"D":
+            kind, name = p.parse_describe(msg.body)
+            if kind == "P":
+                self.described.add(name)
+            self.pending.append(_Describe(kind, name, hidden=False))
+        elif t == b"E":
+            portal, _max = p.parse_execute(msg.body)
+            if portal not in self.described:
+                # The relay must know the columns to mask them: ask, and swallow the
+                # answer (never synthesise one the client did not ask for).
+                out += p.describe("P", portal)
+                self.pending.append(_Describe("P", portal, hidden=True))
+                self.described.add(portal)
+            stmt, fmts = self.portal_stmt.get(portal, ("", ()))
+            text = self.stmt_text.get(stmt, "")
+            self.statements += 1
+            self.pending.append(_Execute(portal, stmt, fmts, text, time.monotonic()))
+            said.append(text)
+        elif t == b"C":
+            self.pending.append(_Close())
+        elif t == b"S":
+            self.pending.append(_Sync())
+        elif t == b"X":
+            return False
+        # Flush, CopyData/Done/Fail (input goes to the target as typed), FunctionCall:
+        # forwarded unchanged.
+        out += msg.raw()
+        return True
+
+    def _start_slow(self, msgs: list[p.Message]) -> None:
+        cpipe = self._cpipe
+        assert cpipe is not None
+        cpipe.pause()
+        self._slow = asyncio.ensure_future(self._client_slow(msgs))
+
+    async def _client_slow(self, msgs: list[p.Message]) -> None:
+        cpipe = self._cpipe
+        assert cpipe is not None
+        try:
+            more = await self._client_messages(msgs)
+            while more and cpipe.backlog:
+                more = await self._client_messages(list(self._cdec.feed(cpipe.backlog.popleft())))
+        except Exception as exc:
+            cpipe.finish(exc)
+            return
+        finally:
+            self._slow = None
+        if not more:
+            cpipe.finish(None)
+            return
+        cpipe.resume()
 
     def _columns_for(self, fields: list[p.Field]) -> _Columns:
         keys = self.mask_keys
@@ -1224,9 +1413,10 @@ class PgSession:
                     )
             pipe = self._pipe
             if pipe is not None:
-                if self.cw.transport.get_write_buffer_size() > _CLIENT_HIGH_WATER:
+                cpipe = self._cpipe
+                if cpipe is not None and cpipe.write_paused is not None:
                     # A slow client: stop reading the target until it has caught up.
-                    pipe.hold_until(self.cw.drain())
+                    pipe.hold_until(asyncio.shield(cpipe.write_paused))
                 if (
                     self._log_task is None
                     and self._log_rows

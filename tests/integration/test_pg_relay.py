@@ -137,6 +137,23 @@ def test_unbounded_delete_waits_for_approval_even_in_a_cte(pg_relay: PgRelay) ->
         conn.execute("DELETE FROM victims WHERE id = -1")
 
 
+def test_a_held_statement_in_a_pipeline_releases_the_rest_in_order(pg_relay: PgRelay) -> None:
+    # Statements after the held one arrive with it and while it waits: the relay keeps
+    # them (reading paused) and runs them in order once the approval is given.
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        t = _approve_next(pg_relay, "alice")
+        a, b, c = conn.cursor(), conn.cursor(), conn.cursor()
+        with conn.pipeline():
+            a.execute("SELECT 'before'")
+            b.execute("UPDATE victims SET id = id RETURNING 'held'")
+            c.execute("SELECT 'after'")
+        t.join(30)
+        assert a.fetchone() == ("before",)
+        assert b.fetchall() == [("held",)] * 5
+        assert c.fetchone() == ("after",)
+        assert conn.execute("SELECT 'then'").fetchone() == ("then",)
+
+
 def test_psql_transcript_and_query_log(pg_relay: PgRelay) -> None:
     res = subprocess.run(
         ["psql", pg_relay.dsn(), "-X", "-c", "SELECT holder, pan FROM cards ORDER BY id"],
