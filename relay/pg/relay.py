@@ -1029,38 +1029,6 @@ class PgSession:
                         out += p.parse_msg(parse.name, self._sentinel(why), parse.param_types)
                         continue
                 out += msg.raw()
-            elif t == b"B":
-                bind = p.parse_bind(msg.body)
-                self.portal_stmt[bind.portal] = (bind.statement, bind.result_formats)
-                self.described.discard(bind.portal)
-                self.pending.append(_Bind())
-                out += msg.raw()
-            elif t == b"D":
-                kind, name = p.parse_describe(msg.body)
-                if kind == "P":
-                    self.described.add(name)
-                self.pending.append(_Describe(kind, name, hidden=False))
-                out += msg.raw()
-            elif t == b"E":
-                portal, _max = p.parse_execute(msg.body)
-                if portal not in self.described:
-                    # The relay must know the columns to mask them: ask, and swallow
-                    # the answer (never synthesise one the client did not ask for).
-                    out += p.describe("P", portal)
-                    self.pending.append(_Describe("P", portal, hidden=True))
-                    self.described.add(portal)
-                stmt, fmts = self.portal_stmt.get(portal, ("", ()))
-                text = self.stmt_text.get(stmt, "")
-                self.statements += 1
-                self.pending.append(_Execute(portal, stmt, fmts, text, time.monotonic()))
-                said.append(text)
-                out += msg.raw()
-            elif t == b"C":
-                self.pending.append(_Close())
-                out += msg.raw()
-            elif t == b"S":
-                self.pending.append(_Sync())
-                out += msg.raw()
             elif t == b"X":
                 out += msg.raw()
                 up.write(out)
@@ -1068,9 +1036,8 @@ class PgSession:
                 await self._up_drain()
                 return False
             else:
-                # Flush, CopyData/Done/Fail (input goes to the target as typed),
-                # FunctionCall: forwarded unchanged.
-                out += msg.raw()
+                # Everything else as on the fast path.
+                self._client_fast(msg, out, said)
         if out:
             up.write(out)
         self._after_forward(said)
