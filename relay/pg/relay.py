@@ -155,111 +155,28 @@ class _Columns:
     formats: tuple[int, ...] = ()
 
 
-class _UpstreamPipe(asyncio.Protocol):
-    """The target's connection once authenticated: every read goes straight to
-    ``PgSession._server_data``. ``done`` resolves to (failure, lost): a processing error
-    to raise, or the connection's end (None or the OSError that ended it)."""
+class _Pipe(asyncio.Protocol):
+    """One side of a session once authenticated (the relayed phase): reads are handled
+    in data_received, not by a reader task woken per read. What both sides share:
+    pausing reading for any number of reasons, and a future for "the socket's write
+    buffer is over its high-water mark"."""
 
     def __init__(self, session: PgSession) -> None:
         self.session = session
         self.loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[tuple[BaseException | None, BaseException | None]] = (
-            self.loop.create_future()
-        )
         self.transport: asyncio.Transport | None = None
         self.write_paused: asyncio.Future[None] | None = None
         self.detached = False  # the session has ended: later bytes are dropped
-        self._holding = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if self.detached or self.done.done():
-            return
-        try:
-            self.session._server_data(data)
-        except Exception as exc:
-            self._finish(exc, None)
-
-    def eof_received(self) -> bool:
-        return False  # close the transport: the target said it is done
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._finish(None, exc)
-        if self.write_paused is not None and not self.write_paused.done():
-            self.write_paused.set_result(None)
-
-    def pause_writing(self) -> None:
-        if self.write_paused is None:
-            self.write_paused = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        waiter, self.write_paused = self.write_paused, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def hold_until(self, ready: asyncio.Future[Any]) -> None:
-        """Stop reading the target until ``ready`` (the client's drain) completes."""
-        if self._holding or self.transport is None:
-            return
-        self._holding = True
-        self.transport.pause_reading()
-
-        async def wait() -> None:
-            try:
-                await ready
-            except (ConnectionError, OSError):
-                pass  # the client is gone: the session is ending anyway
-            finally:
-                self._holding = False
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.resume_reading()
-
-        self.session._holds.add(task := asyncio.ensure_future(wait()))
-        task.add_done_callback(self.session._holds.discard)
-
-    def _finish(self, failure: BaseException | None, lost: BaseException | None) -> None:
-        if not self.done.done():
-            self.done.set_result((failure, lost))
-
-
-class _ClientPipe(asyncio.Protocol):
-    """The client's connection once authenticated: reads go straight to
-    ``PgSession._client_data``; while a statement is on the slow path (waiting for an
-    approval, say) reading pauses and what was already read waits in ``backlog``.
-    ``done`` resolves to the error to raise, or None when the client has left."""
-
-    def __init__(self, session: PgSession) -> None:
-        self.session = session
-        self.loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[BaseException | None] = self.loop.create_future()
-        self.transport: asyncio.Transport | None = None
-        self.backlog: deque[bytes] = deque()
-        self.write_paused: asyncio.Future[None] | None = None
-        self.detached = False
         self._pauses = 0
         self._holding = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
-        if self.detached or self.done.done():
-            return
-        if self.session._slow is not None:
-            self.backlog.append(data)
-            return
-        try:
-            self.session._client_data(data)
-        except Exception as exc:
-            self.finish(exc)
-
     def eof_received(self) -> bool:
-        return False
+        return False  # close the transport: the peer is done
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.finish(exc)
         if self.write_paused is not None and not self.write_paused.done():
             self.write_paused.set_result(None)
 
@@ -273,7 +190,7 @@ class _ClientPipe(asyncio.Protocol):
             waiter.set_result(None)
 
     def pause(self) -> None:
-        """Stop reading (reasons count: the slow path, a full target buffer)."""
+        """Stop reading (reasons are counted: the slow path, the other side full)."""
         self._pauses += 1
         if self._pauses == 1 and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
@@ -284,7 +201,7 @@ class _ClientPipe(asyncio.Protocol):
             self.transport.resume_reading()
 
     def hold_until(self, ready: asyncio.Future[Any]) -> None:
-        """Stop reading the client until ``ready`` (the target's drain) completes."""
+        """Stop reading until ``ready`` (the other side's drain) completes."""
         if self._holding:
             return
         self._holding = True
@@ -293,12 +210,69 @@ class _ClientPipe(asyncio.Protocol):
         async def wait() -> None:
             try:
                 await ready
+            except (ConnectionError, OSError):
+                pass  # the other side is gone: the session is ending anyway
             finally:
                 self._holding = False
                 self.resume()
 
         self.session._holds.add(task := asyncio.ensure_future(wait()))
         task.add_done_callback(self.session._holds.discard)
+
+
+class _UpstreamPipe(_Pipe):
+    """The target's side: every read goes to ``PgSession._server_data``. ``done``
+    resolves to (failure, lost): a processing error to raise, or the connection's end
+    (None or the OSError that ended it)."""
+
+    def __init__(self, session: PgSession) -> None:
+        super().__init__(session)
+        self.done: asyncio.Future[tuple[BaseException | None, BaseException | None]] = (
+            self.loop.create_future()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self.detached or self.done.done():
+            return
+        try:
+            self.session._server_data(data)
+        except Exception as exc:
+            self._finish(exc, None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(None, exc)
+        super().connection_lost(exc)
+
+    def _finish(self, failure: BaseException | None, lost: BaseException | None) -> None:
+        if not self.done.done():
+            self.done.set_result((failure, lost))
+
+
+class _ClientPipe(_Pipe):
+    """The client's side: reads go to ``PgSession._client_data``; while a statement is
+    on the slow path (waiting for an approval, say) reading pauses and what was already
+    read waits in ``backlog``. ``done`` resolves to the error to raise, or None when the
+    client has left."""
+
+    def __init__(self, session: PgSession) -> None:
+        super().__init__(session)
+        self.done: asyncio.Future[BaseException | None] = self.loop.create_future()
+        self.backlog: deque[bytes] = deque()
+
+    def data_received(self, data: bytes) -> None:
+        if self.detached or self.done.done():
+            return
+        if self.session._slow is not None:
+            self.backlog.append(data)
+            return
+        try:
+            self.session._client_data(data)
+        except Exception as exc:
+            self.finish(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finish(exc)
+        super().connection_lost(exc)
 
     def finish(self, failure: BaseException | None) -> None:
         if not self.done.done():
