@@ -4,6 +4,7 @@ store, the masker and the signing key."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
@@ -290,17 +291,36 @@ class RelayContext:
     ) -> Outcome:
         """Ask for an approval and wait for its decision (``Broker.wait``); StoreError
         at once while store writes are being spooled: without its store an approval can
-        be neither asked nor awaited, so the caller fails closed."""
+        be neither asked nor awaited, so the caller fails closed. An approval already
+        asked when the store fails is marked interrupted (if the store takes it)."""
         if self.spool.pending:
             raise StoreError("audit store unavailable (writes are being spooled)")
-        return await self.broker.wait(
-            session_id=session_id,
-            identity=identity,
-            target=target,
-            command=command,
-            rule=rule,
-            on_requested=on_requested,
-        )
+        asked: list[int] = []
+
+        def requested(approval_id: int) -> None:
+            asked.append(approval_id)
+            on_requested(approval_id)
+
+        try:
+            return await self.broker.wait(
+                session_id=session_id,
+                identity=identity,
+                target=target,
+                command=command,
+                rule=rule,
+                on_requested=requested,
+            )
+        except StoreError:
+            if asked:
+                # Asked, then the store went away: nobody must decide it later.
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(
+                        self.spool.set_approval_status,
+                        asked[0],
+                        "interrupted",
+                        reason="approval store unavailable",
+                    )
+            raise
 
     def checkpoint(self, session_id: str, lines: int, chain_hash: str) -> None:
         """Queue a cast's checkpoint (called by the writer pool after each fsync); the

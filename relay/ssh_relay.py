@@ -968,15 +968,6 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         awaited, so the command is refused like a block."""
         self._safe(lambda rec: rec.marker(f"refused: approval store unavailable (rule {rule})"))
         self._to_agent(f"castgate: approval store unavailable; command refused (rule {rule})\r\n")
-        if approval_id is not None:
-            # Asked, then the store went away: nobody must decide it later.
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(
-                    self.ctx.spool.set_approval_status,
-                    approval_id,
-                    "interrupted",
-                    reason="approval store unavailable",
-                )
         await self.ctx.event(
             "command.approval",
             self.ident.name,

@@ -149,10 +149,9 @@ _Pending = _Query | _Parse | _Bind | _Describe | _Execute | _Close | _Sync
 
 @dataclass
 class _Columns:
-    fields: list[p.Field]
     rows: RowMasker
-    names: tuple[str, ...] = ()
-    formats: tuple[int, ...] = ()
+    names: tuple[str, ...]
+    formats: tuple[int, ...]
 
 
 class _Pipe(asyncio.Protocol):
@@ -907,14 +906,6 @@ class PgSession:
         except StoreError as exc:
             # Fail closed: without its store an approval can be neither asked nor awaited.
             approval_id = asked[0] if asked else None
-            if approval_id is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(
-                        self.ctx.spool.set_approval_status,
-                        approval_id,
-                        "interrupted",
-                        reason="approval store unavailable",
-                    )
             self._marker(f"refused: approval store unavailable (rule {rule.name})")
             self._log(masked, "approve", rule.name, "store unavailable")
             self.ctx.emit(
@@ -1123,17 +1114,17 @@ class PgSession:
         masked = (
             [(f.table_oid, f.attnum) in keys for f in fields] if keys else [False] * len(fields)
         )
+        formats = tuple(f.format for f in fields)
         return _Columns(
-            fields,
-            names=tuple(f.name for f in fields),
-            formats=tuple(f.format for f in fields),
             rows=RowMasker(
                 self.ctx.masker,
                 masked,
-                [f.format for f in fields],
+                formats,
                 [f.type_oid for f in fields],
                 full=self.ctx.masker.policy.style == "full",
             ),
+            names=tuple(f.name for f in fields),
+            formats=formats,
         )
 
     def _log(
@@ -1215,159 +1206,158 @@ class PgSession:
         pending = self.pending
         described = self._described
         completes = self._completes
-        if True:  # (the body of the former read loop)
-            out = bytearray()
-            # Transcript work waits until the client has its answer (it is for the
-            # recording, not for the client), in the order the messages came.
-            todo: list[tuple[Any, ...]] | None = [] if self.transcript is not None else None
-            for msg in dec.feed_runs(data):
-                if type(msg) is RowRun:
-                    head = pending[0] if pending else None
-                    if isinstance(head, _Execute):
-                        head.rows += msg.nrows
-                        if self.columns is None:
-                            self.columns = self._execute_columns(head)
-                    elif isinstance(head, _Query):
-                        head.rows += msg.nrows
-                    cols = self.columns
-                    rows = (cols.rows if cols is not None else self._plain_rows).mask_run(
-                        msg, self.rec.input_counts if self.rec else None
-                    )
-                    if todo is not None:
-                        todo.append((0, rows, msg.nrows))
-                    out += rows
-                    continue
-                assert type(msg) is p.Message  # (for mypy: the only other kind)
-                t = msg.type
-                if t == b"T":
-                    seen = described.get(msg.body)
-                    fields = seen[0] if seen is not None else p.parse_row_description(msg.body)
-                    head = pending[0] if pending else None
-                    if isinstance(head, _Describe):
-                        pending.popleft()
-                        if head.kind == "S":
-                            self.stmt_desc[head.name] = fields
-                        else:
-                            self.portal_desc[head.name] = fields
-                        if head.hidden:
-                            continue
+        out = bytearray()
+        # Transcript work waits until the client has its answer (it is for the
+        # recording, not for the client), in the order the messages came.
+        todo: list[tuple[Any, ...]] | None = [] if self.transcript is not None else None
+        for msg in dec.feed_runs(data):
+            if type(msg) is RowRun:
+                head = pending[0] if pending else None
+                if isinstance(head, _Execute):
+                    head.rows += msg.nrows
+                    if self.columns is None:
+                        self.columns = self._execute_columns(head)
+                elif isinstance(head, _Query):
+                    head.rows += msg.nrows
+                cols = self.columns
+                rows = (cols.rows if cols is not None else self._plain_rows).mask_run(
+                    msg, self.rec.input_counts if self.rec else None
+                )
+                if todo is not None:
+                    todo.append((0, rows, msg.nrows))
+                out += rows
+                continue
+            assert type(msg) is p.Message  # (for mypy: the only other kind)
+            t = msg.type
+            if t == b"T":
+                seen = described.get(msg.body)
+                fields = seen[0] if seen is not None else p.parse_row_description(msg.body)
+                head = pending[0] if pending else None
+                if isinstance(head, _Describe):
+                    pending.popleft()
+                    if head.kind == "S":
+                        self.stmt_desc[head.name] = fields
                     else:
-                        cols = seen[1] if seen is not None else None
-                        if cols is None:
-                            cols = self._columns_for(fields)
-                            if len(described) < 256:
-                                described[msg.body] = (fields, cols)
-                        self.columns = cols
-                        if todo is not None:
-                            todo.append((1, cols))
-                    out += msg.raw()
-                elif t == b"C":
-                    done = completes.get(msg.body)
-                    if done is None:
-                        done = p.parse_command_complete(msg.body)
-                        if len(completes) < 256:
-                            completes[msg.body] = done
-                    tag, count = done
-                    head = pending[0] if pending else None
-                    elapsed = 0.0
-                    if isinstance(head, _Execute):
-                        pending.popleft()
-                        elapsed = (time.monotonic() - head.started) * 1000
-                        self._log(head.text, "allow", None, tag, count, elapsed)
-                    elif isinstance(head, _Query):
-                        elapsed = (time.monotonic() - head.started) * 1000
-                        if head.log:
-                            self._log(head.text, "allow", None, tag, count, elapsed)
-                    if todo is not None:
-                        todo.append((2, tag, elapsed))
-                    self.columns = None
-                    out += msg.raw()
-                elif t in (b"E", b"N"):
-                    body, message, detail = self._rewrite_error(msg.body)
-                    if t == b"E":
-                        head = pending[0] if pending else None
-                        if isinstance(head, _Query):
-                            if head.log:
-                                self._log(head.text, "allow", None, "error")
-                        elif head is not None and not isinstance(head, _Sync):
-                            if isinstance(head, _Execute):
-                                self._log(head.text, "allow", None, "error")
-                            # Extended protocol: the server skips to the next Sync.
-                            while pending and not isinstance(pending[0], _Sync):
-                                pending.popleft()
-                        self.columns = None
-                    if todo is not None:
-                        todo.append((3, body, message, detail))
-                    out += p.message(t, body)
-                elif t == b"Z":
-                    head = pending[0] if pending else None
-                    if isinstance(head, _Query | _Sync):
-                        pending.popleft()
-                    self.up.status = msg.body[:1]
-                    self.columns = None
-                    out += msg.raw()
-                elif t in (b"1", b"2", b"3"):
-                    head = pending[0] if pending else None
-                    if isinstance(head, _Parse):
-                        self.stmt_desc.pop(head.name, None)
-                    if head is not None and not isinstance(head, _Query | _Sync):
-                        pending.popleft()
-                    out += msg.raw()
-                elif t == b"t":
-                    head = pending[0] if pending else None
-                    if isinstance(head, _Describe) and head.hidden:
+                        self.portal_desc[head.name] = fields
+                    if head.hidden:
                         continue
-                    out += msg.raw()
-                elif t == b"n":
-                    head = pending[0] if pending else None
-                    if isinstance(head, _Describe):
-                        pending.popleft()
-                        (self.stmt_desc if head.kind == "S" else self.portal_desc)[head.name] = None
-                        if head.hidden:
-                            continue
-                    out += msg.raw()
-                elif t in (b"s", b"I"):
-                    head = pending[0] if pending else None
-                    if isinstance(head, _Execute):
-                        pending.popleft()
-                        self._log(
-                            head.text,
-                            "allow",
-                            None,
-                            "suspended" if t == b"s" else "empty",
-                            head.rows,
-                        )
-                    self.columns = None
-                    out += msg.raw()
-                elif t == b"d":
-                    # COPY TO STDOUT rows: masked by content like any output.
-                    out += p.message(b"d", self.ctx.masker.mask_bytes(msg.body))
                 else:
-                    out += msg.raw()
-            if out:
-                self.cw.write(out)
-            if todo:
-                self._post.extend(todo)
-                if self._post_timer is None:
-                    self._post_timer = asyncio.get_running_loop().call_later(
-                        _POST_DELAY, self._post_timer_fired
+                    cols = seen[1] if seen is not None else None
+                    if cols is None:
+                        cols = self._columns_for(fields)
+                        if len(described) < 256:
+                            described[msg.body] = (fields, cols)
+                    self.columns = cols
+                    if todo is not None:
+                        todo.append((1, cols))
+                out += msg.raw()
+            elif t == b"C":
+                done = completes.get(msg.body)
+                if done is None:
+                    done = p.parse_command_complete(msg.body)
+                    if len(completes) < 256:
+                        completes[msg.body] = done
+                tag, count = done
+                head = pending[0] if pending else None
+                elapsed = 0.0
+                if isinstance(head, _Execute):
+                    pending.popleft()
+                    elapsed = (time.monotonic() - head.started) * 1000
+                    self._log(head.text, "allow", None, tag, count, elapsed)
+                elif isinstance(head, _Query):
+                    elapsed = (time.monotonic() - head.started) * 1000
+                    if head.log:
+                        self._log(head.text, "allow", None, tag, count, elapsed)
+                if todo is not None:
+                    todo.append((2, tag, elapsed))
+                self.columns = None
+                out += msg.raw()
+            elif t in (b"E", b"N"):
+                body, message, detail = self._rewrite_error(msg.body)
+                if t == b"E":
+                    head = pending[0] if pending else None
+                    if isinstance(head, _Query):
+                        if head.log:
+                            self._log(head.text, "allow", None, "error")
+                    elif head is not None and not isinstance(head, _Sync):
+                        if isinstance(head, _Execute):
+                            self._log(head.text, "allow", None, "error")
+                        # Extended protocol: the server skips to the next Sync.
+                        while pending and not isinstance(pending[0], _Sync):
+                            pending.popleft()
+                    self.columns = None
+                if todo is not None:
+                    todo.append((3, body, message, detail))
+                out += p.message(t, body)
+            elif t == b"Z":
+                head = pending[0] if pending else None
+                if isinstance(head, _Query | _Sync):
+                    pending.popleft()
+                self.up.status = msg.body[:1]
+                self.columns = None
+                out += msg.raw()
+            elif t in (b"1", b"2", b"3"):
+                head = pending[0] if pending else None
+                if isinstance(head, _Parse):
+                    self.stmt_desc.pop(head.name, None)
+                if head is not None and not isinstance(head, _Query | _Sync):
+                    pending.popleft()
+                out += msg.raw()
+            elif t == b"t":
+                head = pending[0] if pending else None
+                if isinstance(head, _Describe) and head.hidden:
+                    continue
+                out += msg.raw()
+            elif t == b"n":
+                head = pending[0] if pending else None
+                if isinstance(head, _Describe):
+                    pending.popleft()
+                    (self.stmt_desc if head.kind == "S" else self.portal_desc)[head.name] = None
+                    if head.hidden:
+                        continue
+                out += msg.raw()
+            elif t in (b"s", b"I"):
+                head = pending[0] if pending else None
+                if isinstance(head, _Execute):
+                    pending.popleft()
+                    self._log(
+                        head.text,
+                        "allow",
+                        None,
+                        "suspended" if t == b"s" else "empty",
+                        head.rows,
                     )
-            pipe = self._pipe
-            if pipe is not None:
-                cpipe = self._cpipe
-                if cpipe is not None and cpipe.write_paused is not None:
-                    # A slow client: stop reading the target until it has caught up.
-                    pipe.hold_until(asyncio.shield(cpipe.write_paused))
-                if (
-                    self._log_task is None
-                    and self._log_rows
-                    and (
-                        time.monotonic() - self._last_flush >= _FLUSH_INTERVAL
-                        or len(self._log_rows) >= 2000
-                    )
-                ):
-                    self._log_task = asyncio.ensure_future(self._flush_log())
-                    self._log_task.add_done_callback(self._log_flushed)
+                self.columns = None
+                out += msg.raw()
+            elif t == b"d":
+                # COPY TO STDOUT rows: masked by content like any output.
+                out += p.message(b"d", self.ctx.masker.mask_bytes(msg.body))
+            else:
+                out += msg.raw()
+        if out:
+            self.cw.write(out)
+        if todo:
+            self._post.extend(todo)
+            if self._post_timer is None:
+                self._post_timer = asyncio.get_running_loop().call_later(
+                    _POST_DELAY, self._post_timer_fired
+                )
+        pipe = self._pipe
+        if pipe is not None:
+            cpipe = self._cpipe
+            if cpipe is not None and cpipe.write_paused is not None:
+                # A slow client: stop reading the target until it has caught up.
+                pipe.hold_until(asyncio.shield(cpipe.write_paused))
+            if (
+                self._log_task is None
+                and self._log_rows
+                and (
+                    time.monotonic() - self._last_flush >= _FLUSH_INTERVAL
+                    or len(self._log_rows) >= 2000
+                )
+            ):
+                self._log_task = asyncio.ensure_future(self._flush_log())
+                self._log_task.add_done_callback(self._log_flushed)
 
     def _log_flushed(self, task: asyncio.Future[None]) -> None:
         self._log_task = None

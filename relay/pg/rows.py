@@ -234,18 +234,19 @@ class RowMasker:
         raw = run.raw
         if not self._block:
             return self._per_row(raw, counts)
-        starts: list[int] | None = None
+        starts = run.starts
         out: bytearray | bytes = raw
         slow: set[int] = set()
         if self._text_cols:
-            starts = run.starts if run.starts is not None else self._starts(raw)
+            if starts is None:
+                starts = self._starts(raw)
             out, bad = self._mask_columns(raw, starts, counts)
             slow.update(bad)
         spans = self.masker.hit_spans(bytes(out) if out is not raw else raw)
         if spans:
             # Rows a span touches are masked again from their original bytes, whole.
             if starts is None:
-                starts = run.starts if run.starts is not None else self._starts(raw)
+                starts = self._starts(raw)
             for s, e in spans:
                 first = bisect.bisect_right(starts, s) - 1
                 last = bisect.bisect_right(starts, max(s, e - 1)) - 1

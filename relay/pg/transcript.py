@@ -67,13 +67,6 @@ class Transcript:
             count -= min(room, count)
         self._count += count
 
-    def add_row(self, body: bytes) -> None:
-        """One (already masked) DataRow body; decoded only if it will be drawn."""
-        if len(self._rows) < self.max_rows:
-            self.row(parse_data_row(body))
-        else:
-            self._count += 1
-
     def row(self, values: Sequence[bytes | None]) -> None:
         """One (already masked) row."""
         self._count += 1
