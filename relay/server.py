@@ -123,6 +123,7 @@ async def serve(
     listening: dict[str, str] = {}
     ssh_server: asyncssh.SSHAcceptor | None = None
     pg_server: asyncio.Server | None = None
+    pg: PgListener | None = None
     api_runner: web.AppRunner | None = None
     spool_task = asyncio.ensure_future(ctx.replay_spool())
     sync_task = asyncio.ensure_future(sync_open_casts(ctx))
@@ -201,6 +202,8 @@ async def serve(
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ssh_server.wait_closed(), 5)
         await ctx.drain()
+        if pg is not None:
+            await pg.qlog.close()
         await ctx.stop_uploads()
         await ctx.drain()
         await cluster.stop()

@@ -23,7 +23,6 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from recorder.config import TargetConfig
@@ -34,6 +33,7 @@ from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
 from relay.pg import protocol as p
 from relay.pg.protocol import RowRun
+from relay.pg.querylog import QueryLog
 from relay.pg.rows import RowMasker
 from relay.pg.sql import TOO_LONG, TOO_LONG_RULE, SqlGate
 from relay.pg.transcript import Transcript
@@ -51,7 +51,6 @@ _PASS_PARAMS = {
     "IntervalStyle",
     "search_path",
 }
-_FLUSH_INTERVAL = 0.25
 # Up to what asyncio reads from a socket at once: a large result is masked in blocks
 # of this size (each block costs a fixed few hundred microseconds of numpy and RE2).
 _SERVER_READ = 256 * 1024
@@ -319,7 +318,6 @@ class PgSession:
         # matched against mask_columns once per distinct message; command tags too.
         self._described: dict[bytes, tuple[list[p.Field], _Columns | None]] = {}
         self._completes: dict[bytes, tuple[str, int | None]] = {}
-        self._log_task: asyncio.Future[None] | None = None
         self._holds: set[asyncio.Future[None]] = set()
         self._scoped: ScopedPolicy | None = None
         self._gate: SqlGate | None = None
@@ -328,8 +326,7 @@ class PgSession:
         self._plain_rows = RowMasker(ctx.masker, full=ctx.masker.policy.style == "full")
         self.status = "closed"
         self.cancel_key: tuple[int, int] | None = None
-        self._log_rows: list[tuple[Any, ...]] = []
-        self._last_flush = time.monotonic()
+        self._qlog = listener.qlog
         self.statements = 0
         self._early = b""
         self._cast_buf: list[str] = []
@@ -814,9 +811,6 @@ class PgSession:
                 slow.cancel()
                 with contextlib.suppress(BaseException):
                     await slow
-            if self._log_task is not None:
-                with contextlib.suppress(BaseException):
-                    await self._log_task
 
     async def _target_lost(self, exc: BaseException | None) -> None:
         """The target ended the connection (backend terminated, server stopped or
@@ -1136,45 +1130,8 @@ class PgSession:
         rows: int | None = None,
         duration: float | None = None,
     ) -> None:
-        # A tuple now, the store's row in the flush thread (``_store_log``).
-        self._log_rows.append((time.time(), text, action, rule, status, rows, duration))
-
-    def _store_log(self, entries: list[tuple[Any, ...]]) -> None:
-        sid = self.id
-        rows = []
-        for wall, text, action, rule, status, count, duration in entries:
-            now = datetime.fromtimestamp(wall, UTC)
-            rows.append(
-                {
-                    "session_id": sid,
-                    "at": now,
-                    "text": text,
-                    "kind": "sql",
-                    "action": action,
-                    "rule": rule,
-                    "status": status,
-                    "rows": count,
-                    "duration_ms": duration,
-                    "finished_at": now,
-                }
-            )
-        self.ctx.spool.add_finished_commands(rows)
-
-    async def _flush_log(self, force: bool = False) -> None:
-        if not self._log_rows:
-            return
-        if (
-            not force
-            and time.monotonic() - self._last_flush < _FLUSH_INTERVAL
-            and len(self._log_rows) < 2000
-        ):
-            return
-        rows, self._log_rows = self._log_rows, []
-        self._last_flush = time.monotonic()
-        try:
-            await asyncio.to_thread(self._store_log, rows)
-        except Exception:
-            log.exception("store.query_log_failed", extra={"session": self.id, "rows": len(rows)})
+        # A tuple now, the store's row in the query log's thread.
+        self._qlog.add((self.id, time.time(), text, action, rule, status, rows, duration))
 
     def _rewrite_error(self, body: bytes) -> tuple[bytes, str, str | None]:
         """Mask an ErrorResponse/NoticeResponse; a sentinel's error becomes ours."""
@@ -1348,19 +1305,6 @@ class PgSession:
             if cpipe is not None and cpipe.write_paused is not None:
                 # A slow client: stop reading the target until it has caught up.
                 pipe.hold_until(asyncio.shield(cpipe.write_paused))
-            if (
-                self._log_task is None
-                and self._log_rows
-                and (
-                    time.monotonic() - self._last_flush >= _FLUSH_INTERVAL
-                    or len(self._log_rows) >= 2000
-                )
-            ):
-                self._log_task = asyncio.ensure_future(self._flush_log())
-                self._log_task.add_done_callback(self._log_flushed)
-
-    def _log_flushed(self, task: asyncio.Future[None]) -> None:
-        self._log_task = None
 
     async def _up_drain(self) -> None:
         """Wait while the target's socket buffer is over its high-water mark."""
@@ -1454,7 +1398,7 @@ class PgSession:
             self.cw.close()
         if self.ident is None or self.target is None:
             return
-        await self._flush_log(force=True)
+        await self._qlog.flush()
         self._flush_cast()
         manifest = None
         rec = self.rec
@@ -1506,6 +1450,8 @@ class PgListener:
         self.require_tls = (not is_loopback(host)) if req is None else req
         self.cancels = CancelMap()
         self.sessions: set[PgSession] = set()
+        # One query log for all sessions of this listener (see relay/pg/querylog.py).
+        self.qlog = QueryLog(ctx.spool)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """asyncio.start_server callback: one client connection."""
