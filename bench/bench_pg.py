@@ -209,10 +209,17 @@ log_disconnections = 0
 
 
 @contextlib.contextmanager
-def bare(server: PostgresServer) -> Iterator[Endpoint]:
-    """bench/bare_tcp.py: the zero-work one-process Python passthrough."""
+def bare(server: PostgresServer, *, protocol: bool = False) -> Iterator[Endpoint]:
+    """bench/bare_tcp.py: the zero-work one-process Python passthrough (asyncio streams,
+    DESIGN.md's ceiling; ``protocol``: on protocol callbacks, the relay's own I/O shape)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.bare_tcp", f"{server.host}:{server.port}"],
+        [
+            sys.executable,
+            "-m",
+            "bench.bare_tcp",
+            f"{server.host}:{server.port}",
+            *(["--protocol"] if protocol else []),
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
     )
@@ -221,7 +228,8 @@ def bare(server: PostgresServer) -> Iterator[Endpoint]:
         port = int(proc.stdout.readline().decode().strip() or 0)
         if not port:
             raise RuntimeError("bench.bare_tcp did not start")
-        yield Endpoint("bare", port, "app", APP_PASSWORD, DATABASE, proc.pid)
+        name = "bare_protocol" if protocol else "bare"
+        yield Endpoint(name, port, "app", APP_PASSWORD, DATABASE, proc.pid)
     finally:
         _stop(proc)
 
