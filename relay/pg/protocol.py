@@ -118,6 +118,10 @@ class MessageDecoder:
         self._buf = bytearray()
         self._max = max_message
 
+    def buffered(self) -> int:
+        """Bytes of an incomplete message held from earlier reads."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> Iterator[Message]:
         """Add bytes and yield every complete message."""
         return cast(Iterator[Message], self._feed(data, runs=False))

@@ -996,7 +996,10 @@ class PgSession:
                 return False
             else:
                 # Everything else as on the fast path.
-                self._client_fast(msg, out, said)
+                extra = self._client_fast(msg, said)
+                assert extra is not None  # (only Query, Parse and Terminate go slow)
+                out += extra
+                out += msg.raw()
         if out:
             up.write(out)
         self._after_forward(said)
@@ -1009,33 +1012,54 @@ class PgSession:
         Terminate) goes to ``_client_slow`` with everything after it, and reading
         pauses until that is done."""
         assert self.up is not None
-        msgs = self._cdec.feed(data)
-        out = bytearray()
+        dec = self._cdec
+        # As on the target's side: the read itself is forwarded while every message in
+        # it passes unchanged (``same`` bytes so far), ``out`` made at the first change.
+        out: bytearray | None = bytearray() if dec.buffered() else None
+        same = 0
+        msgs = dec.feed(data)
         said: list[str] = []
         fast = self._client_fast
         for msg in msgs:
-            if not fast(msg, out, said):
-                if out:
-                    self.up.writer.write(out)
+            extra = fast(msg, said)
+            if extra is None:
+                self._forward(data, same, out)
                 self._after_forward(said)
                 self._start_slow([msg, *msgs])
                 return
-        if out:
-            self.up.writer.write(out)
+            if extra and out is None:
+                out = bytearray(data[:same])
+            if out is None:
+                same += 5 + len(msg.body)
+            else:
+                out += extra
+                out += msg.raw()
+        self._forward(data, same, out)
         self._after_forward(said)
         pipe = self._pipe
         if pipe is not None and pipe.write_paused is not None and self._cpipe is not None:
             # The target's buffer is full: stop reading the client until it drains.
             self._cpipe.hold_until(asyncio.shield(pipe.write_paused))
 
-    def _client_fast(self, msg: p.Message, out: bytearray, said: list[str]) -> bool:
-        """One client message on the fast path; False (and nothing changed) when it
-        needs the slow one."""
+    def _forward(self, data: bytes, same: int, out: bytearray | None) -> None:
+        """Send what ``_client_data`` passed on: ``out``, or else the first ``same``
+        bytes of the read."""
+        assert self.up is not None
+        if out is None:
+            if same:
+                self.up.writer.write(data if same == len(data) else data[:same])
+        elif out:
+            self.up.writer.write(out)
+
+    def _client_fast(self, msg: p.Message, said: list[str]) -> bytes | None:
+        """One client message on the fast path: what must go to the target before it
+        (usually nothing), or None (and nothing changed) when it needs the slow path.
+        The message itself is the caller's to forward."""
         t = msg.type
         if t == b"Q":
             text = p.parse_query(msg.body)
             if self._decide(text).action != "allow":
-                return False
+                return None
             masked = self.ctx.masker.mask(text)
             self.statements += 1
             self.pending.append(_Query(masked, time.monotonic()))
@@ -1043,7 +1067,7 @@ class PgSession:
         elif t == b"P":
             parse = p.parse_parse(msg.body)
             if self._decide(parse.query).action != "allow":
-                return False
+                return None
             self.stmt_text[parse.name] = self.ctx.masker.mask(parse.query)
             self.pending.append(_Parse(parse.name))
         elif t == b"B":
@@ -1058,10 +1082,11 @@ class PgSession:
             self.pending.append(_Describe(kind, name, hidden=False))
         elif t == b"E":
             portal, _max = p.parse_execute(msg.body)
+            extra = b""
             if portal not in self.described:
                 # The relay must know the columns to mask them: ask, and swallow the
                 # answer (never synthesise one the client did not ask for).
-                out += p.describe("P", portal)
+                extra = p.describe("P", portal)
                 self.pending.append(_Describe("P", portal, hidden=True))
                 self.described.add(portal)
             stmt, fmts = self.portal_stmt.get(portal, ("", ()))
@@ -1069,16 +1094,16 @@ class PgSession:
             self.statements += 1
             self.pending.append(_Execute(portal, stmt, fmts, text, time.monotonic()))
             said.append(text)
+            return extra
         elif t == b"C":
             self.pending.append(_Close())
         elif t == b"S":
             self.pending.append(_Sync())
         elif t == b"X":
-            return False
+            return None
         # Flush, CopyData/Done/Fail (input goes to the target as typed), FunctionCall:
         # forwarded unchanged.
-        out += msg.raw()
-        return True
+        return b""
 
     def _start_slow(self, msgs: list[p.Message]) -> None:
         cpipe = self._cpipe
@@ -1163,7 +1188,11 @@ class PgSession:
         pending = self.pending
         described = self._described
         completes = self._completes
-        out = bytearray()
+        # Most reads go out as they came (nothing to mask, nothing to hide): then the
+        # read itself is sent, without re-framing its messages. ``out`` is made at the
+        # first change; until then ``same`` counts the bytes passed unchanged.
+        out: bytearray | None = bytearray() if dec.buffered() else None
+        same = 0
         # Transcript work waits until the client has its answer (it is for the
         # recording, not for the client), in the order the messages came.
         todo: list[tuple[Any, ...]] | None = [] if self.transcript is not None else None
@@ -1182,7 +1211,13 @@ class PgSession:
                 )
                 if todo is not None:
                     todo.append((0, rows, msg.nrows))
-                out += rows
+                if out is not None:
+                    out += rows
+                elif rows is msg.raw:
+                    same += len(rows)
+                else:
+                    out = bytearray(data[:same])
+                    out += rows
                 continue
             assert type(msg) is p.Message  # (for mypy: the only other kind)
             t = msg.type
@@ -1197,6 +1232,8 @@ class PgSession:
                     else:
                         self.portal_desc[head.name] = fields
                     if head.hidden:
+                        if out is None:
+                            out = bytearray(data[:same])
                         continue
                 else:
                     cols = seen[1] if seen is not None else None
@@ -1207,7 +1244,6 @@ class PgSession:
                     self.columns = cols
                     if todo is not None:
                         todo.append((1, cols))
-                out += msg.raw()
             elif t == b"C":
                 done = completes.get(msg.body)
                 if done is None:
@@ -1228,7 +1264,6 @@ class PgSession:
                 if todo is not None:
                     todo.append((2, tag, elapsed))
                 self.columns = None
-                out += msg.raw()
             elif t in (b"E", b"N"):
                 body, message, detail = self._rewrite_error(msg.body)
                 if t == b"E":
@@ -1237,42 +1272,46 @@ class PgSession:
                         if head.log:
                             self._log(head.text, "allow", None, "error")
                     elif head is not None and not isinstance(head, _Sync):
-                        if isinstance(head, _Execute):
-                            self._log(head.text, "allow", None, "error")
-                        # Extended protocol: the server skips to the next Sync.
+                        # Extended protocol: the server skips to the next Sync. An
+                        # Execute it skips failed too (a Bind's error, say): logged.
                         while pending and not isinstance(pending[0], _Sync):
-                            pending.popleft()
+                            skipped = pending.popleft()
+                            if isinstance(skipped, _Execute):
+                                self._log(skipped.text, "allow", None, "error")
                     self.columns = None
                 if todo is not None:
                     todo.append((3, body, message, detail))
+                if out is None:
+                    out = bytearray(data[:same])
                 out += p.message(t, body)
+                continue
             elif t == b"Z":
                 head = pending[0] if pending else None
                 if isinstance(head, _Query | _Sync):
                     pending.popleft()
                 self.up.status = msg.body[:1]
                 self.columns = None
-                out += msg.raw()
             elif t in (b"1", b"2", b"3"):
                 head = pending[0] if pending else None
                 if isinstance(head, _Parse):
                     self.stmt_desc.pop(head.name, None)
                 if head is not None and not isinstance(head, _Query | _Sync):
                     pending.popleft()
-                out += msg.raw()
             elif t == b"t":
                 head = pending[0] if pending else None
                 if isinstance(head, _Describe) and head.hidden:
+                    if out is None:
+                        out = bytearray(data[:same])
                     continue
-                out += msg.raw()
             elif t == b"n":
                 head = pending[0] if pending else None
                 if isinstance(head, _Describe):
                     pending.popleft()
                     (self.stmt_desc if head.kind == "S" else self.portal_desc)[head.name] = None
                     if head.hidden:
+                        if out is None:
+                            out = bytearray(data[:same])
                         continue
-                out += msg.raw()
             elif t in (b"s", b"I"):
                 head = pending[0] if pending else None
                 if isinstance(head, _Execute):
@@ -1285,13 +1324,23 @@ class PgSession:
                         head.rows,
                     )
                 self.columns = None
-                out += msg.raw()
             elif t == b"d":
                 # COPY TO STDOUT rows: masked by content like any output.
-                out += p.message(b"d", self.ctx.masker.mask_bytes(msg.body))
+                masked = self.ctx.masker.mask_bytes(msg.body)
+                if masked != msg.body:
+                    if out is None:
+                        out = bytearray(data[:same])
+                    out += p.message(b"d", masked)
+                    continue
+            # Passed on unchanged.
+            if out is None:
+                same += 5 + len(msg.body)
             else:
                 out += msg.raw()
-        if out:
+        if out is None:
+            if same:
+                self.cw.write(data if same == len(data) else data[:same])
+        elif out:
             self.cw.write(out)
         if todo:
             self._post.extend(todo)

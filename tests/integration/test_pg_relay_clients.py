@@ -218,3 +218,98 @@ def test_protocol_negotiation_and_gssenc(pg_relay: PgRelay) -> None:
     (length,) = struct.unpack("!i", reply[1:5])
     assert reply[5:9] == struct.pack("!i", 0) and b"_pq_.future" in reply[: 1 + length]
     assert reply[1 + length : 2 + length] == b"R"  # then the password request
+
+
+def _msg(t: bytes, body: bytes) -> bytes:
+    return t + struct.pack("!i", len(body) + 4) + body
+
+
+def _read_messages(s: socket.socket, until: int) -> list[tuple[bytes, bytes]]:
+    """Messages until the ``until``-th ReadyForQuery."""
+    buf = b""
+    msgs: list[tuple[bytes, bytes]] = []
+    while sum(t == b"Z" for t, _ in msgs) < until:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed after {msgs}"
+        buf += chunk
+        while len(buf) >= 5 and len(buf) >= 1 + struct.unpack("!i", buf[1:5])[0]:
+            end = 1 + struct.unpack("!i", buf[1:5])[0]
+            msgs.append((buf[:1], buf[5:end]))
+            buf = buf[end:]
+    return msgs
+
+
+def _login(pg_relay: PgRelay) -> socket.socket:
+    from tests.fix_relay import TOKENS
+
+    s = socket.create_connection(("127.0.0.1", pg_relay.relay.pg_port), timeout=10)
+    params = b"user\0ci-agent\0database\0appdb\0\0"
+    s.sendall(struct.pack("!ii", len(params) + 8, 196608) + params)
+    assert _read_messages_until_auth(s) == 3  # AuthenticationCleartextPassword
+    s.sendall(_msg(b"p", TOKENS["ci-agent"].encode() + b"\0"))
+    _read_messages(s, 1)
+    return s
+
+
+def _read_messages_until_auth(s: socket.socket) -> int:
+    head = s.recv(9)
+    assert head[:1] == b"R", head
+    return int(struct.unpack("!i", head[5:9])[0])
+
+
+def test_execute_without_describe_masks_columns_and_hides_the_relays_describe(
+    pg_relay: PgRelay,
+) -> None:
+    """A client that runs Parse/Bind/Execute/Sync without Describe (JDBC and others do)
+    gets exactly the messages it asked for: the relay's own Describe, which it needs to
+    know the columns to mask, is answered to the relay alone. The pipelines go in one
+    write: one that fails, a plain column, a masked one twice."""
+
+    def pipeline(sql: bytes) -> bytes:
+        return (
+            _msg(b"P", b"\0" + sql + b"\0\0\0")
+            + _msg(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0))
+            + _msg(b"E", b"\0" + struct.pack("!i", 0))
+            + _msg(b"S", b"")
+        )
+
+    masked_sql = b"SELECT id, code AS c FROM secrets ORDER BY id"
+    with _login(pg_relay) as s:
+        s.sendall(
+            pipeline(b"SELECT 1/0")
+            + pipeline(b"SELECT id FROM secrets")
+            + pipeline(masked_sql)
+            + pipeline(masked_sql)
+        )
+        msgs = _read_messages(s, 4)
+        types = b"".join(t for t, _ in msgs)
+        # 1/0 fails in Bind (constants are folded when it is planned).
+        assert types == b"1EZ12DCZ12DCZ12DCZ", types
+        rows = [body for t, body in msgs if t == b"D"]
+        assert rows[0] == struct.pack("!hi", 1, 1) + b"1"
+        for r in rows[1:]:
+            assert r.startswith(struct.pack("!hi", 2, 1) + b"1")
+            assert b"abc-123-xyz" not in r
+        assert b"division by zero" in dict(msgs)[b"E"]
+        # The session goes on.
+        s.sendall(_msg(b"Q", b"SELECT 42\0"))
+        assert [t for t, _ in _read_messages(s, 1)] == [b"T", b"D", b"C", b"Z"]
+    # The query log has each statement, the failed one as an error.
+    from recorder.config import load_config
+    from recorder.store import Store
+
+    cfg = load_config(pg_relay.relay.config)
+    logged: list[tuple[str, str | None]] = []
+
+    def seen() -> bool:
+        with Store.open(cfg.store_url()) as store:
+            logged[:] = [
+                (c["text"], c["status"])
+                for sess in store.list_sessions(target="appdb")
+                for c in store.list_commands(sess["id"])
+            ]
+        return ("SELECT 42", "SELECT 1") in logged
+
+    wait_for(seen, 30)
+    assert ("SELECT 1/0", "error") in logged
+    assert logged.count((masked_sql.decode(), "SELECT 1")) >= 2
