@@ -133,37 +133,53 @@ class MessageDecoder:
 
     def _feed(self, data: bytes, runs: bool) -> Iterator[Message | RowRun]:
         buf = self._buf
-        buf += data
-        pos = 0
-        n = len(buf)
         cap = self._max
-        while n - pos >= 5:
-            if runs and buf[pos] == 0x44:
-                start = pos
-                starts: list[int] = []
-                while n - pos >= 5 and buf[pos] == 0x44:
-                    (length,) = _I32.unpack_from(buf, pos + 1)
-                    if length < 4 or length > cap:
-                        raise ProtocolError(f"invalid length {length} for message type b'D'")
-                    end = pos + 1 + length
-                    if end > n:
+        if buf:
+            buf += data
+            if len(buf) >= 5:
+                (length,) = _I32.unpack_from(buf, 1)
+                if 4 <= length <= cap and len(buf) < 1 + length:
+                    return  # still inside one large message: no copy until it is whole
+            src = bytes(buf)
+            buf.clear()
+        else:
+            # The usual case: the read starts with a message. Bodies are sliced from
+            # it (one copy each; a run that is the whole read is not copied at all).
+            src = data if type(data) is bytes else bytes(data)
+        pos = 0
+        n = len(src)
+        try:
+            while n - pos >= 5:
+                if runs and src[pos] == 0x44:
+                    start = pos
+                    starts: list[int] = []
+                    while n - pos >= 5 and src[pos] == 0x44:
+                        (length,) = _I32.unpack_from(src, pos + 1)
+                        if length < 4 or length > cap:
+                            raise ProtocolError(f"invalid length {length} for message type b'D'")
+                        end = pos + 1 + length
+                        if end > n:
+                            break
+                        starts.append(pos - start)
+                        pos = end
+                    if not starts:
                         break
-                    starts.append(pos - start)
-                    pos = end
-                if not starts:
+                    yield RowRun(src[start:pos], len(starts), starts)
+                    continue
+                typ, length = _HDR.unpack_from(src, pos)
+                if length < 4 or length > cap:
+                    raise ProtocolError(f"invalid length {length} for message type {typ!r}")
+                end = pos + 1 + length
+                if end > n:
                     break
-                yield RowRun(bytes(buf[start:pos]), len(starts), starts)
-                continue
-            typ, length = _HDR.unpack_from(buf, pos)
-            if length < 4 or length > cap:
-                raise ProtocolError(f"invalid length {length} for message type {typ!r}")
-            end = pos + 1 + length
-            if end > n:
-                break
-            yield Message(typ, bytes(buf[pos + 5 : end]))
-            pos = end
-        if pos:
-            del buf[:pos]
+                msg = Message(typ, src[pos + 5 : end])
+                pos = end  # before the yield: a caller may stop after any message
+                yield msg
+        finally:
+            # What is left (an incomplete message, or what a caller that stopped early
+            # did not take) waits for the next read or ``take_rest``.
+            if pos < n:
+                buf += memoryview(src)[pos:]
 
     def take_rest(self) -> bytes:
         """Hand over the bytes of an incomplete message (to another decoder)."""

@@ -71,6 +71,35 @@ def test_framed_stream_cut_anywhere_decodes_to_the_same_messages(
 
 @FAST
 @given(
+    msgs=messages,
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=20),
+    stop=st.integers(min_value=0, max_value=12),
+)
+def test_a_caller_that_stops_early_leaves_exactly_the_rest(
+    msgs: list[tuple[bytes, bytes]], cuts: list[int], stop: int
+) -> None:
+    """The password exchange reads one message and hands what follows on: the decoder
+    keeps exactly the bytes after the messages taken, however the reads were cut."""
+    wire = b"".join(p.message(t, b) for t, b in msgs)
+    dec = p.MessageDecoder()
+    taken: list[tuple[bytes, bytes]] = []
+    fed = 0
+    for piece in chunks(wire, cuts):
+        fed += len(piece)
+        for m in dec.feed(bytearray(piece)):  # not only bytes come in
+            assert type(m.body) is bytes
+            taken.append((m.type, m.body))
+            if len(taken) == stop:
+                break
+        if len(taken) == stop:
+            break
+    consumed = sum(5 + len(b) for _, b in taken)
+    assert taken == msgs[: len(taken)]
+    assert dec.take_rest() == wire[consumed:fed]
+
+
+@FAST
+@given(
     data=st.lists(st.binary(max_size=200), max_size=10),
     cap=st.sampled_from([16, 1024, 65536, p.MAX_MESSAGE]),
 )
