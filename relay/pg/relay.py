@@ -101,7 +101,6 @@ class _Query:
     text: str  # masked
     started: float
     rows: int = 0
-    error: bool = False
     log: bool = True
 
 
@@ -120,7 +119,6 @@ class _Describe:
     kind: str
     name: str
     hidden: bool
-    got_params: bool = False
 
 
 @dataclass

@@ -81,12 +81,16 @@ class Transcript:
         count = self._count
         if names:
             rows = self._rows
+            ncols = len(names)
             widths = [len(n) for n in names]
-            ncols = len(widths)
-            for r in rows:
-                for i, c in enumerate(r[:ncols]):
-                    if len(c) > widths[i]:
-                        widths[i] = len(c)
+            if rows:
+                # Column by column (zip stops at the shorter of a row and the names).
+                for i, col in enumerate(zip(*rows)):
+                    if i >= ncols:
+                        break
+                    widest = max(map(len, col))
+                    if widest > widths[i]:
+                        widths[i] = widest
             key = (names, tuple(widths))
             head = self._heads.get(key)
             if head is None:
@@ -100,14 +104,18 @@ class Transcript:
                 if len(self._heads) < 64:
                     self._heads[key] = head
             out = [head]
-            for r in rows:
-                out.append(
-                    " " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "\r\n"
-                )
+            if ncols == 1:
+                w = widths[0]
+                out += [" " + (r[0] if r else "").ljust(w) + "\r\n" for r in rows]
+            else:
+                out += [
+                    " " + " | ".join([c.ljust(w) for c, w in zip(r, widths, strict=False)]) + "\r\n"
+                    for r in rows
+                ]
             hidden = count - len(rows)
             if hidden > 0:
                 out.append(f"... {hidden} more rows not drawn\r\n")
-            out.append(f"({count} row{'s' if count != 1 else ''})\r\n")
+            out.append("(1 row)\r\n" if count == 1 else f"({count} rows)\r\n")
             text = "".join(out)
         else:
             text = tag + "\r\n" if tag else ""
