@@ -84,8 +84,9 @@ class Transcript:
             ncols = len(names)
             widths = [len(n) for n in names]
             if rows:
-                # Column by column (zip stops at the shorter of a row and the names).
-                for i, col in enumerate(zip(*rows)):
+                # Column by column (rows are as wide as the names; a malformed shorter
+                # row only leaves the widths of the columns it lacks as they are).
+                for i, col in enumerate(zip(*rows, strict=False)):
                     if i >= ncols:
                         break
                     widest = max(map(len, col))
