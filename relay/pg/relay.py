@@ -342,8 +342,18 @@ class PgSession:
     # -- setup ---------------------------------------------------------------------------
 
     async def _send(self, data: bytes) -> None:
+        """Write to the client and wait while its socket buffer is full. Once the
+        session is relayed the transport reports that to ``_ClientPipe``, no longer to
+        the stream writer, so its drain() would not wait."""
         self.cw.write(data)
-        await self.cw.drain()
+        cpipe = self._cpipe
+        if cpipe is None:
+            await self.cw.drain()
+            return
+        if self.cw.transport.is_closing():
+            raise ConnectionResetError("client connection closed")
+        if cpipe.write_paused is not None:
+            await asyncio.shield(cpipe.write_paused)
 
     async def _fatal(self, sqlstate: str, text: str) -> None:
         with contextlib.suppress(OSError, ConnectionError):
