@@ -10,8 +10,10 @@ column, measured in one run.
   port), ``relay`` (``castgate relay`` with the ``appdb`` target, rules and
   ``mask_columns`` of tests/fix_pg_relay.py plus ``bigmask.pan``; masking on with the
   tests' custom pattern, recording on at the default fsync_interval 1.0, query log in
-  the SQLite store) and ``bare`` (bench/bare_tcp.py: a zero-work asyncio passthrough,
-  the DESIGN.md ceiling measured in the same run). Every client uses sslmode=disable.
+  the SQLite store), ``bare`` (bench/bare_tcp.py: a zero-work asyncio passthrough on
+  streams, the DESIGN.md ceiling measured in the same run) and ``bare_protocol`` (the
+  same on protocol callbacks, the relay's own I/O shape: the ceiling of its design).
+  Every client uses sslmode=disable.
 - pgbench: ``-n -S -M simple -T SECS`` with 1 client and with 8 clients (-j 2) on every
   path, and ``-M prepared`` with 1 client direct and through the relay; the paths of a
   round run one after another in an order that rotates every round. The relay's
@@ -447,8 +449,8 @@ class Mode:
 
 
 MODES = (
-    Mode("simple_c1", "simple", 1, ("direct", "pgbouncer", "relay", "bare")),
-    Mode("simple_c8", "simple", 8, ("direct", "pgbouncer", "relay", "bare")),
+    Mode("simple_c1", "simple", 1, ("direct", "pgbouncer", "relay", "bare", "bare_protocol")),
+    Mode("simple_c8", "simple", 8, ("direct", "pgbouncer", "relay", "bare", "bare_protocol")),
     Mode("prepared_c1", "prepared", 1, ("direct", "relay")),
 )
 
@@ -496,12 +498,13 @@ def pgbench_rounds(
                 ),
                 "per_round": [round(x, 3) for x in paired],
             }
-        if "relay" in per and "bare" in per:
-            ratios["relay/bare"] = {
-                "of_medians": round(
-                    entry["tps"]["relay"]["median"] / entry["tps"]["bare"]["median"], 3
-                )
-            }
+        for bare_path in ("bare", "bare_protocol"):
+            if "relay" in per and bare_path in per:
+                ratios[f"relay/{bare_path}"] = {
+                    "of_medians": round(
+                        entry["tps"]["relay"]["median"] / entry["tps"][bare_path]["median"], 3
+                    )
+                }
         entry["ratios"] = ratios
         if m.mode == "simple":
             entry["design_ceiling_bare_python"] = CEILING_BARE_PYTHON[m.clients]
@@ -694,7 +697,7 @@ def main() -> None:
     ap.add_argument("--secs", type=int, default=10, help="seconds per pgbench run")
     ap.add_argument("--scale", type=int, default=10, help="pgbench -i scale")
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the masked table")
-    ap.add_argument("--no-bare", action="store_true", help="skip the bare Python passthrough")
+    ap.add_argument("--no-bare", action="store_true", help="skip the bare Python passthroughs")
     ap.add_argument(
         "--profile",
         choices=("auto", "always", "never"),
@@ -745,6 +748,7 @@ def main() -> None:
             eps = {"direct": direct, "pgbouncer": bouncer, "relay": r.endpoint}
             if not args.no_bare:
                 eps["bare"] = stack.enter_context(bare(server))
+                eps["bare_protocol"] = stack.enter_context(bare(server, protocol=True))
             _say("warm-up")
             for ep in eps.values():
                 run_pgbench(pgbench, ep, mode="simple", clients=1, secs=2)
