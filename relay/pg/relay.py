@@ -4,10 +4,14 @@ connects to the target with the target's own credential, and then moves messages
 ways: every statement through the policy, every result row and error through the
 masker, every statement into the query log and the psql-like transcript.
 
-Two tasks per session, one per direction. Responses come back in request order, so the
-client side queues what it sent (a deque of pending requests) and the server side
-consumes it as responses arrive: that is how a DataRow knows its columns and an error
-knows which statement failed.
+Start-up and authentication use asyncio streams; once relayed, each side of a session is
+an asyncio protocol whose reads are handled as they arrive (``_ClientPipe``,
+``_UpstreamPipe``), and only a statement that must wait (an approval) goes to a task.
+Responses come back in request order, so the client side queues what it sent (a deque
+of pending requests) and the server side consumes it as responses arrive: that is how a
+DataRow knows its columns and an error knows which statement failed. The transcript and
+the query log (relay/pg/querylog.py, shared by the listener's sessions) are written
+after the answer has gone to the client.
 """
 
 from __future__ import annotations
