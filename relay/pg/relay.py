@@ -61,9 +61,12 @@ _SERVER_READ = 256 * 1024
 # Transcript text waits at most this long (or this many characters) for the cast.
 _CAST_BATCH = 0.05
 _CAST_BATCH_BYTES = 64 * 1024
-# Answers are drawn into the transcript when the client's next statement has gone to
-# the target, or after this long.
-_POST_DELAY = 0.005
+# Statements and answers waiting to be drawn into the transcript before a batch is
+# drawn and written at once (else every _CAST_BATCH seconds).
+_POST_MAX = 2048
+# Or once the result rows waiting for it hold this many bytes (a large result is read
+# faster than _CAST_BATCH lets the transcript keep up; it draws only its first rows).
+_POST_BYTES = 1 << 20
 
 
 def is_loopback(host: str) -> bool:
@@ -334,9 +337,9 @@ class PgSession:
         self._cast_buf: list[str] = []
         self._cast_len = 0
         self._cast_timer: asyncio.TimerHandle | None = None
-        # Transcript work of answers already sent (see ``_after_forward``).
+        # Transcript work waiting to be drawn, in order (see ``_transcribe``).
         self._post: list[tuple[Any, ...]] = []
-        self._post_timer: asyncio.TimerHandle | None = None
+        self._post_bytes = 0
         # The target's own FATAL message (masked), once it sent one: it is ending the
         # connection and has told the client why.
         self._target_fatal: str | None = None
@@ -679,19 +682,26 @@ class PgSession:
         self.ctx.checkpoint(self.id, lines, chain_hash)  # from the writer pool
 
     def _write_cast(self, text: str) -> None:
-        """Queue transcript text (built from masked parts); written by ``_flush_cast``
-        as one cast event per batch of messages."""
+        """Queue transcript text (built from masked parts) after what waits to be drawn;
+        written by ``_flush_cast`` as one cast event per batch."""
         if self.rec is not None:
+            if self._post:
+                self._run_post()
             self._cast_buf.append(text)
             self._cast_len += len(text)
 
     def _cast_soon(self) -> None:
-        """Write the queued transcript within ``_CAST_BATCH`` seconds (at once past
-        ``_CAST_BATCH_BYTES``): a session running thousands of statements a second
-        then costs tens of cast events a second, not thousands."""
-        if not self._cast_buf:
+        """Draw and write the queued transcript within ``_CAST_BATCH`` seconds (at once
+        past ``_CAST_BATCH_BYTES`` or ``_POST_MAX`` items): a session running thousands
+        of statements a second costs tens of cast events a second, not thousands, and
+        draws its statements in batches."""
+        if not self._cast_buf and not self._post:
             return
-        if self._cast_len >= _CAST_BATCH_BYTES:
+        if (
+            self._cast_len >= _CAST_BATCH_BYTES
+            or len(self._post) >= _POST_MAX
+            or self._post_bytes >= _POST_BYTES
+        ):
             self._flush_cast()
         elif self._cast_timer is None:
             self._cast_timer = asyncio.get_running_loop().call_later(_CAST_BATCH, self._flush_cast)
@@ -700,6 +710,7 @@ class PgSession:
         if self._cast_timer is not None:
             self._cast_timer.cancel()
             self._cast_timer = None
+        self._run_post()
         if self.rec is None or not self._cast_buf:
             return
         text, self._cast_buf, self._cast_len = "".join(self._cast_buf), [], 0
@@ -765,7 +776,6 @@ class PgSession:
 
     def _marker(self, text: str) -> None:
         # After the transcript of everything that came before it.
-        self._run_post()
         self._flush_cast()
         if self.rec is not None:
             with contextlib.suppress(RecordingError):
@@ -1223,6 +1233,7 @@ class PgSession:
                 )
                 if todo is not None:
                     todo.append((0, rows, msg.nrows))
+                    self._post_bytes += len(rows)
                 if out is not None:
                     out += rows
                 elif rows is msg.raw:
@@ -1356,10 +1367,7 @@ class PgSession:
             self.cw.write(out)
         if todo:
             self._post.extend(todo)
-            if self._post_timer is None:
-                self._post_timer = asyncio.get_running_loop().call_later(
-                    _POST_DELAY, self._post_timer_fired
-                )
+            self._cast_soon()
         pipe = self._pipe
         if pipe is not None:
             cpipe = self._cpipe
@@ -1374,46 +1382,51 @@ class PgSession:
             await asyncio.shield(pipe.write_paused)
 
     def _after_forward(self, said: list[str]) -> None:
-        """Transcript work, done once the client's statements are on their way to the
-        target: the target's answer takes longer than the drawing of the previous one,
-        so a client waiting for its answer does not wait for the transcript too. The
-        answers drawn first, then the statements just forwarded, in order."""
-        self._run_post()
+        """Queue the statements just sent to the target for the transcript, after the
+        answers that came before them."""
         if said:
-            tr = self.transcript
-            if tr is not None:
-                for text in said:
-                    self._write_cast(tr.query(text))
+            if self.transcript is not None:
+                self._post.extend([(4, text) for text in said])
             said.clear()
-        self._cast_soon()
-
-    def _post_timer_fired(self) -> None:
-        # A client that sends nothing more still gets its answers drawn soon.
-        self._post_timer = None
-        self._run_post()
         self._cast_soon()
 
     def _run_post(self) -> None:
         if self._post:
-            todo, self._post = self._post, []
+            todo, self._post, self._post_bytes = self._post, [], 0
             self._transcribe(todo)
 
     def _transcribe(self, todo: list[tuple[Any, ...]]) -> None:
-        """Draw the messages of one read into the transcript (see ``_server_loop``)."""
+        """Draw statements and answers into the transcript, in the order they came.
+
+        Nothing here is on a client's round trip: items queue as messages pass
+        (``_server_data``, ``_after_forward``) and are drawn a batch at a time when the
+        cast is written, so the drawing code runs hot for hundreds of statements
+        instead of cold between every two reads. Items: (0, rows, count) a run of
+        masked DataRows, (1, columns) a RowDescription, (2, tag, ms) CommandComplete,
+        (3, body, message, detail) an error or notice, (4, text) a statement sent."""
         tr = self.transcript
-        if tr is None:
+        if tr is None or self.rec is None:
             return
+        buf = self._cast_buf
+        size = 0
         for item in todo:
             kind = item[0]
             if kind == 0:
                 tr.add_rows(item[1], item[2])
-            elif kind == 1:
+                continue
+            if kind == 1:
                 tr.columns(item[1].names, item[1].formats)
-            elif kind == 2:
-                self._write_cast(tr.complete(item[1], item[2]))
+                continue
+            if kind == 2:
+                text = tr.complete(item[1], item[2])
+            elif kind == 4:
+                text = tr.query(item[1])
             else:
                 sev = next((v for c, v in p.parse_fields(item[1]) if c == "S"), "ERROR")
-                self._write_cast(tr.error(sev, item[2], item[3]))
+                text = tr.error(sev, item[2], item[3])
+            buf.append(text)
+            size += len(text)
+        self._cast_len += size
 
     def _execute_columns(self, ex: _Execute) -> _Columns | None:
         # A prepared statement runs again and again: its columns are matched against
@@ -1442,10 +1455,6 @@ class PgSession:
 
     async def _close(self) -> None:
         # Live watchers see the end of the transcript too.
-        if self._post_timer is not None:
-            self._post_timer.cancel()
-            self._post_timer = None
-        self._run_post()
         self._flush_cast()
         self.ctx.live.pop(self.id, None)
         self.ctx.hub.close(self.id, self.status)

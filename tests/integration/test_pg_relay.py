@@ -239,6 +239,27 @@ def test_transcript_keeps_statements_answers_and_markers_in_order(pg_relay: PgRe
         pos = found + len(s)
 
 
+def test_an_idle_sessions_last_answer_reaches_the_cast_while_it_is_open(
+    pg_relay: PgRelay,
+) -> None:
+    """The transcript is drawn in batches when the cast is written: a session that runs
+    a statement and then waits still has statement and answer in its cast soon after,
+    not only when it ends."""
+    with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT 'idle-check' AS waiting").fetchone() == ("idle-check",)
+
+        def drawn() -> bool:
+            return any(
+                "idle-check" in text and "(1 row)" in text.split("idle-check", 1)[1]
+                for text in (c.read_text() for c in casts(pg_relay.relay))
+                if "SELECT 'idle-check'" in text
+            )
+
+        wait_for(drawn, 5)
+        # Still open: the batch was written by its timer, not by the session's end.
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_bad_token_and_wrong_target_are_refused(pg_relay: PgRelay) -> None:
     with pytest.raises(psycopg.OperationalError, match="authentication failed"):
         psycopg.connect(pg_relay.dsn(token="wrong"))
