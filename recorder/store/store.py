@@ -104,6 +104,12 @@ def _when(value: datetime | None, name: str) -> datetime:
     return _now() if value is None else _aware(value, name)
 
 
+def sqlite_utc_text(value: datetime) -> str:
+    """An aware UTC datetime as SQLAlchemy's SQLite ``DateTime`` stores it:
+    ``YYYY-MM-DD HH:MM:SS.ffffff``."""
+    return value.isoformat(" ", "microseconds")[:26]
+
+
 def _choice(value: str, allowed: Sequence[str], name: str) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
@@ -618,6 +624,11 @@ class Store:
             proc = c.type._cached_bind_processor(dialect)
             if proc is not None and c.key in keys:
                 procs[c.key] = proc
+        if dialect.name == "sqlite":
+            # The times arrive aware and in UTC (``_when``): their text is what
+            # SQLAlchemy's SQLite DATETIME writes, from isoformat (C) instead of its
+            # formatting with a dict, a third of the query log's cost per row.
+            procs["at"] = procs["finished_at"] = sqlite_utc_text
         return sql, order, procs
 
     def list_commands(self, session_id: str) -> list[dict[str, Any]]:
