@@ -513,6 +513,48 @@ def test_many_finished_commands_in_one_call(store: Store) -> None:
         )
 
 
+def test_many_finished_commands_keep_order_and_every_value_exactly(
+    store: Store, store_url: str
+) -> None:
+    """A large batch comes back in order with its values as given: odd text (quotes,
+    backslashes, escapes, non-ASCII; on SQLite a NUL, which PostgreSQL text refuses),
+    numbers, NULLs and both times. SQLite takes a batch as one JSON parameter; one with
+    a NUL goes the ordinary way."""
+    _session(store)
+    odd = ["it's", 'say "hi"', "C:\\path\\n", "\u00e9\u4e2d\U0001f600", "tab\tnew\nline"]
+    if store_url.startswith("sqlite"):
+        odd.append("nul\x00in")
+    rows = []
+    for i in range(300):
+        at = T0 + timedelta(microseconds=i * 1001)
+        rows.append(
+            {
+                "session_id": "s1",
+                "at": at,
+                "finished_at": at if i % 3 else at + timedelta(milliseconds=5),
+                "text": f"SELECT {i} -- {odd[i % len(odd)]}",
+                "kind": "sql",
+                "action": ("allow", "block", "approve")[i % 3],
+                "rule": None if i % 3 == 0 else f"rule-{i}",
+                "approval_id": None,
+                "status": "SELECT 1",
+                "rows": None if i % 5 == 0 else i,
+                "duration_ms": i / 7,
+            }
+        )
+    # The same without the NUL row: the fast path for SQLite.
+    for batch in ([r for r in rows if "\x00" not in r["text"]], rows[:6]):
+        store.add_finished_commands(batch)
+    got = store.list_commands("s1")
+    want = [r for r in rows if "\x00" not in r["text"]] + rows[:6]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g["text"] == w["text"]
+        assert (g["at"], g["finished_at"]) == (w["at"], w["finished_at"])
+        assert (g["action"], g["rule"], g["rows"]) == (w["action"], w["rule"], w["rows"])
+        assert g["duration_ms"] == pytest.approx(w["duration_ms"], rel=1e-12)
+
+
 def test_command_links_to_its_approval(store: Store) -> None:
     approval_id = _approval(store)
     cmd = store.add_command(
