@@ -34,6 +34,8 @@ log = logging.getLogger("castgate.operator")
 
 OPERATOR_USER = "castgate"
 OPERATOR_ROLES = {"approver", "auditor", "admin"}
+# Seconds the console has to exit after its SSH session ends (SIGHUP) before SIGKILL.
+_CONSOLE_GRACE = 5.0
 
 
 def _set_winsize(fd: int, cols: int, rows: int) -> None:
@@ -210,6 +212,9 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
 
         def ctty() -> None:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # A relay started under nohup ignores SIGHUP, and the console would inherit
+            # that: it must end when its terminal (this session) goes away.
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -262,8 +267,17 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
             if proc.returncode is None and not done.done():
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGHUP)
-            status = await proc.wait()
+            try:
+                status = await asyncio.wait_for(proc.wait(), _CONSOLE_GRACE)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                status = await proc.wait()
         finally:
+            if proc.returncode is None:
+                # Cancelled (the relay is stopping): the console must not outlive it.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 loop.remove_reader(master)
             self._master = None

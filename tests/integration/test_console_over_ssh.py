@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 from tests.fix_relay import Held, Relay, wait_for
 
@@ -32,6 +33,19 @@ def test_console_over_ssh_lists_sessions_and_approves(relay: Relay) -> None:
             "console",
         ]
     )
+    wanted = f"castgate.cli\0console\0--api\0{relay.api}\0".encode()
+
+    def consoles() -> list[str]:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:1]
+                if wanted in (proc / "cmdline").read_bytes() and state != ["Z"]:
+                    found.append(proc.name)
+            except (OSError, IndexError):
+                pass  # gone meanwhile
+        return found
+
     tmux("new-session", "-d", "-s", name, "-x", "140", "-y", "40", ssh)
     try:
 
@@ -39,6 +53,7 @@ def test_console_over_ssh_lists_sessions_and_approves(relay: Relay) -> None:
             return tmux("capture-pane", "-p", "-t", name)
 
         wait_for(lambda: "ci-agent" in screen() and "web" in screen(), 30)
+        assert consoles(), "the relay's console process is not where the test looks"
         assert "ssh" in screen()
         tmux("send-keys", "-t", name, "F3")
         wait_for(lambda: "systemctl restart app" in screen(), 20)
@@ -49,3 +64,7 @@ def test_console_over_ssh_lists_sessions_and_approves(relay: Relay) -> None:
         assert b"granted by alice" in held.err
     finally:
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True, timeout=15)
+
+    # The ssh client is gone: the console the relay ran for it ends too (SIGHUP, or
+    # SIGKILL after a grace period if it ignores that, as under nohup).
+    wait_for(lambda: not consoles(), 20)
