@@ -5,7 +5,7 @@ Every session of the process shares one writer: rows wait in memory for at most
 ``interval`` seconds (or until ``max_rows`` are waiting) and go to the store in one
 transaction from one thread at a time. Eight busy sessions flushing on their own took
 eight transactions where one does, and their threads fought over SQLite's write lock and
-the GIL: at 8 clients of ``pgbench -S`` that was a quarter of the relay's CPU.
+the GIL beside the event loop (bench/RESULTS.md, fourth session).
 """
 
 from __future__ import annotations
