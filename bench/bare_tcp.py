@@ -95,26 +95,22 @@ async def _serve_protocol(host: str, port: int) -> asyncio.Server:
 _TASKS: set[asyncio.Task[None]] = set()
 
 
-async def main() -> None:
-    host, _, port = sys.argv[1].rpartition(":")
-    if "--protocol" in sys.argv[2:]:
-        pserver = await _serve_protocol(host, int(port))
-        print(pserver.sockets[0].getsockname()[1], flush=True)
-        pstop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, pstop.set)
-        await pstop.wait()
-        pserver.close()
-        return
-
+async def _serve_streams(host: str, port: int) -> asyncio.Server:
     async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         try:
-            ur, uw = await asyncio.open_connection(host, int(port))
+            ur, uw = await asyncio.open_connection(host, port)
         except OSError:
             cw.close()
             return
         await asyncio.gather(_pump(cr, uw), _pump(ur, cw))
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=1 << 20)
+    return await asyncio.start_server(handle, "127.0.0.1", 0, limit=1 << 20)
+
+
+async def main() -> None:
+    host, _, port = sys.argv[1].rpartition(":")
+    serve = _serve_protocol if "--protocol" in sys.argv[2:] else _serve_streams
+    server = await serve(host, int(port))
     print(server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

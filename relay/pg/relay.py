@@ -79,6 +79,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _write_passed(
+    writer: asyncio.StreamWriter, data: bytes, same: int, out: bytearray | None
+) -> None:
+    """Send what one read passed on (``_client_data``, ``_server_data``): ``out`` once
+    something changed, else the first ``same`` bytes of the read as they came."""
+    if out is None:
+        if same:
+            writer.write(data if same == len(data) else data[:same])
+    elif out:
+        writer.write(out)
+
+
 class CancelMap:
     """Our (pid, key) handed to each client, mapped to the target's, so a CancelRequest
     reaches only the session it names."""
@@ -850,7 +862,6 @@ class PgSession:
                 self._log(req.text, "allow", None, "target lost")
         self.pending.clear()
         reason = self._target_fatal
-        self._run_post()
         if reason is None:
             reason = f"castgate: target {name} closed the connection" + (f" ({exc})" if exc else "")
             if self.transcript is not None:
@@ -1064,14 +1075,8 @@ class PgSession:
             self._cpipe.hold_until(asyncio.shield(pipe.write_paused))
 
     def _forward(self, data: bytes, same: int, out: bytearray | None) -> None:
-        """Send what ``_client_data`` passed on: ``out``, or else the first ``same``
-        bytes of the read."""
         assert self.up is not None
-        if out is None:
-            if same:
-                self.up.writer.write(data if same == len(data) else data[:same])
-        elif out:
-            self.up.writer.write(out)
+        _write_passed(self.up.writer, data, same, out)
 
     def _client_fast(self, msg: p.Message, said: list[str]) -> bytes | None:
         """One client message on the fast path: what must go to the target before it
@@ -1360,11 +1365,7 @@ class PgSession:
                 same += 5 + len(msg.body)
             else:
                 out += msg.raw()
-        if out is None:
-            if same:
-                self.cw.write(data if same == len(data) else data[:same])
-        elif out:
-            self.cw.write(out)
+        _write_passed(self.cw, data, same, out)
         if todo:
             self._post.extend(todo)
             self._cast_soon()
