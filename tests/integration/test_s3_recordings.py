@@ -162,6 +162,8 @@ def test_local_files_stay_until_the_upload_is_confirmed_then_reads_come_from_s3(
         s3_server.bucket(name=bucket)  # the store comes back: the next retry succeeds
         wait_for(lambda: not any(f.exists() for f in files), 30)
         assert (relay.recordings() / f"{sid}.cast.uploaded").exists()
+        # The event's log line reaches us through the relay's stderr, after the files go.
+        wait_for(lambda: bool(upload_events(relay, "success")), 10)
         assert upload_events(relay, "success")[0]["local_deleted"] is True
         client = s3_server.client()
         for name, data in local.items():
