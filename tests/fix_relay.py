@@ -157,6 +157,7 @@ def write_config(
     listen_extra: str = "",
     alice_pub: str = "",
     auth_limit: int = 10_000,
+    pg_listen: str = "127.0.0.1:0",
 ) -> Path:
     """castgate.toml for the tests."""
     wrong_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
@@ -164,7 +165,7 @@ def write_config(
 data_dir = "data"
 [listen]
 ssh = "127.0.0.1:0"
-postgres = "127.0.0.1:0"
+postgres = "{pg_listen}"
 api = "127.0.0.1:0"
 {listen_extra}
 [security]
@@ -263,6 +264,7 @@ def start_relay(
     env: dict[str, str] | None = None,
     listen_extra: str = "",
     auth_limit: int = 10_000,
+    pg_listen: str = "127.0.0.1:0",
 ) -> Relay:
     """Init keys, write the config, start ``castgate relay`` and wait until it listens."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +279,9 @@ def start_relay(
     operator_key.chmod(0o600)
     alice_pub = okey.export_public_key().decode().strip()
     jwt_key = write_jwks(workdir)
-    config = write_config(workdir, target, agent_pub, extra, listen_extra, alice_pub, auth_limit)
+    config = write_config(
+        workdir, target, agent_pub, extra, listen_extra, alice_pub, auth_limit, pg_listen
+    )
     relay = Relay(workdir, config, 0, "", agent_key, workdir / "known_hosts", target, None, jwt_key)  # type: ignore[arg-type]
     relay.operator_key = operator_key
     return launch(relay, env)

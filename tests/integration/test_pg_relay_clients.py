@@ -167,6 +167,28 @@ def test_token_without_tls_refused_when_tls_is_required(
         relay.stop()
 
 
+def test_token_without_tls_refused_by_default_off_loopback(
+    sshd_target: SshTarget, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """No setting: a listener on a non-loopback address (here all of them) refuses a
+    token sent without TLS, and takes it over TLS."""
+    relay = start_relay(
+        tmp_path / "r",
+        sshd_target,
+        extra=PG_TARGETS.format(port=postgres_server.port),
+        env={"APPDB_PASSWORD": APP_PASSWORD},
+        pg_listen="0.0.0.0:0",
+    )
+    try:
+        with pytest.raises(psycopg.OperationalError, match="requires TLS"):
+            psycopg.connect(relay.pg_dsn())
+        dsn = relay.pg_dsn().replace("sslmode=disable", "sslmode=require")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        relay.stop()
+
+
 def test_error_details_and_query_literals_are_masked(pg_relay: PgRelay) -> None:
     from recorder.config import load_config
     from recorder.store import Store
