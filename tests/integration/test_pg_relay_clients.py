@@ -147,37 +147,30 @@ def test_hostile_input_gets_an_error_and_the_relay_keeps_serving(pg_relay: PgRel
         assert conn.execute("SELECT count(*) FROM cards").fetchone() == (4,)
 
 
+@pytest.mark.parametrize(
+    ("listen", "setting"),
+    [
+        # The setting on a loopback listener.
+        ("127.0.0.1:0", "postgres_require_tls = true"),
+        # No setting: the default for a listener off loopback (here on all addresses).
+        ("0.0.0.0:0", ""),
+    ],
+    ids=["setting", "default-off-loopback"],
+)
 def test_token_without_tls_refused_when_tls_is_required(
-    sshd_target: SshTarget, postgres_server: PostgresServer, tmp_path: Path
+    sshd_target: SshTarget,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    listen: str,
+    setting: str,
 ) -> None:
     relay = start_relay(
         tmp_path / "r",
         sshd_target,
         extra=PG_TARGETS.format(port=postgres_server.port),
         env={"APPDB_PASSWORD": APP_PASSWORD},
-        listen_extra="postgres_require_tls = true",
-    )
-    try:
-        with pytest.raises(psycopg.OperationalError, match="requires TLS"):
-            psycopg.connect(relay.pg_dsn())
-        dsn = relay.pg_dsn().replace("sslmode=disable", "sslmode=require")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
-    finally:
-        relay.stop()
-
-
-def test_token_without_tls_refused_by_default_off_loopback(
-    sshd_target: SshTarget, postgres_server: PostgresServer, tmp_path: Path
-) -> None:
-    """No setting: a listener on a non-loopback address (here all of them) refuses a
-    token sent without TLS, and takes it over TLS."""
-    relay = start_relay(
-        tmp_path / "r",
-        sshd_target,
-        extra=PG_TARGETS.format(port=postgres_server.port),
-        env={"APPDB_PASSWORD": APP_PASSWORD},
-        pg_listen="0.0.0.0:0",
+        listen_extra=setting,
+        pg_listen=listen,
     )
     try:
         with pytest.raises(psycopg.OperationalError, match="requires TLS"):
