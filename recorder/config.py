@@ -268,6 +268,29 @@ class TargetConfig(_Section):
     """TLS from the relay to a PostgreSQL target."""
     allow_sftp: bool = False
     """Let agents use the sftp/scp subsystem (recorded as metadata, not content)."""
+    allow_scp: bool = False
+    """Let agents use the legacy scp protocol (exact ``scp -t``/``scp -f`` exec commands,
+    recorded as metadata like sftp). Off: such a command is refused."""
+    default: Literal["allow", "approve", "block"] = "allow"
+    """What a command or statement no rule matches gets. ``block`` is allowlist mode:
+    only what an ``allow`` rule matches runs."""
+    opaque: Literal["allow", "approve", "block"] | None = None
+    """What a command the relay cannot parse or follow gets (a parse error, ``eval``, a
+    variable in command position, a line the echo model lost track of). Unset:
+    ``approve`` where any rule applies to the target or ``default`` is not ``allow``,
+    else ``allow`` (nothing is enforced there)."""
+    shell_without_pty: Literal["check", "refuse"] = "check"
+    """SSH shells without a PTY (and exec'd interpreters): check each stdin line before it
+    reaches the target, or refuse the channel."""
+    interpreters: Literal["check", "refuse"] = "check"
+    """SSH exec commands that start an interactive interpreter (``bash -i``, ``python3``,
+    ``script``): line-checked like a shell, or refused."""
+    unparsed: Literal["block", "approve"] = "block"
+    """PostgreSQL: a statement the parser rejects, on a target where rules apply: refused
+    (SQLSTATE 42501) or held for approval."""
+    allow_function_call: bool = False
+    """PostgreSQL: let the FunctionCall protocol message through (policed as a call of
+    that function, logged, recorded, result masked). Off: refused with an error."""
 
 
 class RuleConfig(_Section):
@@ -276,7 +299,11 @@ class RuleConfig(_Section):
     action: Literal["allow", "approve", "block"]
     """What happens to a matching command."""
     command: str | None = None
-    """Regex searched in SSH exec commands, shell lines and SQL text."""
+    """Regex searched in each simple command of SSH exec commands and shell lines (after
+    parsing and unwrapping), and in SQL text."""
+    argv: list[str] = []
+    """SSH: a simple command whose program (basename) is ``argv[0]`` and whose arguments
+    include every further element (option clusters normalised: ``-rf`` = ``-r -f``)."""
     sql: list[str] = []
     """pglast node names (``DropdbStmt``, ``DeleteStmt:no-where``) found anywhere in a statement."""
     targets: list[str] = []

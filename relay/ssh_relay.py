@@ -883,7 +883,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._safe(lambda rec: rec.command_line(command))
         elif self.binary:
             self._safe(lambda rec: rec.marker(f"{kind}: {masked} (binary stream, not recorded)"))
-        decision = self.ctx.policy.decide(
+        decision = self.ctx.policy.decide_shell(
             target=self.target.name, groups=self.ident.groups, command=command
         )
         allowed = await self._apply(decision, masked, kind)
@@ -1083,7 +1083,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             # sees it; the recording and the command log never keep it.
             masked = "(input hidden: terminal echo off)"
             self._safe(lambda rec: rec.marker("input hidden (terminal echo off)"))
-        decision = self.ctx.policy.decide(
+        decision = self.ctx.policy.decide_shell(
             target=self.target.name, groups=self.ident.groups, command=command
         )
         allowed = await self._apply(decision, masked, "shell")

@@ -77,3 +77,39 @@ def test_target_access_by_group() -> None:
     assert not p.can_access(["contractors"], web)
     assert not p.can_access(["agents", "sre"], closed)  # no groups: nobody
     assert p.target("nope") is None
+
+
+def _target_policy(extra: str, rules: str = "") -> Policy:
+    text = f"""
+[[targets]]
+name = "web"
+kind = "ssh"
+address = "10.0.0.5:22"
+groups = ["agents"]
+{extra}
+{rules}
+"""
+    return Policy(parse_config(text, Path()))
+
+
+def test_default_block_is_allowlist_mode() -> None:
+    p = _target_policy(
+        'default = "block"',
+        '[[rules]]\nname = "uptime"\ncommand = "^uptime$"\naction = "allow"',
+    )
+    assert p.decide(target="web", groups=["agents"], command="uptime").action == "allow"
+    d = p.decide(target="web", groups=["agents"], command="rm x")
+    assert d.action == "block"
+    assert d.rule_name == "castgate:default"
+    # An allow-only target still has something to enforce: opaque commands are held.
+    assert p.scoped("web", ["agents"]).opaque("parse error").action == "approve"
+
+
+def test_opaque_is_approved_where_rules_apply_and_allowed_where_none_do() -> None:
+    bare = _target_policy("")
+    assert bare.scoped("web", ["agents"]).opaque("eval").action == "allow"
+    ruled = _target_policy("", '[[rules]]\nname = "x"\ncommand = "^rm"\naction = "block"')
+    d = ruled.scoped("web", ["agents"]).opaque("eval")
+    assert (d.action, d.rule_name, d.reason) == ("approve", "castgate:opaque", "eval")
+    strict = _target_policy('opaque = "block"')
+    assert strict.scoped("web", ["agents"]).opaque("eval").action == "block"
