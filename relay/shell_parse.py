@@ -43,6 +43,13 @@ class ShellAnalysis:
     """Set when the text starts an interpreter that reads commands from its standard
     input or terminal (``bash``, ``bash -i``, ``sh -s``, ``script``: "shell";
     ``python3``, ``perl``: "other"); what is typed into it is not in ``commands``."""
+    incomplete: bool = False
+    """The text ends inside a construct (an open quote, ``for ... do`` without ``done``,
+    a here-document): more lines would complete it. Implies ``opaque``."""
+
+
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish", "script"})
+_OTHERS = frozenset({"python", "python3", "perl", "ruby", "node", "irb", "lua", "tclsh"})
 
 
 def analyze(text: str) -> ShellAnalysis:
@@ -50,5 +57,14 @@ def analyze(text: str) -> ShellAnalysis:
     try:
         words = shlex.split(text)
     except ValueError as exc:
-        return ShellAnalysis((), f"cannot parse: {exc}")
-    return ShellAnalysis((SimpleCommand(tuple(words)),) if words else ())
+        return ShellAnalysis((), f"cannot parse: {exc}", incomplete=True)
+    if not words:
+        return ShellAnalysis(())
+    cmd = SimpleCommand(tuple(words))
+    flags = set(words[1:])
+    interpreter: Interpreter | None = None
+    if cmd.program in _SHELLS and flags <= {"-i", "-s", "-l", "--login", "-"}:
+        interpreter = "shell"
+    elif cmd.program in _OTHERS and flags <= {"-i", "-"}:
+        interpreter = "other"
+    return ShellAnalysis((cmd,), interpreter=interpreter)
