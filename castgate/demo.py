@@ -34,7 +34,7 @@ from typing import Any
 import asyncssh
 
 from castgate.initdir import init_dir
-from castgate.localpg import BINDIR_ENV, LocalPostgres, find_bindir
+from castgate.localpg import BINDIR_ENV, LocalPostgres, die_with_parent, find_bindir
 from castgate.localtarget import LocalTarget
 from recorder.errors import CastgateError
 from recorder.integrity import verify_cast
@@ -111,6 +111,8 @@ def _start_relay(
         stdout=subprocess.DEVNULL,
         stderr=log,
         env={**os.environ, **env},
+        # SIGTERM: the relay seals its casts and stops, even when the demo was SIGKILLed.
+        preexec_fn=die_with_parent(signal.SIGTERM),
     )
     log.close()
     runtime = data / "relay.json"
@@ -245,20 +247,26 @@ def _pg_agent(pg_port: int, token: str) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the targets and the relay are stopped."""
+    """SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C, so the targets and the
+    relay are stopped."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
 
+    # Under nohup SIGHUP is ignored on purpose: leave it so.
+    sigs = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        sigs.append(signal.SIGHUP)
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in sigs}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _stop_relay(relay: subprocess.Popen[bytes]) -> None:
@@ -289,7 +297,7 @@ def _run(workdir: Path | None, console: bool, stack: contextlib.ExitStack) -> in
     bindir = find_bindir()
     if bindir is None:
         _say(
-            "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: skipped the "
+            "PostgreSQL server binaries (initdb, postgres) not found: skipped the "
             f"PostgreSQL target (install them, or point {BINDIR_ENV} at their directory)\n"
         )
     else:

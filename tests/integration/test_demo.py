@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from recorder.masking import luhn_complete
 
 CASTGATE = str(Path(sys.executable).parent / "castgate")
@@ -126,7 +128,17 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_ctrl_c_stops_the_postgres_target_and_the_relay(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
+    ids=["ctrl-c", "sigterm", "sighup", "sigkill"],
+)
+def test_however_the_demo_ends_its_postgres_relay_and_cluster_go_with_it(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # SIGHUP is what a closed terminal sends; SIGKILL runs none of the demo's code, so
+    # the kernel's parent-death signal stops the server and the relay, and the reaper
+    # removes the cluster (it holds the demo's card table).
     workdir = tmp_path / "d"
     proc = _start(workdir)
     try:
@@ -143,13 +155,14 @@ def test_ctrl_c_stops_the_postgres_target_and_the_relay(tmp_path: Path) -> None:
         postmaster = int((cluster / "data" / "postmaster.pid").read_text().split()[0])
         relay = int(json.loads((workdir / "data" / "relay.json").read_text())["pid"])
         assert _alive(postmaster) and _alive(relay)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest, err = proc.communicate(timeout=90)
     finally:
         _stop(proc)
-    assert proc.returncode == 130, out + rest + err
-    deadline = time.monotonic() + 10
-    while (_alive(postmaster) or _alive(relay)) and time.monotonic() < deadline:
+    expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
+    assert proc.returncode == expected, out + rest + err
+    deadline = time.monotonic() + 60
+    while (_alive(postmaster) or _alive(relay) or cluster.exists()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(postmaster) and not _alive(relay)
     assert not cluster.exists()
