@@ -81,6 +81,26 @@ class SecurityConfig(_Section):
         return parse_duration(v)
 
 
+class LimitsConfig(_Section):
+    connections: int = Field(default=4096, ge=1, le=1_000_000)
+    """Connections all peers together may hold open (SSH, PostgreSQL and API together);
+    lowered further to what the open-file limit leaves room for, less ``fd_reserve``."""
+    connections_per_source: int = Field(default=256, ge=1, le=1_000_000)
+    """Connections one source address may hold open."""
+    fd_reserve: int = Field(default=64, ge=8, le=100_000)
+    """Open-file descriptors kept back for sessions already open (casts, the store)."""
+    api_idle_timeout: float = Field(default=15.0, gt=0, le=3600)
+    """Seconds an API connection may take to send a whole request (also the idle time
+    allowed between two requests on one connection)."""
+    report_interval: float = Field(default=10.0, gt=0, le=3600)
+    """Refused connections are logged and audited at most once in this many seconds."""
+
+    @field_validator("api_idle_timeout", "report_interval", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
 class StoreConfig(_Section):
     url: str = "sqlite:///data/castgate.db"
     """Audit store: ``sqlite:///PATH`` (relative to the config file) or ``postgresql://...``."""
@@ -343,6 +363,7 @@ class Config(_Section):
     listen: ListenConfig = ListenConfig()
     store: StoreConfig = StoreConfig()
     security: SecurityConfig = SecurityConfig()
+    limits: LimitsConfig = LimitsConfig()
     recording: RecordingConfig = RecordingConfig()
     masking: MaskingConfig = MaskingConfig()
     cluster: ClusterConfig = ClusterConfig()

@@ -24,6 +24,7 @@ from recorder.store import Store, StoreError
 from recorder.store.spool import StoreSpool
 from relay.approvals import Broker, Outcome
 from relay.cluster import Cluster, default_node_id, peer_token
+from relay.connlimit import ConnectionLimits, fd_budget
 from relay.identity import Authenticator, Identity
 from relay.live import LiveHub
 from relay.policy import Policy
@@ -67,6 +68,8 @@ class RelayContext:
     _indexing: dict[Path, asyncio.Task[None]] = field(default_factory=dict)
     spool: StoreSpool = field(init=False)
     recording_failures: Counter[str] = field(default_factory=Counter)
+    connections: ConnectionLimits = field(init=False)
+    """Open connections by source and in total, every listener of this process."""
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.cfg)
@@ -75,11 +78,27 @@ class RelayContext:
         self.broker = Broker(self.cfg, self.store, self.masker)
         sec = self.cfg.security
         self.limiter = AuthLimiter(sec.auth_failure_limit, sec.auth_window, sec.auth_lockout)
+        lim = self.cfg.limits
+        self.connections = ConnectionLimits(
+            min(lim.connections, fd_budget(lim.fd_reserve)),
+            lim.connections_per_source,
+            report=self._report_refusals,
+            report_interval=lim.report_interval,
+        )
         self.node = self.node or default_node_id(self.cfg)
         if self.peer_token is None:
             self.peer_token = peer_token(self.cfg)
         # Every store write of the relay goes through the spool (see recorder/store/spool.py).
         self.spool = StoreSpool(self.store, self.spool_dir or self.cfg.data_path / "spool")
+
+    def _report_refusals(self, refused: dict[str, int]) -> None:
+        # One log line and one audit event for a batch of refusals, never one each.
+        log.warning("relay.connections_refused", extra={"refused": refused})
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # outside the relay's loop (tests): the log line has it
+            return
+        self.emit("connection.refused", None, "failure", None, "relay", {"refused": refused})
 
     @property
     def hold_deadline(self) -> float:

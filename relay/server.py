@@ -20,9 +20,11 @@ from recorder.recovery import recover_crashed
 from recorder.signing import SigningKey
 from recorder.store import Store
 from relay.api import build_app
+from relay.api_listener import start_api_server
 from relay.approvals import interrupt_stale
 from relay.cast_sync import sync_open_casts
 from relay.cluster import Cluster
+from relay.connlimit import raise_nofile_limit
 from relay.context import RelayContext
 from relay.pg.relay import PgListener
 from relay.pg.tls import server_context
@@ -77,6 +79,8 @@ async def serve(
 ) -> None:
     """Run the relay until SIGTERM/SIGINT. ``worker``: this process is one of several
     sharing the listeners (relay/workers.py)."""
+    # Before anything opens a file: the connection limits are sized from this figure.
+    soft, hard = raise_nofile_limit()
     store = await asyncio.to_thread(Store.open, cfg.store_url())
     cfg.recordings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ctx = RelayContext(
@@ -125,6 +129,18 @@ async def serve(
     pg_server: asyncio.Server | None = None
     pg: PgListener | None = None
     api_runner: web.AppRunner | None = None
+    api_server: asyncio.Server | None = None
+    own_servers: list[asyncio.Server] = []
+    log.info(
+        "relay.limits",
+        extra={
+            "open_files": soft,
+            "open_files_hard": hard,
+            "connections": ctx.connections.total,
+            "connections_per_source": ctx.connections.per_source,
+        },
+    )
+    report_task = asyncio.ensure_future(_report_refusals(ctx))
     spool_task = asyncio.ensure_future(ctx.replay_spool())
     sync_task = asyncio.ensure_future(sync_open_casts(ctx))
     checkpoint_task = asyncio.ensure_future(ctx.store_checkpoints())
@@ -162,23 +178,23 @@ async def serve(
             listening["postgres"] = f"{sock[0]}:{sock[1]}"
         if cfg.listen.api:
             host, port = split_address(cfg.listen.api, "api")
-            api_runner = web.AppRunner(build_app(ctx), access_log=None)
+            api_runner = web.AppRunner(
+                build_app(ctx), access_log=None, keepalive_timeout=cfg.limits.api_idle_timeout
+            )
             await api_runner.setup()
-            site = web.TCPSite(api_runner, host, port, reuse_port=shared)
-            await site.start()
-            server = site._server
-            assert isinstance(server, asyncio.Server)
-            sock = server.sockets[0].getsockname()
+            api_server = await start_api_server(
+                api_runner, ctx.connections, host, port, reuse_port=shared
+            )
+            sock = api_server.sockets[0].getsockname()
             listening["api"] = f"{sock[0]}:{sock[1]}"
             api_host = "127.0.0.1" if sock[0] in ("0.0.0.0", "::") else sock[0]  # noqa: S104
             ctx.api_url = f"http://{api_host}:{sock[1]}"
             if shared:
                 # The shared port reaches any worker: the others (watch proxying) and
                 # this worker's own console need this one, on an address of its own.
-                own = web.TCPSite(api_runner, "127.0.0.1", 0)
-                await own.start()
-                assert isinstance(own._server, asyncio.Server)
-                ctx.api_url = f"http://127.0.0.1:{own._server.sockets[0].getsockname()[1]}"
+                own = await start_api_server(api_runner, ctx.connections, "127.0.0.1", 0)
+                own_servers.append(own)
+                ctx.api_url = f"http://127.0.0.1:{own.sockets[0].getsockname()[1]}"
             await cluster.advertise()
         if not shared:
             write_runtime(cfg, listening)  # the supervisor writes it for its workers
@@ -193,8 +209,12 @@ async def serve(
             ssh_server.close()
         if pg_server is not None:
             pg_server.close()
+        for srv in (api_server, *own_servers):
+            if srv is not None:
+                srv.close()
         if api_runner is not None:
             await api_runner.cleanup()
+        ctx.connections.flush_report(force=True)
         for session in list(ctx.live.values()):
             with contextlib.suppress(Exception):
                 await session.close("relay shutdown")
@@ -209,6 +229,7 @@ async def serve(
         await cluster.stop()
         await ctx.event("relay.stop", None, "success", ctx.node, "relay", None)
         # What is still spooled stays on disk; the next start replays it.
+        report_task.cancel()
         spool_task.cancel()
         sync_task.cancel()
         checkpoint_task.cancel()  # stores what is queued on its way out
@@ -218,6 +239,14 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         store.close()
+
+
+async def _report_refusals(ctx: RelayContext) -> None:
+    # Refusals are reported when the next connection comes or goes; this reports the
+    # last batch of a flood that stopped.
+    while True:
+        await asyncio.sleep(ctx.cfg.limits.report_interval)
+        ctx.connections.flush_report()
 
 
 def run_relay(cfg: Config, worker: int | None = None) -> int:

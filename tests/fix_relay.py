@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -265,8 +266,10 @@ def start_relay(
     listen_extra: str = "",
     auth_limit: int = 10_000,
     pg_listen: str = "127.0.0.1:0",
+    nofile: int | None = None,
 ) -> Relay:
-    """Init keys, write the config, start ``castgate relay`` and wait until it listens."""
+    """Init keys, write the config, start ``castgate relay`` and wait until it listens
+    (with its open-file limit, soft and hard, at ``nofile`` when given)."""
     workdir.mkdir(parents=True, exist_ok=True)
     agent_key = workdir / "agent_ed25519"
     key = asyncssh.generate_private_key("ssh-ed25519")
@@ -284,18 +287,24 @@ def start_relay(
     )
     relay = Relay(workdir, config, 0, "", agent_key, workdir / "known_hosts", target, None, jwt_key)  # type: ignore[arg-type]
     relay.operator_key = operator_key
-    return launch(relay, env)
+    return launch(relay, env, nofile)
 
 
-def launch(relay: Relay, env: dict[str, str] | None = None) -> Relay:
+def launch(relay: Relay, env: dict[str, str] | None = None, nofile: int | None = None) -> Relay:
     """Start ``castgate relay`` on ``relay``'s config (again, after a stop or a kill)
     and wait until it listens; fills in the ports, host key and known_hosts."""
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     proc = subprocess.Popen(
         [CASTGATE, "relay", "-c", str(relay.config)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        preexec_fn=limit if nofile is not None else None,
     )
     logs: list[dict[str, object]] = []
     ready = threading.Event()
