@@ -31,6 +31,14 @@ from relay.live import LiveStream
 
 log = logging.getLogger("castgate.api")
 
+# What one API peer may send: request bodies are approval reasons (a few hundred bytes),
+# and watchers send nothing but control frames; larger ones are refused (HTTP 413,
+# WebSocket close 1009) before they are read into memory whole.
+BODY_MAX = 64 * 1024
+WS_MESSAGE_MAX = 4 * 1024
+"""The largest WebSocket message taken (aiohttp's ``max_msg_size`` refuses its own
+figure: it is one more)."""
+
 ROLE_KEY = web.AppKey("ctx", RelayContext)
 IDENT = "identity"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -356,7 +364,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     stream = ctx.hub.get(sid)
     if stream is None:
         return await _live_elsewhere(request, ident, sid)
-    ws = web.WebSocketResponse(heartbeat=30)
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1)
     if not ws.can_prepare(request).ok:  # aiohttp would answer a text/plain 400
         return _error(400, "a WebSocket upgrade is required")
     await ws.prepare(request)
@@ -413,7 +421,7 @@ async def _live_elsewhere(request: web.Request, ident: Identity, sid: str) -> we
         owner = await peer.owner_url(ctx, sid)
     except peer.PeerError as exc:
         return _error(exc.status, str(exc))
-    ws = web.WebSocketResponse(heartbeat=30)
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1)
     if not ws.can_prepare(request).ok:
         return _error(400, "a WebSocket upgrade is required")
     async with contextlib.AsyncExitStack() as stack:
@@ -471,7 +479,7 @@ async def peer_live(request: web.Request) -> web.StreamResponse:
     stream = ctx.hub.get(sid)
     if stream is None:
         return _error(404, f"session {sid} is not live on this relay")
-    ws = web.WebSocketResponse(heartbeat=30)
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1)
     if not ws.can_prepare(request).ok:
         return _error(400, "a WebSocket upgrade is required")
     await ws.prepare(request)
@@ -593,7 +601,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def build_app(ctx: RelayContext) -> web.Application:
     """The aiohttp application."""
-    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[errors], client_max_size=BODY_MAX)
     app[ROLE_KEY] = ctx
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,10 +12,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psycopg
 import pytest
+from aiohttp import WSMsgType
 
 from recorder.masking import luhn_complete
+from relay.api import BODY_MAX, WS_MESSAGE_MAX
 from tests.fix_relay import TOKENS, Held, Relay, launch, mint_jwt, start_relay, wait_for
 from tests.fix_sshd import SshTarget
 
@@ -295,3 +299,59 @@ def test_failed_logins_lock_the_address_out(sshd_target: SshTarget, tmp_path: Pa
     finally:
         relay.stop()
     wait_for(lambda: any("too many failed attempts" in str(e.get("reason")) for e in relay.logs))
+
+
+@pytest.mark.parametrize("size", [BODY_MAX, BODY_MAX + 1], ids=["at-limit", "past-limit"])
+def test_request_bodies_are_bounded(relay: Relay, size: int) -> None:
+    req = urllib.request.Request(
+        relay.api + "/api/v1/approvals/999999/deny",
+        method="POST",
+        data=b'{"reason": "' + b"x" * (size - 14) + b'"}',
+        headers={"Authorization": f"Bearer {TOKENS['alice']}", "Content-Type": "application/json"},
+    )
+    assert len(req.data) == size  # type: ignore[arg-type]
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=15)
+    err.value.close()
+    # At the limit the body is read and the request judged (no such approval); past it
+    # the relay refuses to read it.
+    assert err.value.code == (404 if size == BODY_MAX else 413)
+    res = call(relay, "/healthz")
+    assert res[0] == 200
+
+
+def test_websocket_messages_from_a_watcher_are_bounded(relay: Relay) -> None:
+    agent = subprocess.Popen(
+        ["ssh", *relay.ssh_args(), "web@127.0.0.1", "echo wsbound-start; exec sleep 600"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        sid = live_session(relay, "wsbound")
+
+        async def watch() -> tuple[str, int | None, str, int | None]:
+            url = f"{relay.api}/api/v1/sessions/{sid}/live"
+            headers = {"Authorization": f"Bearer {TOKENS['alice']}"}
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(url, headers=headers) as ws:
+                    await ws.receive(timeout=60)  # the first frame: the session as it stands
+                    await ws.send_str("x" * WS_MESSAGE_MAX)
+                    await ws.ping()
+                    # Still open after a message at the limit: a pong comes back.
+                    pong = await ws.receive(timeout=60)
+                    at = (str(pong.type), ws.close_code)
+                async with http.ws_connect(url, headers=headers) as ws:
+                    await ws.receive(timeout=60)
+                    await ws.send_str("x" * (WS_MESSAGE_MAX + 1))
+                    msg = await ws.receive(timeout=60)
+                    while msg.type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
+                        msg = await ws.receive(timeout=60)
+                    return at[0], at[1], str(msg.type), ws.close_code
+
+        at_type, at_code, past_type, past_code = asyncio.run(watch())
+        assert at_code is None, at_type
+        assert past_code == 1009, past_type  # "message too big"
+    finally:
+        agent.kill()
+        agent.wait(30)
