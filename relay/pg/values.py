@@ -252,13 +252,25 @@ def _mask_unknown(
     v: bytes, masker: Masker, counts: Counter[str] | None, depth: int
 ) -> bytes | None:
     """A type we do not know: a composite type (record layout) or an array of one
-    describes itself; anything else is taken for text (enums, citext, most extension
-    types' binary forms) and masked in place."""
+    describes itself, a numeric's layout is strict enough to be recognised; anything
+    else is taken for text (enums, citext, most extension types' binary forms) and
+    masked in place."""
     if _looks_like_record(v):
         return _mask_record(v, masker, counts, depth)
     if _looks_like_array(v):
         return _mask_array(v, masker, counts, depth)
+    if _looks_like_numeric(v):
+        # A domain over numeric inside a record arrives by the domain's OID.
+        return _mask_number(NUMERIC_OID, v, masker, counts)
     return masker.mask_bytes(v, counts)
+
+
+def _looks_like_numeric(v: bytes) -> bool:
+    try:
+        numeric_text(v)
+    except (Malformed, struct.error):
+        return False
+    return True
 
 
 def _looks_like_record(v: bytes) -> bool:
@@ -469,8 +481,11 @@ def render(oid: int, v: bytes) -> str:
                 oid = RECORD_OID
             elif _looks_like_array(v):
                 return _pg_text(_render_array(v))
+            elif _looks_like_numeric(v):
+                t = numeric_text(v)
+                return "NaN" if t is None else t.decode()
             else:
-                return v.decode("utf-8", "replace")
+                return v.decode("utf-8")  # else drawn in hex, below
         if oid in ARRAY_ELEM:
             return _pg_text(_render_array(v))
         if oid == RECORD_OID:
@@ -579,3 +594,90 @@ def parameter_types(body: bytes) -> tuple[int, ...]:
     """The OIDs of a ParameterDescription."""
     (n,) = _I16.unpack_from(body, 0)
     return struct.unpack_from(f"!{max(n, 0)}I", body, 2)
+
+
+# -- COPY ... TO STDOUT (FORMAT binary) --------------------------------------------------
+
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+
+
+class CopyBinaryMasker:
+    """Masks a binary COPY stream field by field. No RowDescription comes for COPY, so
+    each field is an untyped value (``mask_binary`` with OID 0: a record, an array or a
+    numeric recognised by their layouts, anything else scanned as bytes in place). The
+    stream's framing into CopyData messages is free, so complete tuples are released
+    and a tuple cut between two messages waits for its end.
+
+    A binary int8 or float8 field cannot be told from a timestamp or any other eight
+    bytes: those pass (a text or csv COPY is masked by content)."""
+
+    def __init__(self, masker: Masker) -> None:
+        self.masker = masker
+        self._buf = b""
+        self._header = True
+        self._done = False
+
+    def feed(self, data: bytes, counts: Counter[str] | None = None) -> bytes:
+        """The masked complete part of what has come so far."""
+        buf = self._buf + data if self._buf else data
+        out: list[bytes] = []
+        pos = 0
+        n = len(buf)
+        if self._header:
+            if n < 19:
+                self._buf = buf
+                return b""
+            if buf[:11] != _COPY_SIGNATURE:
+                raise Malformed("COPY binary signature")
+            (ext,) = _I32.unpack_from(buf, 15)
+            if ext < 0:
+                raise Malformed("COPY binary header")
+            if n < 19 + ext:
+                self._buf = buf
+                return b""
+            pos = 19 + ext
+            out.append(buf[:pos])
+            self._header = False
+        while pos + 2 <= n and not self._done:
+            (nf,) = _I16.unpack_from(buf, pos)
+            if nf == -1:
+                out.append(buf[pos : pos + 2])
+                pos += 2
+                self._done = True
+                break
+            if nf < 0:
+                raise Malformed("COPY binary tuple")
+            fields: list[tuple[int, int, bytes | None]] = []
+            f = pos + 2
+            complete = True
+            for _ in range(nf):
+                if f + 4 > n:
+                    complete = False
+                    break
+                (length,) = _I32.unpack_from(buf, f)
+                if length < -1:
+                    raise Malformed("COPY binary field")
+                if f + 4 + max(length, 0) > n:
+                    complete = False
+                    break
+                if length > 0:
+                    v = buf[f + 4 : f + 4 + length]
+                    new = mask_binary(0, v, self.masker, counts)
+                    if new is not v and new != v:
+                        fields.append((f - pos, length, new))
+                f += 4 + max(length, 0)
+            if not complete:
+                break
+            row = buf[pos:f]
+            out.append(splice(row, 2, fields) if fields else row)
+            pos = f
+        if self._done and pos < n:
+            raise Malformed("data after the COPY binary trailer")
+        self._buf = buf[pos:]
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """What is left at CopyDone (nothing, in a well-formed stream): held bytes
+        that are no tuple are scanned as bytes."""
+        rest, self._buf = self._buf, b""
+        return self.masker.mask_bytes(rest)
