@@ -122,7 +122,9 @@ class RowMasker:
         ]
         # Binary numbers, checked by value as arrays in the block pass.
         self._numbers = [(i, self._oid(i)) for i, k in enumerate(kinds) if k == "number"]
-        deep = "deep" in kinds
+        # bytea in the text format is hex: its digits are not the value's.
+        self._hex = [self._fmt(i) == 0 and values.hex_text(self._oid(i)) for i in range(n)]
+        deep = "deep" in kinds or any(self._hex)
         # Rows that counting ASCII digits cannot clear.
         self._opaque = deep or bool(self._numbers)
         # The block path: masked columns all starred in place, no value that must be
@@ -194,7 +196,12 @@ class RowMasker:
                 return self.mask_value(v, counts)
             return values.mask_column_binary(self._oid(i), v, self.mask_value, counts)
         if fmt == 0:
-            return self.masker.mask_bytes(v, counts, customs=custom)
+            if i < len(self._hex) and self._hex[i]:
+                return values.mask_hex_text(v, self.masker, counts)
+            new = self.masker.mask_bytes(v, counts, customs=custom)
+            if self._oid(i) in values.NUMBER_OIDS and new is not v and new != v:
+                return None  # a number with stars in it is no number a client can read
+            return new
         return values.mask_binary(self._oid(i), v, self.masker, counts)
 
     def mask_value(self, v: bytes, counts: Counter[str] | None = None) -> bytes:

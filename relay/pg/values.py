@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import struct
 from collections import Counter
 from collections.abc import Sequence
@@ -430,6 +431,39 @@ def _mask_multirange(
     if n < 0 or pos != len(v):
         raise Malformed("multirange")
     return v
+
+
+_HEX_RUN = re.compile(rb"\\x((?:[0-9A-Fa-f]{2})+)")
+
+
+def mask_hex_text(v: bytes, masker: Masker, counts: Counter[str] | None = None) -> bytes:
+    """A text-format value that is or may hold a bytea: bytea's text form is ``\\x``
+    and hex, whose digits are not the value's, so every such run is decoded, masked
+    and written in hex again (same length; hex the text masker starred is written
+    again too). Used for bytea, bytea[], records and unknown types in text."""
+    out = masker.mask_bytes(v, counts)
+    if b"\\x" not in v:
+        return out
+    buf: bytearray | None = None
+    for m in _HEX_RUN.finditer(v):
+        raw = bytes.fromhex(m.group(1).decode("ascii"))
+        new = masker.mask_bytes(raw, counts)
+        if new != raw or out[m.start(1) : m.end(1)] != m.group(1):
+            if buf is None:
+                buf = bytearray(out)
+            buf[m.start(1) : m.end(1)] = new.hex().encode()
+    return bytes(buf) if buf is not None else out
+
+
+def hex_text(oid: int) -> bool:
+    """Whether a text-format value of this type can hold a bytea in hex: bytea and
+    its arrays, records, arrays of records, and types we do not know (composites)."""
+    if oid in (BYTEA_OID, RECORD_OID):
+        return True
+    elem = ARRAY_ELEM.get(oid)
+    if elem is not None:
+        return hex_text(elem)
+    return oid not in KNOWN_OIDS and oid != 0
 
 
 def mask_column_binary(
