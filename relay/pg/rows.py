@@ -199,7 +199,12 @@ class RowMasker:
             if i < len(self._hex) and self._hex[i]:
                 return values.mask_hex_text(v, self.masker, counts)
             new = self.masker.mask_bytes(v, counts, customs=custom)
-            if self._oid(i) in values.NUMBER_OIDS and new is not v and new != v:
+            if new is v or new == v:
+                return v
+            oid = self._oid(i)
+            if oid in (values.JSON_OID, values.JSONB_OID):
+                return values.mask_json(v, self.masker)
+            if oid in values.NUMBER_OIDS:
                 return None  # a number with stars in it is no number a client can read
             return new
         return values.mask_binary(self._oid(i), v, self.masker, counts)

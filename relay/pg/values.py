@@ -170,6 +170,41 @@ def numeric_text(v: bytes) -> bytes | None:
     return text.encode()
 
 
+def mask_json(v: bytes, masker: Masker, counts: Counter[str] | None = None) -> bytes:
+    """A JSON document: masked in place while it stays JSON (card numbers in strings);
+    a card number written as a JSON number would become ``411111******1111``, no JSON
+    at all, so then the document is rebuilt with such numbers as masked strings."""
+    new = masker.mask_bytes(v, counts)
+    if new is v or new == v:
+        return v
+    try:
+        json.loads(new)
+        return new
+    except ValueError:
+        pass
+    try:
+        doc = json.loads(v)
+    except ValueError:
+        return new  # not JSON to begin with: masked as text
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            return masker.mask(x)
+        if isinstance(x, bool) or x is None:
+            return x
+        if isinstance(x, int | float):
+            t = str(x)
+            m = masker.mask(t)
+            return m if m != t else x
+        if isinstance(x, list):
+            return [walk(e) for e in x]
+        if isinstance(x, dict):
+            return {masker.mask(k): walk(e) for k, e in x.items()}
+        return x
+
+    return json.dumps(walk(doc), ensure_ascii=False).encode()
+
+
 def _mask_number(oid: int, v: bytes, masker: Masker, counts: Counter[str] | None) -> bytes | None:
     if oid in INT64_OIDS or oid == XID8_OID:
         if len(v) != 8:
@@ -221,13 +256,18 @@ def _mask(
 ) -> bytes | None:
     if depth > _MAX_DEPTH:
         raise Malformed("nested too deep")
+    if oid == JSON_OID:
+        return mask_json(v, masker, counts)
     if oid in TEXT_OIDS or oid == BYTEA_OID:
         return masker.mask_bytes(v, counts)
     if oid in VERSIONED_OIDS:
         if v[:1] != b"\x01":
             raise Malformed("jsonb version")
         rest = v[1:]
-        new = masker.mask_bytes(rest, counts)
+        if oid == JSONB_OID:
+            new = mask_json(rest, masker, counts)
+        else:
+            new = masker.mask_bytes(rest, counts)
         return v if new is rest else b"\x01" + new
     if oid in NUMBER_OIDS:
         return _mask_number(oid, v, masker, counts)
