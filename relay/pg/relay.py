@@ -1245,6 +1245,9 @@ class PgSession:
                     head.rows += msg.nrows
                     if self.columns is None:
                         self.columns = self._execute_columns(head)
+                        if todo is not None and self.columns is not None:
+                            # Its RowDescription went to Describe: the table starts here.
+                            todo.append((1, self.columns))
                 elif isinstance(head, _Query):
                     head.rows += msg.nrows
                 cols = self.columns
@@ -1370,6 +1373,10 @@ class PgSession:
                         "suspended" if t == b"s" else "empty",
                         head.rows,
                     )
+                    if todo is not None:
+                        # The rows so far are drawn (a client fetching in batches).
+                        elapsed = (time.monotonic() - head.started) * 1000
+                        todo.append((2, "", elapsed))
                 self.columns = None
             elif t == b"H":
                 # CopyOutResponse: a binary COPY is masked by its fields' layouts.

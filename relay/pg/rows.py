@@ -206,6 +206,8 @@ class RowMasker:
                 return values.mask_json(v, self.masker)
             if oid in values.NUMBER_OIDS:
                 return None  # a number with stars in it is no number a client can read
+            if values.number_array(oid):
+                return values.mask_number_array_text(v, self.masker)
             return new
         return values.mask_binary(self._oid(i), v, self.masker, counts)
 

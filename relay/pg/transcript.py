@@ -51,11 +51,13 @@ def escape(text: str) -> str:
     return _CONTROL_OR_NL.sub(_esc, text).expandtabs(8)
 
 
-def escape_lines(text: str) -> str:
-    """Lines kept as lines (CR LF on the terminal), every other control escaped."""
+def escape_lines(text: str, more: str = "  ") -> str:
+    """Lines kept as lines (CR LF on the terminal), each after the first behind
+    ``more`` (psql's continuation prompt for a statement), so no line the session
+    wrote can pass for a prompt of the transcript's own; every other control escaped."""
     if not text.isprintable():
         text = "\n".join(line.expandtabs(8) for line in _CONTROL.sub(_esc, text).split("\n"))
-    return text.replace("\n", "\r\n")
+    return text.replace("\n", "\r\n" + more)
 
 
 def _clip(text: str) -> str:
@@ -85,6 +87,7 @@ class Transcript:
 
     def __init__(self, target: str, max_rows: int = 100, masker: Masker | None = None) -> None:
         self.prompt = f"{escape(target)}=> "
+        self.more = f"{escape(target)}-> "
         self.max_rows = max_rows
         self.masker = masker or Masker()
         self._names: Sequence[str] = ()
@@ -102,9 +105,9 @@ class Transcript:
     def query(self, stmt: str | Bound) -> str:
         """The prompt and the (already masked) statement, with its parameters."""
         if type(stmt) is str:
-            return self.prompt + escape_lines(stmt) + "\r\n"
+            return self.prompt + escape_lines(stmt, self.more) + "\r\n"
         assert isinstance(stmt, Bound)
-        return self.prompt + escape_lines(stmt.text) + "\r\n" + self.parameters(stmt)
+        return self.prompt + escape_lines(stmt.text, self.more) + "\r\n" + self.parameters(stmt)
 
     def parameters(self, stmt: Bound) -> str:
         """``Parameters: $1 = '42', $2 = NULL`` (masked), or nothing."""

@@ -303,7 +303,15 @@ def _mask_unknown(
     if _looks_like_numeric(v):
         # A domain over numeric inside a record arrives by the domain's OID.
         return _mask_number(NUMERIC_OID, v, masker, counts)
-    return masker.mask_bytes(v, counts)
+    new = masker.mask_bytes(v, counts)
+    if new is v or new == v:
+        return v
+    # JSON (a binary COPY field, a domain over json) must stay JSON.
+    if v[:1] == b"\x01" and v[1:2] in (b"{", b"["):
+        return b"\x01" + mask_json(v[1:], masker)
+    if v.lstrip()[:1] in (b"{", b"["):
+        return mask_json(v, masker)
+    return new
 
 
 def _looks_like_numeric(v: bytes) -> bool:
@@ -504,6 +512,26 @@ def hex_text(oid: int) -> bool:
     if elem is not None:
         return hex_text(elem)
     return oid not in KNOWN_OIDS and oid != 0
+
+
+_ARRAY_TOKENS = re.compile(rb"([{},])")
+
+
+def mask_number_array_text(v: bytes, masker: Masker, counts: Counter[str] | None = None) -> bytes:
+    """A text-format array of numbers (``{4111111111111111,7}``): an element holding
+    a card number becomes NULL, as a number does in a row (stars are no number)."""
+    new = masker.mask_bytes(v, counts)
+    if new is v or new == v:
+        return v
+    return b"".join(
+        b"NULL" if len(t) > 1 and masker.mask_bytes(t) != t else t for t in _ARRAY_TOKENS.split(v)
+    )
+
+
+def number_array(oid: int) -> bool:
+    """An array type whose elements are numbers wide enough for a card number."""
+    elem = ARRAY_ELEM.get(oid)
+    return elem is not None and (elem in NUMBER_OIDS or number_array(elem))
 
 
 def mask_column_binary(

@@ -62,4 +62,4 @@ def test_no_rows_binary_values_and_a_command_without_a_table() -> None:
     assert "\\x" + bytes(range(20)).hex() in drawn  # bytea as psql shows it
     assert "\\xfffe" in drawn  # an unknown type that is not text: hex
     assert tr.complete("INSERT 0 1", 0.25) == "INSERT 0 1\r\nTime: 0.250 ms\r\n\r\n"
-    assert tr.query("SELECT 1\nFROM t") == "appdb=> SELECT 1\r\nFROM t\r\n"
+    assert tr.query("SELECT 1\nFROM t") == "appdb=> SELECT 1\r\nappdb-> FROM t\r\n"
