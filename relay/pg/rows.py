@@ -47,6 +47,7 @@ _STARS = [b"*" * n for n in range(20)]
 _DOUBLED_NP = np.array((0, 2, 4, 6, 8, 1, 3, 5, 7, 9), dtype=np.int64)
 # A mask_columns column in binary whose value the block pass may star in place.
 _INPLACE_OIDS = (values.TEXT_OIDS - {values.JSON_OID}) | {values.BYTEA_OID}
+_FEW_ROWS = 8
 
 
 def _be32(buf: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -233,7 +234,9 @@ class RowMasker:
     def mask_run(self, run: RowRun, counts: Counter[str] | None = None) -> bytes:
         """Mask every row of a run; the result is framed like the input."""
         raw = run.raw
-        if not self._block:
+        # A few rows holding binary numbers: a row at a time costs less than the fixed
+        # cost of reading the numbers as arrays.
+        if not self._block or (self._numbers and run.nrows <= _FEW_ROWS):
             return self._per_row(raw, counts)
         starts = run.starts
         out: bytearray | bytes = raw
