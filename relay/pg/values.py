@@ -294,8 +294,9 @@ def _mask_unknown(
 ) -> bytes | None:
     """A type we do not know: a composite type (record layout) or an array of one
     describes itself, a numeric's layout is strict enough to be recognised; anything
-    else is taken for text (enums, citext, most extension types' binary forms) and
-    masked in place."""
+    else without a NUL byte is taken for text (enums, citext, ltree) and masked in
+    place; with one (hstore, any other binary layout) it becomes NULL if it holds a
+    card number."""
     if _looks_like_record(v):
         return _mask_record(v, masker, counts, depth)
     if _looks_like_array(v):
@@ -311,7 +312,9 @@ def _mask_unknown(
         return b"\x01" + mask_json(v[1:], masker)
     if v.lstrip()[:1] in (b"{", b"["):
         return mask_json(v, masker)
-    return new
+    # Text holds no NUL; a binary layout we do not know does (in its length fields),
+    # and starring a byte of one would corrupt the value: NULL instead.
+    return None if b"\x00" in v else new
 
 
 def _looks_like_numeric(v: bytes) -> bool:

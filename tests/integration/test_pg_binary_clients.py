@@ -255,6 +255,24 @@ def test_psycopg_binary_cursor_and_pipeline(binvals: PgRelay) -> None:
             assert c2.fetchone() == ("***-***-***",)
 
 
+def test_a_binary_cursor_over_the_simple_query_protocol(binvals: PgRelay) -> None:
+    # Another way to binary results: DECLARE ... BINARY CURSOR, FETCH by simple Query
+    # (libpq's PQexec, as psql sends it); the RowDescription says binary.
+    with psycopg.connect(binvals.dsn()) as conn:
+        pg = conn.pgconn
+        pg.exec_(b"BEGIN")
+        pg.exec_(b"DECLARE c BINARY CURSOR FOR SELECT b8, t, n FROM binvals ORDER BY id")
+        res = pg.exec_(b"FETCH ALL FROM c")
+        assert res.fformat(0) == 1
+        assert [res.get_value(0, i) for i in range(3)] == [
+            None,
+            b"paid with " + MASKED.encode(),
+            None,
+        ]
+        assert res.get_value(1, 0) == (42).to_bytes(8, "big")
+        pg.exec_(b"COMMIT")
+
+
 def test_sqlalchemy_with_psycopg_and_asyncpg(binvals: PgRelay) -> None:
     query = sa.text("SELECT t, n, b8, ba FROM binvals ORDER BY id")
     engine = sa.create_engine(_dsn_url(binvals, "psycopg"), connect_args={"sslmode": "disable"})

@@ -297,3 +297,13 @@ def test_a_binary_copy_stream_is_masked_field_by_field_across_messages() -> None
         cm = CopyBinaryMasker(MASKERS["block"])
         got = cm.feed(stream[:cut]) + cm.feed(stream[cut:]) + cm.finish()
         assert got == want, cut
+
+
+def test_an_unknown_type_is_text_unless_it_has_a_binary_layout() -> None:
+    # An enum or citext value is its text: masked in place. Bytes with a NUL in them
+    # are some layout we do not know (hstore, say): NULL rather than starred.
+    assert _one(91235, b"paid " + PAN) == b"paid " + MASKED_PAN
+    hstore = struct.pack("!ii", 1, 3) + b"pan" + struct.pack("!i", 16) + PAN
+    assert _one(91236, hstore) is None
+    plain = struct.pack("!ii", 1, 1) + b"k" + struct.pack("!i", 1) + b"v"
+    assert _one(91236, plain) == plain
