@@ -40,8 +40,9 @@ from relay.pg.protocol import RowRun
 from relay.pg.querylog import QueryLog
 from relay.pg.rows import RowMasker
 from relay.pg.sql import TOO_LONG, TOO_LONG_RULE, SqlGate
-from relay.pg.transcript import Transcript
+from relay.pg.transcript import Bound, Transcript
 from relay.pg.upstream import Upstream, UpstreamError, connect, resolve_mask_columns
+from relay.pg.values import CopyBinaryMasker, Malformed, parameter_types
 from relay.policy import Decision, ScopedPolicy
 
 log = logging.getLogger("castgate.pg")
@@ -322,6 +323,12 @@ class PgSession:
         self.stmt_desc: dict[str, list[p.Field] | None] = {}
         self.portal_desc: dict[str, list[p.Field] | None] = {}
         self.portal_stmt: dict[str, tuple[str, tuple[int, ...]]] = {}
+        # For the transcript: each portal's Bind (its parameters), each statement's
+        # parameter types (from Parse, or the server's ParameterDescription).
+        self.portal_bind: dict[str, bytes] = {}
+        self.stmt_types: dict[str, tuple[int, ...]] = {}
+        # A COPY TO STDOUT in the binary format, masked field by field.
+        self._copy: CopyBinaryMasker | None = None
         self.described: set[str] = set()
         self.mask_keys: set[tuple[int, int]] = set()
         self.sentinels: dict[str, str] = {}
@@ -683,7 +690,9 @@ class PgSession:
         self.rec = SessionRecorder(
             writer, self.ctx.masker, input_mode="none", hold_deadline=0, live=live
         )
-        self.transcript = Transcript(self.target.name, cfg.recording.max_result_rows)
+        self.transcript = Transcript(
+            self.target.name, cfg.recording.max_result_rows, self.ctx.masker
+        )
         self._write_cast(
             self.transcript.banner(self.ident.name, self.target.database or self.target.name)
         )
@@ -982,7 +991,7 @@ class PgSession:
         out = bytearray()
         # Transcript lines of the statements forwarded by this batch: written after
         # the forward (see ``_after_forward``).
-        said: list[str] = []
+        said: list[str | Bound] = []
         for msg in msgs:
             t = msg.type
             if t == b"Q":
@@ -1009,6 +1018,7 @@ class PgSession:
                 parse = p.parse_parse(msg.body)
                 masked = masker.mask(parse.query)
                 self.stmt_text[parse.name] = masked
+                self.stmt_types[parse.name] = parse.param_types
                 self.pending.append(_Parse(parse.name))
                 decision = self._decide(parse.query)
                 if decision.action != "allow":
@@ -1051,7 +1061,7 @@ class PgSession:
         out: bytearray | None = bytearray() if dec.buffered() else None
         same = 0
         msgs = dec.feed(data)
-        said: list[str] = []
+        said: list[str | Bound] = []
         fast = self._client_fast
         for msg in msgs:
             extra = fast(msg, said)
@@ -1078,7 +1088,7 @@ class PgSession:
         assert self.up is not None
         _write_passed(self.up.writer, data, same, out)
 
-    def _client_fast(self, msg: p.Message, said: list[str]) -> bytes | None:
+    def _client_fast(self, msg: p.Message, said: list[str | Bound]) -> bytes | None:
         """One client message on the fast path: what must go to the target before it
         (usually nothing), or None (and nothing changed) when it needs the slow path.
         The message itself is the caller's to forward."""
@@ -1096,10 +1106,12 @@ class PgSession:
             if self._decide(parse.query).action != "allow":
                 return None
             self.stmt_text[parse.name] = self.ctx.masker.mask(parse.query)
+            self.stmt_types[parse.name] = parse.param_types
             self.pending.append(_Parse(parse.name))
         elif t == b"B":
             bind = p.parse_bind(msg.body)
             self.portal_stmt[bind.portal] = (bind.statement, bind.result_formats)
+            self.portal_bind[bind.portal] = msg.body
             self.described.discard(bind.portal)
             self.pending.append(_Bind())
         elif t == b"D":
@@ -1120,7 +1132,10 @@ class PgSession:
             text = self.stmt_text.get(stmt, "")
             self.statements += 1
             self.pending.append(_Execute(portal, stmt, fmts, text, time.monotonic()))
-            said.append(text)
+            params = self.portal_bind.get(portal)
+            said.append(
+                text if params is None else Bound(text, params, self.stmt_types.get(stmt, ()))
+            )
             return extra
         elif t == b"C":
             self.pending.append(_Close())
@@ -1230,6 +1245,9 @@ class PgSession:
                     head.rows += msg.nrows
                     if self.columns is None:
                         self.columns = self._execute_columns(head)
+                        if todo is not None and self.columns is not None:
+                            # Its RowDescription went to Describe: the table starts here.
+                            todo.append((1, self.columns))
                 elif isinstance(head, _Query):
                     head.rows += msg.nrows
                 cols = self.columns
@@ -1319,6 +1337,7 @@ class PgSession:
                     pending.popleft()
                 self.up.status = msg.body[:1]
                 self.columns = None
+                self._copy = None
             elif t in (b"1", b"2", b"3"):
                 head = pending[0] if pending else None
                 if isinstance(head, _Parse):
@@ -1327,6 +1346,9 @@ class PgSession:
                     pending.popleft()
             elif t == b"t":
                 head = pending[0] if pending else None
+                if isinstance(head, _Describe) and head.kind == "S":
+                    with contextlib.suppress(ValueError, struct.error):
+                        self.stmt_types[head.name] = parameter_types(msg.body)
                 if isinstance(head, _Describe) and head.hidden:
                     if out is None:
                         out = bytearray(data[:same])
@@ -1351,7 +1373,32 @@ class PgSession:
                         "suspended" if t == b"s" else "empty",
                         head.rows,
                     )
+                    if todo is not None:
+                        # The rows so far are drawn (a client fetching in batches).
+                        elapsed = (time.monotonic() - head.started) * 1000
+                        todo.append((2, "", elapsed))
                 self.columns = None
+            elif t == b"H":
+                # CopyOutResponse: a binary COPY is masked by its fields' layouts.
+                self._copy = CopyBinaryMasker(self.ctx.masker) if msg.body[:1] == b"\x01" else None
+            elif t == b"d" and self._copy is not None:
+                try:
+                    masked = self._copy.feed(msg.body, self.rec.input_counts if self.rec else None)
+                except Malformed as exc:
+                    raise p.ProtocolError(f"malformed binary COPY data: {exc}") from None
+                if masked is not msg.body:
+                    if out is None:
+                        out = bytearray(data[:same])
+                    if masked:
+                        out += p.message(b"d", masked)
+                    continue
+            elif t == b"c" and self._copy is not None:
+                rest = self._copy.finish()
+                self._copy = None
+                if rest:
+                    if out is None:
+                        out = bytearray(data[:same])
+                    out += p.message(b"d", rest)
             elif t == b"d":
                 # COPY TO STDOUT rows: masked by content like any output.
                 masked = self.ctx.masker.mask_bytes(msg.body)
@@ -1382,7 +1429,7 @@ class PgSession:
         if pipe is not None and pipe.write_paused is not None:
             await asyncio.shield(pipe.write_paused)
 
-    def _after_forward(self, said: list[str]) -> None:
+    def _after_forward(self, said: list[str | Bound]) -> None:
         """Queue the statements just sent to the target for the transcript, after the
         answers that came before them."""
         if said:
@@ -1416,7 +1463,7 @@ class PgSession:
                 tr.add_rows(item[1], item[2])
                 continue
             if kind == 1:
-                tr.columns(item[1].names, item[1].formats)
+                tr.columns(item[1].names, item[1].formats, item[1].rows.type_oids)
                 continue
             if kind == 2:
                 text = tr.complete(item[1], item[2])

@@ -6,10 +6,15 @@ read) is handled as one block instead:
 
 - content masking: one scan of the whole block for anything the masker could change
   (``Masker.hit_spans``); only the rows a span touches are decoded field by field;
-- ``mask_columns``: the values of masked text columns are rewritten in place by one
-  loop over the block. Masking keeps every length, so the framing never changes; a
-  masked binary-format column needs a rebuild (its values become NULL) and takes the
-  per-row path.
+- ``mask_columns``: the values of masked text columns (text format, or a text-like type
+  in binary) are rewritten in place by one loop over the block. Masking keeps every
+  length, so the framing never changes;
+- binary numbers wide enough for a card number (int8, numeric, float8, money) are not
+  ASCII digits a scan can find: their values are read column by column as arrays, and
+  only the rows holding one of 13 digits or more are decoded;
+- columns of other binary types that can hide a number (arrays of numbers, records,
+  ranges of numbers, unknown types) and masked binary columns that are not text take
+  the per-row path, value by value through relay/pg/values.py.
 
 The result is byte for byte what masking each row alone gives (tests/unit/test_pg_rows.py
 checks both against each other with hypothesis).
@@ -26,6 +31,7 @@ import numpy as np
 
 from recorder.masking import Masker
 from relay.pg import protocol as p
+from relay.pg import values
 from relay.pg.protocol import RowRun
 
 _I32 = struct.Struct("!i").unpack_from
@@ -39,10 +45,9 @@ _ALNUM_STAR = bytes(
 _DOUBLED = bytes.maketrans(_DIGITS, bytes((0, 2, 4, 6, 8, 1, 3, 5, 7, 9)))
 _STARS = [b"*" * n for n in range(20)]
 _DOUBLED_NP = np.array((0, 2, 4, 6, 8, 1, 3, 5, 7, 9), dtype=np.int64)
-# Binary formats that are plain UTF-8 text: masked like text.
-TEXT_OIDS = frozenset({25, 1043, 1042, 19, 114, 142, 705})
-JSONB_OID = 3802
-INT8_OID = 20
+# A mask_columns column in binary whose value the block pass may star in place.
+_INPLACE_OIDS = (values.TEXT_OIDS - {values.JSON_OID}) | {values.BYTEA_OID}
+_FEW_ROWS = 8
 
 
 def _be32(buf: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -109,42 +114,54 @@ class RowMasker:
         self.type_oids = list(type_oids)
         self.full = full
         self.any_masked = any(self.masked)
-        self._text_cols = [i for i, m in enumerate(self.masked) if m and self._fmt(i) == 0]
-        self._int8 = any(
-            f == 1 and t == INT8_OID for f, t in zip(self.formats, self.type_oids, strict=False)
-        )
-        # The block path: masked columns all text, no binary bigint (a card number as
-        # int8 is not text a scan can find), custom patterns safe to scan in a block.
-        self._block = (
-            masker.block_safe and len(self._text_cols) == sum(self.masked) and not self._int8
-        )
+        n = max(len(self.masked), len(self.formats))
+        kinds = [values.kind(self._oid(i)) if self._fmt(i) == 1 else "text" for i in range(n)]
+        self._text_cols = [
+            i
+            for i, m in enumerate(self.masked)
+            if m and (self._fmt(i) == 0 or self._oid(i) in _INPLACE_OIDS)
+        ]
+        # Binary numbers, checked by value as arrays in the block pass.
+        self._numbers = [(i, self._oid(i)) for i, k in enumerate(kinds) if k == "number"]
+        # bytea in the text format is hex: its digits are not the value's.
+        self._hex = [self._fmt(i) == 0 and values.hex_text(self._oid(i)) for i in range(n)]
+        deep = "deep" in kinds or any(self._hex)
+        # Rows that counting ASCII digits cannot clear.
+        self._opaque = deep or bool(self._numbers)
+        # The block path: masked columns all starred in place, no value that must be
+        # walked, custom patterns safe to scan in a block.
+        self._block = masker.block_safe and len(self._text_cols) == sum(self.masked) and not deep
         self._customs = bool(masker.policy.patterns)
 
     def _fmt(self, i: int) -> int:
         return self.formats[i] if i < len(self.formats) else 0
 
+    def _oid(self, i: int) -> int:
+        return self.type_oids[i] if i < len(self.type_oids) else 0
+
     # -- one row -----------------------------------------------------------------
 
     def mask_row(self, body: bytes, counts: Counter[str] | None = None) -> bytes:
-        """Mask a DataRow body. Text masking keeps every length, so values are
-        rewritten in place; only a value that must become NULL forces a rebuild."""
+        """Mask a DataRow body. Masking a value mostly keeps its length and it is
+        rewritten in place; a value that becomes NULL (a binary number holding a card
+        number, a masked binary column that is not text) or an array that loses an
+        element to NULL makes the row be framed again."""
         masker = self.masker
         custom = self._customs and (not masker.block_safe or masker.custom_in(body))
-        # A binary bigint may hold a card number that counting digits cannot see.
         if (
             not self.any_masked
             and not custom
-            and not self._int8
+            and not self._opaque
             and len(body) - len(body.translate(None, _DIGITS)) < 13
         ):
             return body
-        out: bytearray | None = None
         end = len(body)
         if end < 2:
             raise p.ProtocolError("malformed DataRow message")
         (n,) = _I16(body, 0)
         pos = 2
-        masked = self.masked
+        changes: list[tuple[int, int, bytes | None]] = []
+        resized = False
         for i in range(n):
             if pos + 4 > end:
                 raise p.ProtocolError("malformed DataRow message")
@@ -156,24 +173,44 @@ class RowMasker:
                 # A short value would be masked into a row of another length.
                 raise p.ProtocolError("malformed DataRow message")
             v = body[pos : pos + length]
-            fmt = self._fmt(i)
-            new: bytes | None
-            if i < len(masked) and masked[i]:
-                if fmt == 1:
-                    return self._rebuild(body, counts, custom)
-                new = self.mask_value(v, counts)
-            elif fmt == 0:
-                new = masker.mask_bytes(v, counts, customs=custom)
-            else:
-                new = self._mask_binary(i, v, counts)
-                if new is None:
-                    return self._rebuild(body, counts, custom)
+            new = self._mask_field(i, v, counts, custom)
             if new is not v and new != v:
-                if out is None:
-                    out = bytearray(body)
-                out[pos : pos + length] = new
+                changes.append((pos - 4, length, new))
+                resized = resized or new is None or len(new) != length
             pos += length
-        return bytes(out) if out is not None else body
+        if not changes:
+            return body
+        if resized:
+            return values.splice(body, 2, changes)
+        out = bytearray(body)
+        for at, length, new in changes:
+            assert new is not None
+            out[at + 4 : at + 4 + length] = new
+        return bytes(out)
+
+    def _mask_field(
+        self, i: int, v: bytes, counts: Counter[str] | None, custom: bool
+    ) -> bytes | None:
+        fmt = self._fmt(i)
+        if i < len(self.masked) and self.masked[i]:
+            if fmt == 0:
+                return self.mask_value(v, counts)
+            return values.mask_column_binary(self._oid(i), v, self.mask_value, counts)
+        if fmt == 0:
+            if i < len(self._hex) and self._hex[i]:
+                return values.mask_hex_text(v, self.masker, counts)
+            new = self.masker.mask_bytes(v, counts, customs=custom)
+            if new is v or new == v:
+                return v
+            oid = self._oid(i)
+            if oid in (values.JSON_OID, values.JSONB_OID):
+                return values.mask_json(v, self.masker)
+            if oid in values.NUMBER_OIDS:
+                return None  # a number with stars in it is no number a client can read
+            if values.number_array(oid):
+                return values.mask_number_array_text(v, self.masker)
+            return new
+        return values.mask_binary(self._oid(i), v, self.masker, counts)
 
     def mask_value(self, v: bytes, counts: Counter[str] | None = None) -> bytes:
         """A text value of a ``mask_columns`` column: a card number keeps its
@@ -192,47 +229,14 @@ class RowMasker:
         masked = self.masker.mask_bytes(v, counts)
         return masked if masked != v else v.translate(_ALNUM_STAR)
 
-    def _rebuild(self, body: bytes, counts: Counter[str] | None, custom: bool) -> bytes:
-        """The slow path: values may become NULL, so the row is built again."""
-        masker = self.masker
-        masked = self.masked
-        out: list[bytes | None] = []
-        for i, v in enumerate(p.parse_data_row(body)):
-            if v is None:
-                out.append(None)
-                continue
-            fmt = self._fmt(i)
-            if i < len(masked) and masked[i]:
-                # Binary values cannot be masked in place: NULL rather than malformed.
-                out.append(None if fmt == 1 else self.mask_value(v, counts))
-            elif fmt == 0:
-                out.append(masker.mask_bytes(v, counts, customs=custom))
-            else:
-                out.append(self._mask_binary(i, v, counts))
-        return p.data_row(out)[5:]
-
-    def _mask_binary(self, i: int, v: bytes, counts: Counter[str] | None) -> bytes | None:
-        """Binary-format values: text types are UTF-8 and masked in place (jsonb after
-        its version byte); a bigint holding a card number becomes NULL."""
-        type_oid = self.type_oids[i] if i < len(self.type_oids) else 0
-        if type_oid in TEXT_OIDS:
-            return self.masker.mask_bytes(v, counts)
-        if type_oid == JSONB_OID and v[:1] == b"\x01":
-            return b"\x01" + self.masker.mask_bytes(v[1:], counts)
-        if type_oid == INT8_OID and len(v) == 8:
-            digits = str(abs(struct.unpack("!q", v)[0])).encode()
-            if 13 <= len(digits) <= 19 and self.masker.mask_bytes(digits) != digits:
-                if counts is not None:
-                    counts["pan"] += 1
-                return None
-        return v
-
     # -- a run of rows -----------------------------------------------------------
 
     def mask_run(self, run: RowRun, counts: Counter[str] | None = None) -> bytes:
         """Mask every row of a run; the result is framed like the input."""
         raw = run.raw
-        if not self._block:
+        # A few rows holding binary numbers: a row at a time costs less than the fixed
+        # cost of reading the numbers as arrays.
+        if not self._block or (self._numbers and run.nrows <= _FEW_ROWS):
             return self._per_row(raw, counts)
         starts = run.starts
         out: bytearray | bytes = raw
@@ -243,6 +247,7 @@ class RowMasker:
             out, bad = self._mask_columns(raw, starts, counts)
             slow.update(bad)
         spans = self.masker.hit_spans(bytes(out) if out is not raw else raw)
+        again: set[int] = set()
         if spans:
             # Rows a span touches are masked again from their original bytes, whole.
             if starts is None:
@@ -250,15 +255,21 @@ class RowMasker:
             for s, e in spans:
                 first = bisect.bisect_right(starts, s) - 1
                 last = bisect.bisect_right(starts, max(s, e - 1)) - 1
-                for k in range(max(first, 0), last + 1):
-                    if k not in slow and counts is not None and self._text_cols:
-                        # This row's masked columns were counted by the block pass.
-                        a = starts[k]
-                        b = starts[k + 1] if k + 1 < len(starts) else len(raw)
-                        again: Counter[str] = Counter()
-                        self._mask_columns_py(raw[a:b], again)
-                        counts.subtract(again)
-                    slow.add(k)
+                again.update(range(max(first, 0), last + 1))
+        if self._numbers:
+            if starts is None:
+                starts = self._starts(raw)
+            again.update(self._number_rows(raw, starts))
+        for k in again:
+            if k not in slow and counts is not None and self._text_cols:
+                # This row's masked columns were counted by the block pass.
+                assert starts is not None
+                a = starts[k]
+                b = starts[k + 1] if k + 1 < len(starts) else len(raw)
+                recount: Counter[str] = Counter()
+                self._mask_columns_py(raw[a:b], recount)
+                counts.subtract(recount)
+            slow.add(k)
         if not slow:
             return bytes(out) if out is not raw else raw
         assert starts is not None
@@ -273,6 +284,54 @@ class RowMasker:
             prev = b
         pieces.append(view[prev:].tobytes())
         return b"".join(pieces)
+
+    def _number_rows(self, raw: bytes, starts: list[int]) -> list[int]:
+        """Rows whose binary numbers (int8, numeric, float8, money, xid8) could hold a
+        card number, found with the columns read as arrays: a value of 13 digits or
+        more, or one not laid out as its type says. Rows this walk cannot take
+        (malformed, fewer columns) are returned too: the row path decides them."""
+        buf = np.frombuffer(raw, dtype=np.uint8)
+        s = np.asarray(starts, dtype=np.int64)
+        ends = s + 1 + _be32(buf, s + 1)
+        ok = ends - s >= 7
+        nf = np.where(ok, _be16(buf, np.where(ok, s + 5, 0)), 0)
+        oids = dict(self._numbers)
+        last = self._numbers[-1][0]
+        ok &= nf > last
+        f = s + 7
+        suspect = np.zeros(len(starts), dtype=bool)
+        for i in range(last + 1):
+            ok &= f + 4 <= ends
+            fi = np.where(ok, f, 0)
+            length = _be32(buf, fi)
+            pos = fi + 4
+            f = pos + np.maximum(length, 0)
+            ok &= f <= ends
+            oid = oids.get(i)
+            if oid is None:
+                continue
+            if oid == values.NUMERIC_OID:
+                head = ok & (length >= 8)
+                at = np.where(head, pos, 0)
+                weight = _be16(buf, at + 2)
+                dscale = _be16(buf, at + 6)
+                suspect |= head & ((weight >= 3) | (dscale >= 13))
+                suspect |= ok & (length >= 0) & (length < 8)
+                continue
+            eight = ok & (length == 8)
+            at = np.where(eight, pos, 0)
+            octets = buf[at[:, None] + np.arange(8)].copy()
+            if oid == values.FLOAT8_OID:
+                big = np.abs(octets.view(">f8").ravel()) >= float(10**12)
+            elif oid == values.XID8_OID:
+                big = octets.view(">u8").ravel() >= 10**12
+            else:
+                n = octets.view(">i8").ravel()
+                big = (n >= 10**12) | (n <= -(10**12))
+            suspect |= eight & big
+            suspect |= ok & (length >= 0) & (length != 8)
+        suspect |= ~ok
+        return np.flatnonzero(suspect).tolist()
 
     def _mask_columns(
         self, raw: bytes, starts: list[int], counts: Counter[str] | None

@@ -39,12 +39,12 @@ def test_extended_prepared_binary_and_pipeline(pg_relay: PgRelay) -> None:
         for i in range(1, 5):
             r = conn.execute("SELECT pan FROM cards WHERE id = %s", (i,), prepare=True).fetchone()
             assert r == (masked(PANS[i - 1]),)
-        # Binary results: text column values still masked; binary in a masked column is NULL.
+        # Binary results: text column values masked, a masked text column starred in place.
         with conn.cursor(binary=True) as cur:
             cur.execute("SELECT pan, id FROM cards WHERE id = 2")
             assert cur.fetchone() == (masked(PANS[1]), 2)
             cur.execute("SELECT code AS c FROM secrets")
-            assert cur.fetchone() == (None,)
+            assert cur.fetchone() == ("***-***-***",)
         # Pipeline mode.
         with conn.pipeline():
             c1 = conn.execute("SELECT pan FROM cards WHERE id = %s", (3,))
