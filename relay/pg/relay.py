@@ -744,15 +744,17 @@ class PgSession:
                 self.mask_keys = await resolve_mask_columns(self.up, target.mask_columns)
         except UpstreamError as exc:
             self.status = "target unreachable"
+            # The target's refusal can quote a startup parameter the client chose.
+            why = self.ctx.masker.mask(str(exc))
             self.ctx.emit(
                 "target.connect",
                 ident.name,
                 "failure",
                 self.peer,
                 f"postgres:{target.name}",
-                {"reason": str(exc)},
+                {"reason": why},
             )
-            await self._fatal("08006", f"castgate: {exc}")
+            await self._fatal("08006", f"castgate: {why}")
             return False
         failure = self._open_recording()
         # The session row first, even for a refused session: the row says why.
@@ -1035,7 +1037,7 @@ class PgSession:
         if self._target_fatal is not None and pending and isinstance(pending[0], _Query):
             pending = pending[1:]  # the FATAL logged it as an error already
         for req in pending:
-            if isinstance(req, _Execute) or (isinstance(req, _Query) and req.log):
+            if isinstance(req, _Execute | _FunctionCall) or (isinstance(req, _Query) and req.log):
                 self._log(req.text, "allow", None, "target lost")
         self.pending.clear()
         reason = self._target_fatal

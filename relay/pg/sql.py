@@ -81,9 +81,9 @@ def setting_ok(name: str, value: str) -> bool:
 
 PINNED_SETTINGS = ("client_encoding", "standard_conforming_strings")
 PINNED_VALUES = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
-# Words one of which a statement changing a pinned setting contains (``SET NAMES``;
-# ``u&``: a Unicode-escaped identifier or string spells a name without its letters).
-_PIN_WORDS = ("client_encoding", "names", "standard_conforming_strings", "set_config", "u&")
+# A statement changing a pinned setting contains one of: client_encoding, names (SET
+# NAMES), standard_conforming_strings, set_config, or u& (a Unicode-escaped identifier
+# or string spells a name without its letters); see ``SqlGate.check``.
 
 # Keywords one of which must appear in the text for the statement node to be present.
 _KEYWORDS: dict[str, tuple[str, ...]] = {
@@ -272,8 +272,20 @@ class SqlGate:
     def check(self, text: str) -> Check:
         """The verdict on ``text`` (see ``Check``)."""
         low = text.lower()
-        care = self.always or any(w in low for w in self._words)
-        pin = any(w in low for w in _PIN_WORDS)
+        # (Loops and ``or`` chains: generator expressions cost more than the tests.)
+        care = self.always
+        if not care:
+            for w in self._words:
+                if w in low:
+                    care = True
+                    break
+        pin = (
+            "set_config" in low
+            or "client_encoding" in low
+            or "names" in low
+            or "standard_conforming_strings" in low
+            or "u&" in low
+        )
         if not care and not pin:
             if not self.enforcing:
                 return NOTHING
