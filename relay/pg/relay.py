@@ -40,7 +40,9 @@ from recorder.session import SessionRecorder
 from recorder.store import StoreError
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
+from relay.pg import copymask
 from relay.pg import protocol as p
+from relay.pg.copymask import CopyPlan, MaskTable
 from relay.pg.protocol import RowRun
 from relay.pg.querylog import QueryLog
 from relay.pg.rows import RowMasker
@@ -55,7 +57,9 @@ from relay.pg.sql import (
     UNPARSED,
     UNPARSED_RULES,
     Check,
+    CopyOut,
     SqlGate,
+    copies_out,
     setting_ok,
 )
 from relay.pg.transcript import Transcript
@@ -165,6 +169,8 @@ class _Query:
     started: float
     rows: int = 0
     log: bool = True
+    raw: str = ""  # as sent (a COPY in it is read again when its rows come)
+    copies: int = 0
 
 
 @dataclass
@@ -236,6 +242,34 @@ class SessionEnd(Exception):
         self.message = message
         self.status = status
         self.event = event
+
+
+async def _mask_tables(up: Upstream, keys: set[tuple[int, int]]) -> dict[str, list[MaskTable]]:
+    """The tables holding ``mask_columns`` (``keys``: table OID, column number), by name,
+    with their columns in order (what a COPY of the table without a column list sends)."""
+    if not keys:
+        return {}
+    oids = ", ".join(str(int(oid)) for oid in sorted({k[0] for k in keys}))
+    rows = await simple_query(
+        up,
+        "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname "  # noqa: S608 - integers
+        "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE a.attnum > 0 AND NOT a.attisdropped AND c.oid IN ({oids}) "
+        "ORDER BY c.oid, a.attnum",
+    )
+    found: dict[int, tuple[str, str, list[str], set[str]]] = {}
+    for oid_b, nsp, rel, num, name in rows:
+        oid = int(oid_b or b"0")
+        entry = found.setdefault(oid, ((nsp or b"").decode(), (rel or b"").decode(), [], set()))
+        col = (name or b"").decode()
+        entry[2].append(col)
+        if (oid, int(num or b"0")) in keys:
+            entry[3].add(col)
+    tables: dict[str, list[MaskTable]] = {}
+    for schema, table, cols, masked in found.values():
+        tables.setdefault(table, []).append(MaskTable(schema, tuple(cols), frozenset(masked)))
+    return tables
 
 
 def _unsettled(text: str) -> bool:
@@ -429,6 +463,7 @@ class PgSession:
         self.transcript: Transcript | None = None
         self.pending: deque[_Pending] = deque()
         self.stmt_text: dict[str, str] = {}
+        self.stmt_raw: dict[str, str] = {}  # (only on targets with mask_columns, for COPY)
         self.stmt_desc: dict[str, list[p.Field] | None] = {}
         self.portal_desc: dict[str, list[p.Field] | None] = {}
         self.portal_stmt: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -473,6 +508,10 @@ class PgSession:
         self._idle: asyncio.Future[None] | None = None
         # FunctionCall OIDs looked up: (schema, name, return type), None when unknown.
         self._functions: dict[int, tuple[str, str, int] | None] = {}
+        # Tables holding mask_columns, by name (for COPY TO STDOUT), and the plan of the
+        # COPY whose rows are coming.
+        self._copy_tables: dict[str, list[MaskTable]] = {}
+        self._copy_plan: CopyPlan | None = None
         # Client messages that may have to wait (an approval, a lookup, the target's
         # answers), by type; every other message goes as on the fast path.
         self._slow_handlers: dict[
@@ -496,6 +535,8 @@ class PgSession:
             b"s": self._on_portal_end,
             b"I": self._on_portal_end,
             b"d": self._on_copy_data,
+            b"H": self._on_copy_out,
+            b"c": self._on_copy_done,
             b"A": self._on_notification,
             b"S": self._on_parameter_status,
             b"V": self._on_function_result,
@@ -742,6 +783,7 @@ class PgSession:
             self.up = await connect(target, forwarded)
             if target.mask_columns:
                 self.mask_keys = await resolve_mask_columns(self.up, target.mask_columns)
+                self._copy_tables = await _mask_tables(self.up, self.mask_keys)
         except UpstreamError as exc:
             self.status = "target unreachable"
             # The target's refusal can quote a startup parameter the client chose.
@@ -1231,7 +1273,7 @@ class PgSession:
                 if self.transcript is not None:
                     self._write_cast(self.transcript.query(kept))
                 return True
-        self.pending.append(_Query(kept, time.monotonic()))
+        self.pending.append(_Query(kept, time.monotonic(), raw=text))
         said.append(kept)
         out += msg.raw()
         return True
@@ -1240,6 +1282,8 @@ class PgSession:
         parse = p.parse_parse(msg.body)
         kept = self._kept(parse.query)
         self.stmt_text[parse.name] = kept
+        if self._copy_tables:
+            self.stmt_raw[parse.name] = parse.query
         decision = await self._settled_decision(parse.query, _unsettled(parse.query), out, said)
         self.pending.append(_Parse(parse.name))
         if decision.action != "allow":
@@ -1432,7 +1476,7 @@ class PgSession:
                 return None
             kept = self._kept(text)
             self.statements += 1
-            self.pending.append(_Query(kept, time.monotonic()))
+            self.pending.append(_Query(kept, time.monotonic(), raw=text))
             said.append(kept)
         elif t == b"P":
             parse = p.parse_parse(msg.body)
@@ -1442,6 +1486,8 @@ class PgSession:
             ).action != "allow":
                 return None
             self.stmt_text[parse.name] = self._kept(query)
+            if self._copy_tables:
+                self.stmt_raw[parse.name] = query
             self.pending.append(_Parse(parse.name))
         elif t == b"B":
             bind = p.parse_bind(msg.body)
@@ -1714,6 +1760,7 @@ class PgSession:
         pending = self.pending
         body, message, detail = self._rewrite_error(msg.body)
         if msg.type == b"E":
+            self._copy_plan = None
             head = pending[0] if pending else None
             if isinstance(head, _Query):
                 if head.log:
@@ -1766,9 +1813,45 @@ class PgSession:
         return None
 
     def _on_copy_data(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
-        # COPY TO STDOUT rows: masked by content like any output.
-        masked = self.ctx.masker.mask_bytes(msg.body)
+        # COPY TO STDOUT rows: mask_columns fields, then by content like any output.
+        body = msg.body
+        plan = self._copy_plan
+        if plan is not None:
+            body = plan.mask_row(body, self._plain_rows.mask_value)
+        masked = self.ctx.masker.mask_bytes(body)
         return None if masked == msg.body else p.message(b"d", masked)
+
+    def _on_copy_out(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
+        """CopyOutResponse: which fields of the rows to come are in mask_columns."""
+        self._copy_plan = None
+        if not self._copy_tables:
+            return None
+        head = self.pending[0] if self.pending else None
+        copy: CopyOut | None = None
+        if isinstance(head, _Query):
+            found = copies_out(head.raw)
+            if found is not None and head.copies < len(found):
+                copy = found[head.copies]
+            head.copies += 1
+        elif isinstance(head, _Execute):
+            found = copies_out(self.stmt_raw.get(head.statement, ""))
+            copy = found[0] if found else None
+        plan = copymask.plan(copy, self._copy_tables)
+        if plan is not None and msg.body[:1] != b"\0":
+            # Binary COPY: fields cannot be found without the types; nothing of it goes.
+            raise SessionEnd(
+                "0A000",
+                "castgate: a binary COPY of a table with mask_columns cannot be masked; "
+                "the session ends (COPY in text or CSV format)",
+                "refused binary copy",
+                {"reason": "binary COPY of mask_columns"},
+            )
+        self._copy_plan = plan
+        return None
+
+    def _on_copy_done(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
+        self._copy_plan = None
+        return None
 
     def _on_notification(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
         """NOTIFY: the channel and the payload masked (the process id is the target's)."""

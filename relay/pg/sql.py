@@ -320,3 +320,88 @@ class SqlGate:
         if chk.nodes is None:
             return None
         return frozenset().union(*chk.nodes)
+
+
+# -- COPY TO STDOUT: which columns of its rows ``mask_columns`` cover ------------------
+
+
+@dataclass(frozen=True)
+class CopyOut:
+    """A ``COPY ... TO STDOUT`` statement, as far as masking its rows needs: the table and
+    columns, or (``table`` None) the relations a ``COPY (query)`` reads, and the format."""
+
+    schema: str | None
+    table: str | None
+    columns: tuple[str, ...] | None
+    reads: frozenset[str]
+    format: str = "text"
+    delimiter: str = "\t"
+    quote: str = '"'
+    escape: str = '"'
+    header: bool = False
+
+
+class _Relations(Visitor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def visit(self, ancestors: Any, node: Any) -> None:
+        if isinstance(node, ast.RangeVar) and node.relname:
+            self.names.add(node.relname)
+
+
+def _copy_options(options: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for opt in options or ():
+        if not isinstance(opt, ast.DefElem) or not opt.defname:
+            continue
+        arg = opt.arg
+        value = ""
+        if isinstance(arg, ast.String):
+            value = arg.sval or ""
+        elif isinstance(arg, ast.Boolean):
+            value = "true" if arg.boolval else "false"
+        elif arg is None:
+            value = "true"
+        out[opt.defname.lower()] = value
+    return out
+
+
+def copies_out(text: str) -> list[CopyOut] | None:
+    """The ``COPY ... TO STDOUT`` statements of ``text``, in order; None when it does not
+    parse (or is too long to)."""
+    if len(text) > MAX_PARSE_CHARS:
+        return None
+    try:
+        stmts = parse_sql(text)
+    except ParseError:
+        return None
+    found = []
+    for raw in stmts:
+        stmt = raw.stmt
+        if not isinstance(stmt, ast.CopyStmt) or stmt.is_from or stmt.filename is not None:
+            continue
+        opts = _copy_options(stmt.options)
+        fmt = opts.get("format", "text").lower()
+        delimiter = opts.get("delimiter", "," if fmt == "csv" else "\t")
+        quote = opts.get("quote", '"')
+        header = opts.get("header", "false").lower() not in ("false", "off", "0", "no")
+        reads = _Relations()
+        if stmt.query is not None:
+            reads(stmt.query)
+        rel = stmt.relation
+        found.append(
+            CopyOut(
+                rel.schemaname if rel is not None else None,
+                rel.relname if rel is not None else None,
+                tuple(str(c.sval) for c in stmt.attlist) if stmt.attlist else None,
+                frozenset(reads.names),
+                fmt,
+                delimiter,
+                quote,
+                opts.get("escape", quote),
+                header,
+            )
+        )
+    return found

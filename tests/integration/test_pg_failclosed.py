@@ -511,6 +511,37 @@ def test_a_statement_over_the_size_limit_is_kept_truncated_and_forwarded_whole(
     )
 
 
+# -- COPY TO STDOUT and pg_dump through the relay ------------------------------------------
+
+
+def test_copy_to_stdout_masks_mask_columns_in_text_and_csv(fc_relay: PgRelay) -> None:
+    with psycopg.connect(fc_relay.dsn(target="appdb"), autocommit=True) as conn:
+        conn.execute("INSERT INTO secrets VALUES (2, 'tab\there, \"q\"') ")
+        conn.execute("CREATE TEMP TABLE plain (id int, code text)")
+        conn.execute("INSERT INTO plain SELECT * FROM secrets")
+
+        def copy(sql: str) -> bytes:
+            with conn.cursor() as cur, cur.copy(sql) as cp:
+                return b"".join(bytes(b) for b in cp)
+
+        try:
+            assert copy("COPY secrets TO STDOUT") == (b'1\t***-***-***\n2\t***\\*****, "*"\n')
+            assert copy("COPY public.secrets (code, id) TO STDOUT") == (
+                b'***-***-***\t1\n***\\*****, "*"\t2\n'
+            )
+            assert copy("COPY secrets TO STDOUT (FORMAT csv, HEADER)") == (
+                b'id,code\n1,***-***-***\n2,"***\t****, ""*"""\n'
+            )
+            # A query over the table: every field (the relay cannot tell which is which).
+            assert copy("COPY (SELECT id, code FROM secrets WHERE id = 1) TO STDOUT") == (
+                b"*\t***-***-***\n"
+            )
+            # Positive control: the same data in a table without mask_columns.
+            assert copy("COPY plain TO STDOUT") == (b'1\tabc-123-xyz\n2\ttab\\there, "q"\n')
+        finally:
+            conn.execute("DELETE FROM secrets WHERE id = 2")
+
+
 # -- pg_dump through the relay ------------------------------------------------------------
 
 
@@ -519,7 +550,7 @@ def test_pg_dump_through_the_relay_restores_with_card_numbers_masked(
 ) -> None:
     """What an auditor should expect: a dump taken through the relay is complete and
     restores, but it is not a backup of the card data: every card number in it is masked
-    (bin6-last4) by content. (``mask_columns`` are not applied to COPY output yet.)"""
+    (bin6-last4) by content, and every ``mask_columns`` value is starred."""
     out = tmp_path / "dump.sql"
     dsn = fc_relay.dsn(target="strictdb")
     env = {k: v for k, v in os.environ.items() if k != "PGCLIENTENCODING"}
@@ -534,6 +565,7 @@ def test_pg_dump_through_the_relay_restores_with_card_numbers_masked(
     assert res.returncode == 0, res.stderr
     dump = out.read_text()
     assert all(p not in dump for p in PANS) and masked(PAN) in dump
+    assert "abc-123-xyz" not in dump and "1\t***-***-***" in dump  # secrets.code
     server = fc_relay.server
     restored = server.create_database("restored_from_relay")
     try:
@@ -549,6 +581,8 @@ def test_pg_dump_through_the_relay_restores_with_card_numbers_masked(
         with psycopg.connect(restored, autocommit=True) as conn:
             rows = conn.execute("SELECT pan FROM cards ORDER BY id").fetchall()
         assert [r[0] for r in rows] == [masked(p) for p in PANS]
+        with psycopg.connect(restored, autocommit=True) as conn:
+            assert conn.execute("SELECT code FROM secrets").fetchall() == [("***-***-***",)]
     finally:
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
             conn.execute("DROP DATABASE IF EXISTS restored_from_relay")

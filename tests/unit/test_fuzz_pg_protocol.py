@@ -421,3 +421,60 @@ def test_the_gate_never_lets_through_what_the_parser_rejects_or_a_rule_would_see
     wanted = {n for n in RULES if n in full.nodes}
     assert wanted <= _union(enforcing.nodes)
     assert enforcing.nodes is None or len(enforcing.nodes) == full.statements
+
+
+# -- COPY rows split by field (relay/pg/copymask.py) -----------------------------------
+
+copy_fields = st.lists(
+    st.text(st.sampled_from(list('ab,;"\t\n\\\r x')), max_size=8), min_size=1, max_size=6
+)
+
+
+def _text_row(fields: list[str], delim: str) -> bytes:
+    def esc(v: str) -> str:
+        v = v.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+        return v.replace(delim, "\\" + delim) if delim != "\t" else v
+
+    return (delim.join(esc(f) for f in fields) + "\n").encode()
+
+
+@FAST
+@given(fields=copy_fields, delim=st.sampled_from(["\t", ",", ";"]), data=st.data())
+def test_copy_text_rows_are_split_at_their_delimiters_only(
+    fields: list[str], delim: str, data: st.DataObject
+) -> None:
+    from relay.pg.copymask import CopyPlan
+
+    which = data.draw(st.sets(st.integers(0, len(fields) - 1)))
+    row = _text_row(fields, delim)
+    plan = CopyPlan(frozenset(which), every=False, delimiter=ord(delim))
+    out = plan.mask_row(row, lambda v: v.replace(b"a", b"*"))
+    assert out == _text_row(
+        [f.replace("a", "*") if i in which else f for i, f in enumerate(fields)], delim
+    )
+
+
+@FAST
+@given(fields=copy_fields, delim=st.sampled_from([",", ";", "\t"]), data=st.data())
+def test_copy_csv_rows_are_split_outside_quotes_only(
+    fields: list[str], delim: str, data: st.DataObject
+) -> None:
+    import csv
+    import io
+
+    from relay.pg.copymask import CopyPlan
+
+    which = data.draw(st.sets(st.integers(0, len(fields) - 1)))
+
+    def field(v: str) -> str:
+        # As PostgreSQL writes CSV: quoted when it holds a delimiter, quote, CR or LF, or
+        # is empty (an unquoted empty field is NULL).
+        if not v or any(c in v for c in (delim, '"', "\r", "\n")):
+            return '"' + v.replace('"', '""') + '"'
+        return v
+
+    row = (delim.join(field(f) for f in fields) + "\n").encode()
+    plan = CopyPlan(frozenset(which), every=False, csv=True, delimiter=ord(delim))
+    out = plan.mask_row(row, lambda v: v.replace(b"a", b"*"))
+    (got,) = csv.reader(io.StringIO(out.decode(), newline=""), delimiter=delim)
+    assert got == [f.replace("a", "*") if i in which else f for i, f in enumerate(fields)]
