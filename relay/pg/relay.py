@@ -1472,7 +1472,9 @@ class PgSession:
         t = msg.type
         if t == b"Q":
             text = p.parse_query(msg.body)
-            if (_unsettled(text) and self._runs_pending()) or self._decide(text).action != "allow":
+            # (``_unsettled`` inline: this runs for every statement.)
+            unsettled = not text.isascii() or "\\" in text
+            if (unsettled and self._runs_pending()) or self._decide(text).action != "allow":
                 return None
             kept = self._kept(text)
             self.statements += 1
@@ -1481,9 +1483,8 @@ class PgSession:
         elif t == b"P":
             parse = p.parse_parse(msg.body)
             query = parse.query
-            if (_unsettled(query) and self._runs_pending()) or self._decide(
-                query
-            ).action != "allow":
+            unsettled = not query.isascii() or "\\" in query
+            if (unsettled and self._runs_pending()) or self._decide(query).action != "allow":
                 return None
             self.stmt_text[parse.name] = self._kept(query)
             if self._copy_tables:

@@ -383,6 +383,7 @@ def test_function_call_where_allowed_is_policed_logged_recorded_and_masked(
     terminate = _oid(fc_relay, "pg_terminate_backend(integer, bigint)")
     xml = _oid(fc_relay, "query_to_xml(text, boolean, boolean, text)")
     textcat = _oid(fc_relay, "textcat(text, text)")
+    to_number = _oid(fc_relay, "to_number(text, text)")
     with psycopg.connect(fc_relay.direct_dsn, autocommit=True) as victim:
         pid = victim.info.backend_pid
         with _login(fc_relay, "fndb") as s:
@@ -402,6 +403,15 @@ def test_function_call_where_allowed_is_policed_logged_recorded_and_masked(
             s.sendall(proto.function_call(textcat, [b"plain ", b"text 42"]))
             msgs = _read(s, 1)
             assert msgs[0] == (b"V", struct.pack("!i", 13) + b"plain text 42"), msgs
+            # A binary numeric result: decoded by its type, NULL when it is a card number.
+            s.sendall(proto.function_call(to_number, [PAN.encode(), b"9" * 16], [0], 1))
+            msgs = _read(s, 1)
+            assert msgs[0] == (b"V", struct.pack("!i", -1)), msgs
+            s.sendall(proto.function_call(to_number, [b"42", b"99"], [0], 1))
+            msgs = _read(s, 1)
+            assert msgs[0][0] == b"V" and proto.parse_function_result(msgs[0][1]) == (
+                struct.pack("!hhhh", 1, 0, 0, 0) + struct.pack("!h", 42)
+            )
         assert victim.execute("SELECT 1").fetchone() == (1,)
     relay = fc_relay.relay
 
