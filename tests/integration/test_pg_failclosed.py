@@ -54,6 +54,11 @@ tls = "disable"
 
 RULES = """
 [[rules]]
+name = "reads-only"
+sql = ["SelectStmt"]
+targets = ["allowlistdb"]
+action = "allow"
+[[rules]]
 name = "no-drop-table"
 sql = ["DropStmt"]
 targets = ["strictdb", "helddb"]
@@ -84,6 +89,7 @@ def fc_relay(
     extra += STRICT.format(name="strictdb", port=port, extra="")
     extra += STRICT.format(name="helddb", port=port, extra='unparsed = "approve"')
     extra += STRICT.format(name="fndb", port=port, extra="allow_function_call = true")
+    extra += STRICT.format(name="allowlistdb", port=port, extra='default = "block"')
     extra += RULES
     relay = start_relay(
         tmp_path_factory.mktemp("pgfail"),
@@ -199,6 +205,20 @@ def test_a_statement_the_parser_rejects_is_refused_and_the_session_goes_on(
         ),
         30,
     )
+
+
+def test_in_allowlist_mode_each_statement_of_a_text_needs_its_allow(fc_relay: PgRelay) -> None:
+    with psycopg.connect(fc_relay.dsn(target="allowlistdb"), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM victims").fetchone() == (5,)
+        for text in (
+            "SELECT 1; DROP TABLE victims",
+            "DROP TABLE victims",
+            f"SELECT 1; {UNPARSEABLE}",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="castgate:"):
+                conn.execute(text)
+        assert conn.execute("SELECT 1; SELECT 2").fetchone() == (1,)
+    assert victims(fc_relay) == 5
 
 
 def test_an_unparsed_statement_is_held_where_the_target_says_approve(fc_relay: PgRelay) -> None:
