@@ -60,6 +60,7 @@ from relay.pg.sql import (
     CopyOut,
     SqlGate,
     copies_out,
+    reads_the_same,
     setting_ok,
 )
 from relay.pg.transcript import Transcript
@@ -272,10 +273,17 @@ async def _mask_tables(up: Upstream, keys: set[tuple[int, int]]) -> dict[str, li
     return tables
 
 
-def _unsettled(text: str) -> bool:
-    """True when ``text`` could read differently under another client_encoding or
-    standard_conforming_strings (see ``PgSession._settled_decision``)."""
-    return not text.isascii() or "\\" in text
+def _unsettled(raw: bytes) -> bool:
+    """True when the statement bytes ``raw`` could read differently under another
+    client_encoding or standard_conforming_strings (see ``_settled_decision``)."""
+    return (not raw.isascii() or b"\\'" in raw) and not reads_the_same(raw)
+
+
+def _query_bytes(parse_body: bytes) -> bytes:
+    """The statement text of a Parse body, as sent (the name is NUL-terminated first)."""
+    start = parse_body.find(b"\0") + 1
+    end = parse_body.find(b"\0", start)
+    return parse_body[start : end if end >= 0 else len(parse_body)]
 
 
 def _strictest(decisions: list[Decision]) -> Decision:
@@ -1264,7 +1272,7 @@ class PgSession:
         text = p.parse_query(msg.body)
         kept = self._kept(text)
         self.statements += 1
-        decision = await self._settled_decision(text, _unsettled(text), out, said)
+        decision = await self._settled_decision(text, _unsettled(msg.body), out, said)
         if decision.action != "allow":
             ok, why = await self._refuse_or_run(decision, kept, out, said)
             if not ok:
@@ -1284,7 +1292,8 @@ class PgSession:
         self.stmt_text[parse.name] = kept
         if self._copy_tables:
             self.stmt_raw[parse.name] = parse.query
-        decision = await self._settled_decision(parse.query, _unsettled(parse.query), out, said)
+        unsettled = _unsettled(_query_bytes(msg.body))
+        decision = await self._settled_decision(parse.query, unsettled, out, said)
         self.pending.append(_Parse(parse.name))
         if decision.action != "allow":
             ok, why = await self._refuse_or_run(decision, kept, out, said)
@@ -1303,15 +1312,17 @@ class PgSession:
     async def _settled_decision(
         self, text: str, unsettled: bool, out: bytearray, said: list[str]
     ) -> Decision:
-        """Decide ``text`` once its meaning is certain. A text with non-ASCII bytes or a
-        backslash reads differently under another client_encoding or with
-        standard_conforming_strings off; a statement still running on the target could
-        have changed either (a function calling set_config: no parser sees that), and
-        the target reports it only with its next ReadyForQuery. So such a text waits
-        until the target has answered everything before it (the ParameterStatus check
-        ends the session if a pinned setting changed), or, in a pipeline with no
-        ReadyForQuery coming before it, is refused. ASCII without backslashes reads the
-        same under every encoding PostgreSQL offers a client."""
+        """Decide ``text`` once its meaning is certain. A text whose multibyte
+        characters could take in an ASCII byte under another client_encoding (SJIS,
+        GBK, ...), or with a backslash before a quote (standard_conforming_strings off),
+        splits into other tokens there (``sql.reads_the_same``); a statement still
+        running on the target could have changed either (a function calling set_config:
+        no parser sees that), and the target reports it only with its next
+        ReadyForQuery. So such a text waits until the target has answered everything
+        before it (the ParameterStatus check ends the session if a pinned setting
+        changed), or, in a pipeline with no ReadyForQuery coming before it, is refused.
+        ASCII without a backslash before a quote, and accented Latin text, read the same
+        under every encoding PostgreSQL offers a client."""
         if unsettled and any(isinstance(r, _RUNS) for r in self.pending):
             self._send_out(out, said)
             if not await self._settle():
@@ -1472,8 +1483,9 @@ class PgSession:
         t = msg.type
         if t == b"Q":
             text = p.parse_query(msg.body)
-            # (``_unsettled`` inline: this runs for every statement.)
-            unsettled = not text.isascii() or "\\" in text
+            body = msg.body
+            # (``_unsettled``'s first test inline: this runs for every statement.)
+            unsettled = (not body.isascii() or b"\\'" in body) and _unsettled(body)
             if (unsettled and self._runs_pending()) or self._decide(text).action != "allow":
                 return None
             kept = self._kept(text)
@@ -1483,7 +1495,8 @@ class PgSession:
         elif t == b"P":
             parse = p.parse_parse(msg.body)
             query = parse.query
-            unsettled = not query.isascii() or "\\" in query
+            body = msg.body
+            unsettled = (not body.isascii() or b"\\'" in body) and _unsettled(_query_bytes(body))
             if (unsettled and self._runs_pending()) or self._decide(query).action != "allow":
                 return None
             self.stmt_text[parse.name] = self._kept(query)

@@ -31,7 +31,8 @@ caught by the relay from the target's ParameterStatus.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -405,3 +406,56 @@ def copies_out(text: str) -> list[CopyOut] | None:
             )
         )
     return found
+
+
+# -- statements that read the same whatever the pinned settings -----------------------
+
+# Lead bytes of two-byte characters in Shift JIS (the rest of 0x80-0xFF are single).
+_SJIS_LEAD = frozenset([*range(0x81, 0xA0), *range(0xE0, 0xFD)])
+_GLUED = re.compile(rb"[\x80-\xff][\x21-\x7e]")
+
+
+def _swallows(raw: bytes, width: Callable[[bytes, int], int]) -> bool:
+    """True when a multibyte character, as ``width`` (the server's mblen for one
+    encoding) cuts ``raw``, takes in an ASCII byte."""
+    i = 0
+    n = len(raw)
+    while i < n:
+        w = width(raw, i)
+        if w > 1 and any(b < 0x80 for b in raw[i + 1 : i + w]):
+            return True
+        i += w
+    return False
+
+
+def _sjis(raw: bytes, i: int) -> int:
+    return 2 if raw[i] in _SJIS_LEAD else 1
+
+
+def _highbit(raw: bytes, i: int) -> int:  # GBK, UHC, BIG5
+    return 2 if raw[i] >= 0x80 else 1
+
+
+def _euc(raw: bytes, i: int) -> int:  # JOHAB
+    b = raw[i]
+    return 3 if b == 0x8F else (2 if b >= 0x80 else 1)
+
+
+def _gb18030(raw: bytes, i: int) -> int:
+    if raw[i] < 0x80:
+        return 1
+    nxt = raw[i + 1] if i + 1 < len(raw) else 0
+    return 4 if 0x30 <= nxt <= 0x39 else 2
+
+
+def reads_the_same(raw: bytes) -> bool:
+    """True when the statement bytes ``raw`` split into the same tokens under every
+    client_encoding PostgreSQL offers and with standard_conforming_strings off: no
+    multibyte character of SJIS, GBK, UHC, BIG5, JOHAB or GB18030 would take in an
+    ASCII byte (a quote, a backslash, a semicolon), and no backslash stands before a
+    quote (the only place where a backslash escape moves a string's end)."""
+    if b"\\'" in raw:
+        return False
+    if raw.isascii() or _GLUED.search(raw) is None:
+        return True  # (an ASCII byte a character could take in follows a high byte)
+    return not any(_swallows(raw, w) for w in (_sjis, _highbit, _euc, _gb18030))

@@ -340,22 +340,30 @@ def test_a_setting_changed_where_no_parser_sees_it_ends_the_session(fc_relay: Pg
         assert conn.execute("SELECT 'é' || %s", ("ü",)).fetchone() == ("éü",)
 
 
-def test_a_non_ascii_statement_behind_a_running_one_in_a_pipeline_is_refused(
+def test_a_statement_another_encoding_reads_otherwise_behind_a_running_one_is_refused(
     fc_relay: PgRelay,
 ) -> None:
+    # '€' is E2 82 AC: in GBK, BIG5 or UHC the AC takes in the ASCII byte after it.
     with psycopg.connect(fc_relay.dsn(target="strictdb"), autocommit=True) as conn:
         # No Sync between: the relay cannot wait for the first answer, so it refuses.
         refused = pytest.raises(psycopg.errors.InsufficientPrivilege, match="send a Sync")
         with refused, conn.pipeline() as pipe:
             conn.execute("SELECT %s::int", (1,))
-            conn.execute("SELECT 'é' || %s::text", (2,))
+            conn.execute("SELECT '€a' || %s::text", (2,))
             pipe.sync()
-        # Positive control: with a Sync between, the second waits for the first.
+        # Positive controls: with a Sync between, it waits for the first answer; text
+        # every encoding reads alike (accented Latin, a quote after it) goes at once.
         with conn.pipeline() as pipe:
             a = conn.execute("SELECT %s::int", (1,))
             pipe.sync()
-            b = conn.execute("SELECT 'é' || %s::text", (2,))
-        assert a.fetchone() == (1,) and b.fetchone() == ("é2",)
+            b = conn.execute("SELECT '€a' || %s::text", (2,))
+        assert a.fetchone() == (1,) and b.fetchone() == ("€a2",)
+        with conn.cursor() as cur:
+            cur.executemany("SELECT 'Müller' || %s::text", [(1,), (2,), (3,)])
+        with conn.pipeline():
+            a = conn.execute("SELECT %s::int", (1,))
+            b = conn.execute("SELECT 'café' || %s::text", (2,))
+        assert a.fetchone() == (1,) and b.fetchone() == ("café2",)
 
 
 # -- 3. FunctionCall ---------------------------------------------------------------------

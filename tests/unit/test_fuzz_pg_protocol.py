@@ -478,3 +478,39 @@ def test_copy_csv_rows_are_split_outside_quotes_only(
     out = plan.mask_row(row, lambda v: v.replace(b"a", b"*"))
     (got,) = csv.reader(io.StringIO(out.decode(), newline=""), delimiter=delim)
     assert got == [f.replace("a", "*") if i in which else f for i, f in enumerate(fields)]
+
+
+# -- statements that read the same under every client encoding (relay/pg/sql.py) ------
+
+ENCODINGS = ["shift_jis", "shift_jis_2004", "gbk", "big5", "cp949", "gb18030", "johab"]
+statement_bytes = st.lists(
+    st.sampled_from(
+        [b"'", b"\\", b";", b"a", b"0", b" ", b"\xc3\xa9", b"\xe2\x82\xac", b"\x83", b"\x81\x30"]
+    ),
+    max_size=12,
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=statement_bytes)
+def test_what_reads_the_same_keeps_its_ascii_bytes_in_every_encoding(raw: bytes) -> None:
+    if not sql.reads_the_same(raw):
+        return
+    for enc in ENCODINGS:
+        try:
+            text = raw.decode(enc)
+        except UnicodeDecodeError:
+            continue  # the server refuses it too
+        # No character of several bytes takes in an ASCII one (a quote, a backslash).
+        for c in text:
+            b = c.encode(enc)
+            assert len(b) == 1 or all(x >= 0x80 for x in b), (enc, c, b)
+    assert b"\\'" not in raw
+
+
+def test_reads_the_same_on_known_texts() -> None:
+    assert sql.reads_the_same("SELECT 'Müller', 'café;'".encode())
+    assert sql.reads_the_same(b"SELECT 'a\\d' FROM t")
+    assert not sql.reads_the_same(b"SELECT E'\x83\\' ; DROP TABLE victims; -- '")
+    assert not sql.reads_the_same("SELECT '€a'".encode())
+    assert not sql.reads_the_same(b"SELECT 'a\\' , ' ; DROP TABLE victims; --'")
