@@ -507,6 +507,11 @@ def test_notifications_parameter_status_error_fields_and_column_names_are_masked
         assert cur.fetchone() == (1, 2)
         cur = conn.execute(f'SELECT %s::int AS "{PAN}"', (3,))
         assert cur.description is not None and cur.description[0].name == masked(PAN)
+    # The ParameterStatus of the startup answer too.
+    with psycopg.connect(fc_relay.dsn(target="appdb") + f" application_name={PAN}") as conn:
+        assert conn.info.parameter_status("application_name") == (
+            f"castgate:ci-agent {masked(PAN)}"
+        )
     assert PAN not in cast_texts(fc_relay.relay)
 
 
