@@ -119,6 +119,10 @@ class RecordingConfig(_Section):
     max_result_rows: int = Field(default=100, ge=0, le=100_000)
     """Rows of each SQL result drawn in a PostgreSQL session's transcript (the row
     count and the query log are always complete)."""
+    max_statement_bytes: int = Field(default=1 << 20, ge=1024)
+    """SQL statements longer than this (UTF-8 bytes) are forwarded whole but kept in the
+    transcript and the query log as a masked prefix of this size, with the statement's
+    length and the SHA-256 of its masked text."""
 
 
 class ClusterConfig(_Section):

@@ -8,7 +8,7 @@ Describe one way and DataRow the other), so each direction has its own decoder.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
@@ -466,3 +466,136 @@ def parse_msg(name: str, text: str, param_types: Sequence[int] = ()) -> bytes:
 def describe(kind: str, name: str) -> bytes:
     """A Describe message (kind ``S`` or ``P``)."""
     return message(b"D", kind.encode() + name.encode() + b"\0")
+
+
+# -- messages that carry text besides rows: found and rebuilt for masking ----------------
+
+
+@dataclass(frozen=True)
+class FunctionCall:
+    """A FunctionCall ('F'): the function's OID, its arguments (None is NULL) with their
+    formats, and the result format."""
+
+    oid: int
+    args: tuple[bytes | None, ...]
+    formats: tuple[int, ...]
+    result_format: int
+
+
+def parse_function_call(body: bytes) -> FunctionCall:
+    """Decode FunctionCall; each argument's format resolved (none given: text; one: all)."""
+    try:
+        (oid,) = struct.unpack_from("!I", body, 0)
+        (nfmt,) = _I16.unpack_from(body, 4)
+        if nfmt < 0:
+            raise ValueError
+        codes = struct.unpack_from(f"!{nfmt}h", body, 6)
+        pos = 6 + 2 * nfmt
+        (nargs,) = _I16.unpack_from(body, pos)
+        if nargs < 0 or (nfmt > 1 and nfmt != nargs):
+            raise ValueError
+        pos += 2
+        args: list[bytes | None] = []
+        for _ in range(nargs):
+            (length,) = _I32.unpack_from(body, pos)
+            pos += 4
+            if length < 0:
+                args.append(None)
+                continue
+            if pos + length > len(body):
+                raise ValueError
+            args.append(body[pos : pos + length])
+            pos += length
+        (result,) = _I16.unpack_from(body, pos)
+        if pos + 2 != len(body):
+            raise ValueError
+    except _MALFORMED:
+        raise _malformed("FunctionCall") from None
+    formats = codes if nfmt > 1 else (codes[0] if codes else 0,) * nargs
+    return FunctionCall(oid, tuple(args), tuple(formats), result)
+
+
+def parse_function_result(body: bytes) -> bytes | None:
+    """The value of a FunctionCallResponse ('V'), None for NULL."""
+    try:
+        (length,) = _I32.unpack_from(body, 0)
+        if length >= 0 and 4 + length != len(body):
+            raise ValueError
+    except _MALFORMED:
+        raise _malformed("FunctionCallResponse") from None
+    return None if length < 0 else body[4:]
+
+
+def function_result(value: bytes | None) -> bytes:
+    """A FunctionCallResponse message."""
+    if value is None:
+        return message(b"V", _I32.pack(-1))
+    return message(b"V", _I32.pack(len(value)) + value)
+
+
+def _cbytes(body: bytes, pos: int) -> tuple[bytes, int]:
+    end = body.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolError("malformed message: a string is not NUL-terminated")
+    return body[pos:end], end + 1
+
+
+def parse_notification(body: bytes) -> tuple[int, bytes, bytes]:
+    """(process id, channel, payload) of a NotificationResponse ('A'), as bytes."""
+    try:
+        (pid,) = _I32.unpack_from(body, 0)
+        channel, pos = _cbytes(body, 4)
+        payload, _pos = _cbytes(body, pos)
+    except _MALFORMED:
+        raise _malformed("NotificationResponse") from None
+    return pid, channel, payload
+
+
+def notification(pid: int, channel: bytes, payload: bytes) -> bytes:
+    """A NotificationResponse message."""
+    return message(b"A", _I32.pack(pid) + channel + b"\0" + payload + b"\0")
+
+
+def parse_parameter_status(body: bytes) -> tuple[bytes, bytes]:
+    """(name, value) of a ParameterStatus ('S'), as bytes."""
+    name, pos = _cbytes(body, 0)
+    value, _pos = _cbytes(body, pos)
+    return name, value
+
+
+def parameter_status_bytes(name: bytes, value: bytes) -> bytes:
+    """ParameterStatus from bytes (a masked value keeps its exact bytes)."""
+    return message(b"S", name + b"\0" + value + b"\0")
+
+
+def map_row_description_names(body: bytes, fn: Callable[[bytes], bytes]) -> bytes:
+    """RowDescription ``body`` with each column name replaced by ``fn(name)`` (which must
+    not add a NUL); the same object when no name changed."""
+    try:
+        (n,) = _I16.unpack_from(body, 0)
+        pos = 2
+        parts: list[bytes] = [body[:2]]
+        changed = False
+        for _ in range(n):
+            name, end = _cbytes(body, pos)
+            new = fn(name)
+            changed = changed or new != name
+            parts.append(new + b"\0" + body[end : end + _FIELD.size])
+            pos = end + _FIELD.size
+            if pos > len(body):
+                raise ValueError
+        parts.append(body[pos:])
+    except _MALFORMED:
+        raise _malformed("RowDescription") from None
+    return b"".join(parts) if changed else body
+
+
+def function_call(
+    oid: int, args: Sequence[bytes | None], formats: Sequence[int] = (), result_format: int = 0
+) -> bytes:
+    """A FunctionCall message (clients build it; the relay's tests do)."""
+    body = struct.pack("!I", oid) + _I16.pack(len(formats))
+    body += b"".join(_I16.pack(f) for f in formats) + _I16.pack(len(args))
+    for a in args:
+        body += _I32.pack(-1) if a is None else _I32.pack(len(a)) + a
+    return message(b"F", body + _I16.pack(result_format))

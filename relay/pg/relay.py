@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
+import re
 import secrets
 import ssl
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import psycopg
+from psycopg.pq import Format
 
 from recorder.config import TargetConfig
 from recorder.recording import CastWriter, DiscardWriter, RecordingError
@@ -35,13 +40,37 @@ from recorder.session import SessionRecorder
 from recorder.store import StoreError
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
+from relay.pg import copymask
 from relay.pg import protocol as p
+from relay.pg.copymask import CopyPlan, MaskTable
 from relay.pg.protocol import RowRun
 from relay.pg.querylog import QueryLog
 from relay.pg.rows import RowMasker
-from relay.pg.sql import TOO_LONG, TOO_LONG_RULE, SqlGate
+from relay.pg.sql import (
+    FUNCTION_CALL_RULE,
+    PINNED,
+    PINNED_RULE,
+    PINNED_SETTINGS,
+    PINNED_VALUES,
+    TOO_LONG,
+    TOO_LONG_RULE,
+    UNPARSED,
+    UNPARSED_RULES,
+    Check,
+    CopyOut,
+    SqlGate,
+    copies_out,
+    reads_the_same,
+    setting_ok,
+)
 from relay.pg.transcript import Bound, Transcript
-from relay.pg.upstream import Upstream, UpstreamError, connect, resolve_mask_columns
+from relay.pg.upstream import (
+    Upstream,
+    UpstreamError,
+    connect,
+    resolve_mask_columns,
+    simple_query,
+)
 from relay.pg.values import CopyBinaryMasker, Malformed, parameter_types
 from relay.policy import Decision, ScopedPolicy
 
@@ -68,6 +97,26 @@ _POST_MAX = 2048
 # Or once the result rows waiting for it hold this many bytes (a large result is read
 # faster than _CAST_BATCH lets the transcript keep up; it draws only its first rows).
 _POST_BYTES = 1 << 20
+
+
+def _startup_encoding(value: str | None) -> str | None:
+    """Why a client's startup ``client_encoding`` is refused, or None.
+
+    The relay pins every session to UTF8 rather than decoding with the session's
+    encoding: SJIS, GBK, BIG5, UHC, GB18030 and JOHAB put ASCII bytes (backslash,
+    quote) inside multibyte characters, so checking a statement exactly would need the
+    server's own decoder for each, and every message the relay rewrites would have to
+    be re-encoded in it. UTF-8 never does; SQL_ASCII (what libpq asks for in the C
+    locale) means "no conversion", the same bytes, so it becomes UTF8 too."""
+    if value is None:
+        return None
+    norm = "".join(c for c in value.lower() if c.isalnum())
+    if norm in ("utf8", "unicode", "sqlascii"):
+        return None
+    return (
+        f"client_encoding {value!r} is not supported: the relay reads every statement as "
+        "UTF-8 (connect with client_encoding=UTF8)"
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -122,6 +171,8 @@ class _Query:
     started: float
     rows: int = 0
     log: bool = True
+    raw: str = ""  # as sent (a COPY in it is read again when its rows come)
+    copies: int = 0
 
 
 @dataclass
@@ -152,6 +203,15 @@ class _Execute:
 
 
 @dataclass
+class _FunctionCall:
+    text: str  # masked
+    name: str
+    rettype: int
+    result_format: int
+    started: float
+
+
+@dataclass
 class _Close:
     pass
 
@@ -161,7 +221,99 @@ class _Sync:
     pass
 
 
-_Pending = _Query | _Parse | _Bind | _Describe | _Execute | _Close | _Sync
+_Pending = _Query | _Parse | _Bind | _Describe | _Execute | _FunctionCall | _Close | _Sync
+# Requests that run something on the target (and so could change a session setting
+# before what follows them is read).
+_RUNS = (_Query, _Bind, _Execute, _FunctionCall)
+# Requests answered by a ReadyForQuery: waiting for the queue to empty after one of these
+# last ends, and a pipeline with another kind last has no such answer coming.
+_READY = (_Query, _Sync, _FunctionCall)
+# Frontend messages after startup; anything else is a protocol violation, refused.
+_FRONTEND = frozenset(bytes([c]) for c in b"QPBDECSHXFdcf")
+# Return types whose binary form is their text (masked in place) or raw bytes.
+_TEXT_LIKE = frozenset((17, 18, 19, 25, 114, 142, 705, 1042, 1043, 3802))
+_PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+class SessionEnd(Exception):
+    """The relay ends the session: the FATAL it sends (already masked) and why."""
+
+    def __init__(self, sqlstate: str, message: str, status: str, event: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.status = status
+        self.event = event
+
+
+async def _mask_tables(up: Upstream, keys: set[tuple[int, int]]) -> dict[str, list[MaskTable]]:
+    """The tables holding ``mask_columns`` (``keys``: table OID, column number), by name,
+    with their columns in order (what a COPY of the table without a column list sends)."""
+    if not keys:
+        return {}
+    oids = ", ".join(str(int(oid)) for oid in sorted({k[0] for k in keys}))
+    rows = await simple_query(
+        up,
+        "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname "  # noqa: S608 - integers
+        "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE a.attnum > 0 AND NOT a.attisdropped AND c.oid IN ({oids}) "
+        "ORDER BY c.oid, a.attnum",
+    )
+    found: dict[int, tuple[str, str, list[str], set[str]]] = {}
+    for oid_b, nsp, rel, num, name in rows:
+        oid = int(oid_b or b"0")
+        entry = found.setdefault(oid, ((nsp or b"").decode(), (rel or b"").decode(), [], set()))
+        col = (name or b"").decode()
+        entry[2].append(col)
+        if (oid, int(num or b"0")) in keys:
+            entry[3].add(col)
+    tables: dict[str, list[MaskTable]] = {}
+    for schema, table, cols, masked in found.values():
+        tables.setdefault(table, []).append(MaskTable(schema, tuple(cols), frozenset(masked)))
+    return tables
+
+
+def _unsettled(raw: bytes) -> bool:
+    """True when the statement bytes ``raw`` could read differently under another
+    client_encoding or standard_conforming_strings (see ``_settled_decision``)."""
+    return (not raw.isascii() or b"\\'" in raw) and not reads_the_same(raw)
+
+
+def _query_bytes(parse_body: bytes) -> bytes:
+    """The statement text of a Parse body, as sent (the name is NUL-terminated first)."""
+    start = parse_body.find(b"\0") + 1
+    end = parse_body.find(b"\0", start)
+    return parse_body[start : end if end >= 0 else len(parse_body)]
+
+
+def _strictest(decisions: list[Decision]) -> Decision:
+    """Of the decisions on the statements of one text, the one that applies: a block
+    before an approval before an allow (the first of each)."""
+    for action in ("block", "approve"):
+        for d in decisions:
+            if d.action == action:
+                return d
+    return decisions[0]
+
+
+def _sql_literal(value: bytes | None, fmt: int) -> str:
+    if value is None:
+        return "NULL"
+    if fmt == 1:
+        return f"'\\x{value.hex()}'"
+    return "'" + value.decode("utf-8", "replace").replace("'", "''") + "'"
+
+
+def _sql_ident(name: str) -> str:
+    return name if _PLAIN_IDENT.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+def call_text(schema: str, name: str, call: p.FunctionCall) -> str:
+    """The SQL the rules see for a FunctionCall: ``SELECT schema.name('arg', ...)``, text
+    arguments as literals, binary ones as bytea hex."""
+    args = ", ".join(_sql_literal(a, f) for a, f in zip(call.args, call.formats, strict=True))
+    return f"SELECT {_sql_ident(schema)}.{_sql_ident(name)}({args})"
 
 
 @dataclass
@@ -320,6 +472,7 @@ class PgSession:
         self.transcript: Transcript | None = None
         self.pending: deque[_Pending] = deque()
         self.stmt_text: dict[str, str] = {}
+        self.stmt_raw: dict[str, str] = {}  # (only on targets with mask_columns, for COPY)
         self.stmt_desc: dict[str, list[p.Field] | None] = {}
         self.portal_desc: dict[str, list[p.Field] | None] = {}
         self.portal_stmt: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -340,8 +493,9 @@ class PgSession:
         self._sdec = p.MessageDecoder()
         # RowDescriptions repeat (the same statements run again and again): parsed and
         # matched against mask_columns once per distinct message; command tags too.
-        self._described: dict[bytes, tuple[list[p.Field], _Columns | None]] = {}
-        self._completes: dict[bytes, tuple[str, int | None]] = {}
+        # With the body to send instead when a name or tag had to be masked.
+        self._described: dict[bytes, tuple[list[p.Field], _Columns | None, bytes | None]] = {}
+        self._completes: dict[bytes, tuple[str, int | None, bytes | None]] = {}
         self._holds: set[asyncio.Future[None]] = set()
         self._scoped: ScopedPolicy | None = None
         self._gate: SqlGate | None = None
@@ -364,6 +518,44 @@ class PgSession:
         self._target_fatal: str | None = None
         self._rec_failed = False
         self._loop = asyncio.get_event_loop()
+        self._stmt_limit = ctx.cfg.recording.max_statement_bytes
+        # Resolved once the target has answered everything sent (see ``_settle``).
+        self._idle: asyncio.Future[None] | None = None
+        # FunctionCall OIDs looked up: (schema, name, return type), None when unknown.
+        self._functions: dict[int, tuple[str, str, int] | None] = {}
+        # Tables holding mask_columns, by name (for COPY TO STDOUT), and the plan of the
+        # COPY whose rows are coming.
+        self._copy_tables: dict[str, list[MaskTable]] = {}
+        self._copy_plan: CopyPlan | None = None
+        # Client messages that may have to wait (an approval, a lookup, the target's
+        # answers), by type; every other message goes as on the fast path.
+        self._slow_handlers: dict[
+            bytes, Callable[[p.Message, bytearray, list[str | Bound]], Awaitable[bool]]
+        ] = {
+            b"Q": self._slow_query,
+            b"P": self._slow_parse,
+            b"F": self._slow_function_call,
+            b"X": self._slow_terminate,
+        }
+        # Target messages other than the hot few (rows, descriptions, completions,
+        # ReadyForQuery), by type: each returns the bytes to send instead (b"" for
+        # nothing), or None to pass the message on as it came.
+        self._server_handlers: dict[
+            bytes, Callable[[p.Message, list[tuple[Any, ...]] | None], bytes | None]
+        ] = {
+            b"E": self._on_error,
+            b"N": self._on_error,
+            b"t": self._on_parameter_description,
+            b"n": self._on_no_data,
+            b"s": self._on_portal_end,
+            b"I": self._on_portal_end,
+            b"d": self._on_copy_data,
+            b"H": self._on_copy_out,
+            b"c": self._on_copy_done,
+            b"A": self._on_notification,
+            b"S": self._on_parameter_status,
+            b"V": self._on_function_result,
+        }
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -389,6 +581,19 @@ class PgSession:
         try:
             if await self._startup():
                 await self._relay()
+        except SessionEnd as exc:
+            self.status = exc.status
+            self._marker(f"terminated: {exc.message}")
+            self.ctx.emit(
+                "pg.session_end",
+                self.ident.name if self.ident else None,
+                "failure",
+                self.peer,
+                f"postgres:{self.target.name if self.target else ''}",
+                exc.event,
+                session_id=self.id,
+            )
+            await self._fatal(exc.sqlstate, exc.message)
         except p.ProtocolError as exc:
             self.status = "protocol error"
             await self._fatal("08P01", f"castgate: {exc}")
@@ -568,7 +773,23 @@ class PgSession:
             await self._fatal("42501", f"castgate: {reason}")
             return False
         self.target = target
+        refused = _startup_encoding(params.get("client_encoding"))
+        if refused is not None:
+            refused = self.ctx.masker.mask(refused)
+            self.ctx.emit(
+                "access",
+                ident.name,
+                "failure",
+                self.peer,
+                f"postgres:{target.name}",
+                {"reason": refused},
+            )
+            await self._fatal("22023", f"castgate: {refused}")
+            return False
         forwarded = {k: v for k, v in params.items() if k in _PASS_PARAMS}
+        # One encoding: the target reads exactly the bytes the relay checked (see
+        # ``_startup_encoding``).
+        forwarded.update(PINNED_VALUES)
         forwarded.setdefault("application_name", "")
         forwarded["application_name"] = f"castgate:{ident.name}" + (
             f" {forwarded['application_name']}" if forwarded["application_name"] else ""
@@ -577,17 +798,20 @@ class PgSession:
             self.up = await connect(target, forwarded)
             if target.mask_columns:
                 self.mask_keys = await resolve_mask_columns(self.up, target.mask_columns)
+                self._copy_tables = await _mask_tables(self.up, self.mask_keys)
         except UpstreamError as exc:
             self.status = "target unreachable"
+            # The target's refusal can quote a startup parameter the client chose.
+            why = self.ctx.masker.mask(str(exc))
             self.ctx.emit(
                 "target.connect",
                 ident.name,
                 "failure",
                 self.peer,
                 f"postgres:{target.name}",
-                {"reason": str(exc)},
+                {"reason": why},
             )
-            await self._fatal("08006", f"castgate: {exc}")
+            await self._fatal("08006", f"castgate: {why}")
             return False
         failure = self._open_recording()
         # The session row first, even for a refused session: the row says why.
@@ -619,8 +843,13 @@ class PgSession:
             session_id=self.id,
         )
         out = bytearray(p.auth_request(0))
+        masker = self.ctx.masker
         for k, v in self.up.params.items():
-            out += p.parameter_status(k, v)
+            if k in PINNED_SETTINGS and not setting_ok(k, v):
+                self.status = "pinned setting changed"
+                await self._fatal("22023", f"castgate: target {target.name} reports {k} {v!r}")
+                return False
+            out += p.parameter_status(masker.mask(k), masker.mask(v))
         self.cancel_key = self.listener.cancels.issue(target, self.up.pid, self.up.key)
         out += p.backend_key_data(*self.cancel_key)
         if failure is not None:
@@ -867,7 +1096,7 @@ class PgSession:
         if self._target_fatal is not None and pending and isinstance(pending[0], _Query):
             pending = pending[1:]  # the FATAL logged it as an error already
         for req in pending:
-            if isinstance(req, _Execute) or (isinstance(req, _Query) and req.log):
+            if isinstance(req, _Execute | _FunctionCall) or (isinstance(req, _Query) and req.log):
                 self._log(req.text, "allow", None, "target lost")
         self.pending.clear()
         reason = self._target_fatal
@@ -889,17 +1118,41 @@ class PgSession:
         )
 
     def _decide(self, text: str) -> Decision:
+        """The decision on a SQL text: each of its statements by the rules (the
+        strictest applies), or the relay's own refusal of what it cannot check."""
         scoped = self._scoped
         if scoped is None:
             assert self.ident is not None and self.target is not None
             # This identity's rules on this target, and the keywords they need, once.
             scoped = self._scoped = self.ctx.policy.scoped(self.target.name, self.ident.groups)
-            self._gate = SqlGate(scoped.sql_nodes)
+            self._gate = SqlGate(scoped.sql_nodes, scoped.enforcing)
         assert self._gate is not None
-        nodes = self._gate.nodes(text)
-        if nodes is not None and TOO_LONG in nodes:
+        chk = self._gate.check(text)
+        if chk.problem is not None:
+            return self._problem(chk)
+        each = chk.nodes
+        if not each:
+            return scoped.decide(text, None)
+        if len(each) == 1:
+            return scoped.decide(text, each[0])
+        return _strictest([scoped.decide(text, nodes) for nodes in each])
+
+    def _problem(self, chk: Check) -> Decision:
+        """The relay's decision on a text it cannot check (the reason is masked: a parse
+        error quotes the statement)."""
+        assert self.target is not None
+        reason = self.ctx.masker.mask(chk.reason or "")
+        if chk.problem == TOO_LONG:
             return Decision("block", TOO_LONG_RULE)
-        return scoped.decide(text, nodes)
+        if chk.problem == UNPARSED:
+            action = self.target.unparsed
+            return Decision(
+                action,
+                UNPARSED_RULES[action],
+                f"the relay cannot parse this statement ({reason}), so no rule can be checked",
+            )
+        assert chk.problem == PINNED
+        return Decision("block", PINNED_RULE, reason)
 
     async def _enforce(self, decision: Decision, masked: str) -> tuple[bool, str]:
         """Carry out a block or approve decision: (allowed, message if refused)."""
@@ -914,19 +1167,21 @@ class PgSession:
                 "failure",
                 self.peer,
                 f"postgres:{self.target.name}",
-                {"rule": rule.name, "command": masked},
+                {"rule": rule.name, "command": masked, "reason": decision.reason},
                 session_id=self.id,
             )
-            return False, f"castgate: blocked by rule {rule.name}"
+            why = f": {decision.reason}" if decision.reason else ""
+            return False, f"castgate: blocked by rule {rule.name}{why}"
 
         asked: list[int] = []
 
         def requested(approval_id: int) -> None:
             asked.append(approval_id)
             self._marker(f"approval #{approval_id} requested (rule {rule.name})")
+            why = f": {decision.reason}" if decision.reason else ""
             self.cw.write(
                 p.notice_response(
-                    f"castgate: approval #{approval_id} required (rule {rule.name}), waiting"
+                    f"castgate: approval #{approval_id} required (rule {rule.name}{why}), waiting"
                 )
             )
 
@@ -984,70 +1239,217 @@ class PgSession:
 
     async def _client_messages(self, msgs: Iterable[p.Message]) -> bool:
         """Client messages the slow way: a statement a rule holds or blocks is enforced
-        here (it may wait for an approval). False once the client said Terminate."""
-        assert self.up is not None
-        up = self.up.writer
-        masker = self.ctx.masker
+        here (it may wait for an approval), a FunctionCall is looked up and decided.
+        False once the client said Terminate."""
         out = bytearray()
         # Transcript lines of the statements forwarded by this batch: written after
         # the forward (see ``_after_forward``).
         said: list[str | Bound] = []
+        handlers = self._slow_handlers
         for msg in msgs:
-            t = msg.type
-            if t == b"Q":
-                text = p.parse_query(msg.body)
-                masked = masker.mask(text)
-                self.statements += 1
-                decision = self._decide(text)
-                if decision.action != "allow":
-                    if out:
-                        up.write(out)
-                        out = bytearray()
-                    self._after_forward(said)
-                    ok, why = await self._enforce(decision, masked)
-                    if not ok:
-                        self.pending.append(_Query(masked, time.monotonic(), log=False))
-                        out += p.query(self._sentinel(why))
-                        if self.transcript is not None:
-                            self._write_cast(self.transcript.query(masked))
-                        continue
-                self.pending.append(_Query(masked, time.monotonic()))
-                said.append(masked)
-                out += msg.raw()
-            elif t == b"P":
-                parse = p.parse_parse(msg.body)
-                masked = masker.mask(parse.query)
-                self.stmt_text[parse.name] = masked
-                self.stmt_types[parse.name] = parse.param_types
-                self.pending.append(_Parse(parse.name))
-                decision = self._decide(parse.query)
-                if decision.action != "allow":
-                    if out:
-                        up.write(out)
-                        out = bytearray()
-                    self._after_forward(said)
-                    ok, why = await self._enforce(decision, masked)
-                    if not ok:
-                        out += p.parse_msg(parse.name, self._sentinel(why), parse.param_types)
-                        continue
-                out += msg.raw()
-            elif t == b"X":
-                out += msg.raw()
-                up.write(out)
-                self._after_forward(said)
-                await self._up_drain()
-                return False
-            else:
-                # Everything else as on the fast path.
-                extra = self._client_fast(msg, said)
-                assert extra is not None  # (only Query, Parse and Terminate go slow)
-                out += extra
-                out += msg.raw()
-        if out:
-            up.write(out)
-        self._after_forward(said)
+            handler = handlers.get(msg.type)
+            if handler is not None:
+                if not await handler(msg, out, said):
+                    return False
+                continue
+            # Everything else as on the fast path.
+            extra = self._client_fast(msg, said)
+            assert extra is not None  # (only the handlers' types go slow)
+            out += extra
+            out += msg.raw()
+        self._send_out(out, said)
         await self._up_drain()
         return True
+
+    def _send_out(self, out: bytearray, said: list[str | Bound]) -> None:
+        """Forward what a slow batch holds so far (before it waits for something)."""
+        assert self.up is not None
+        if out:
+            self.up.writer.write(bytes(out))
+            out.clear()
+        self._after_forward(said)
+
+    async def _refuse_or_run(
+        self, decision: Decision, kept: str, out: bytearray, said: list[str | Bound]
+    ) -> tuple[bool, str]:
+        """Enforce a decision that is not a plain allow, after forwarding what came
+        before it: (allowed, why not)."""
+        self._send_out(out, said)
+        return await self._enforce(decision, kept)
+
+    async def _slow_query(self, msg: p.Message, out: bytearray, said: list[str | Bound]) -> bool:
+        text = p.parse_query(msg.body)
+        kept = self._kept(text)
+        self.statements += 1
+        decision = await self._settled_decision(text, _unsettled(msg.body), out, said)
+        if decision.action != "allow":
+            ok, why = await self._refuse_or_run(decision, kept, out, said)
+            if not ok:
+                self.pending.append(_Query(kept, time.monotonic(), log=False))
+                out += p.query(self._sentinel(why))
+                if self.transcript is not None:
+                    self._write_cast(self.transcript.query(kept))
+                return True
+        self.pending.append(_Query(kept, time.monotonic(), raw=text))
+        said.append(kept)
+        out += msg.raw()
+        return True
+
+    async def _slow_parse(self, msg: p.Message, out: bytearray, said: list[str | Bound]) -> bool:
+        parse = p.parse_parse(msg.body)
+        kept = self._kept(parse.query)
+        self.stmt_text[parse.name] = kept
+        self.stmt_types[parse.name] = parse.param_types
+        if self._copy_tables:
+            self.stmt_raw[parse.name] = parse.query
+        unsettled = _unsettled(_query_bytes(msg.body))
+        decision = await self._settled_decision(parse.query, unsettled, out, said)
+        self.pending.append(_Parse(parse.name))
+        if decision.action != "allow":
+            ok, why = await self._refuse_or_run(decision, kept, out, said)
+            if not ok:
+                out += p.parse_msg(parse.name, self._sentinel(why), parse.param_types)
+                return True
+        out += msg.raw()
+        return True
+
+    async def _slow_terminate(
+        self, msg: p.Message, out: bytearray, said: list[str | Bound]
+    ) -> bool:
+        out += msg.raw()
+        self._send_out(out, said)
+        await self._up_drain()
+        return False
+
+    async def _settled_decision(
+        self, text: str, unsettled: bool, out: bytearray, said: list[str | Bound]
+    ) -> Decision:
+        """Decide ``text`` once its meaning is certain. A text whose multibyte
+        characters could take in an ASCII byte under another client_encoding (SJIS,
+        GBK, ...), or with a backslash before a quote (standard_conforming_strings off),
+        splits into other tokens there (``sql.reads_the_same``); a statement still
+        running on the target could have changed either (a function calling set_config:
+        no parser sees that), and the target reports it only with its next
+        ReadyForQuery. So such a text waits until the target has answered everything
+        before it (the ParameterStatus check ends the session if a pinned setting
+        changed), or, in a pipeline with no ReadyForQuery coming before it, is refused.
+        ASCII without a backslash before a quote, and accented Latin text, read the same
+        under every encoding PostgreSQL offers a client."""
+        if unsettled and any(isinstance(r, _RUNS) for r in self.pending):
+            self._send_out(out, said)
+            if not await self._settle():
+                return Decision(
+                    "block",
+                    PINNED_RULE,
+                    "a statement with non-ASCII characters or backslashes cannot be checked "
+                    "behind others in one pipeline (a setting could change before it is "
+                    "read): send a Sync before it",
+                )
+        return self._decide(text)
+
+    async def _settle(self) -> bool:
+        """Wait until the target has answered every request sent; False when no
+        ReadyForQuery is coming for the last one (the client has not sent its Sync)."""
+        pending = self.pending
+        if not pending:
+            return True
+        if not isinstance(pending[-1], _READY):
+            return False
+        self._idle = self._loop.create_future()
+        try:
+            await self._idle
+        finally:
+            self._idle = None
+        return True
+
+    def _kept(self, text: str) -> str:
+        """What the transcript, the query log and approvals keep of a statement: masked,
+        and past ``recording.max_statement_bytes`` a prefix with the statement's length
+        and the SHA-256 of its masked text (of the masked text: a digest of a known
+        statement around a masked card number would give the number away)."""
+        masked = self.ctx.masker.mask(text)
+        limit = self._stmt_limit
+        if len(masked) * 4 <= limit:  # (a character is at most four bytes)
+            return masked
+        raw = masked.encode("utf-8", "surrogateescape")
+        if len(raw) <= limit:
+            return masked
+        digest = hashlib.sha256(raw).hexdigest()
+        head = raw[:limit].decode("utf-8", "ignore")
+        return f"{head}\n... [castgate: statement of {len(raw)} bytes truncated; sha256 {digest}]"
+
+    async def _slow_function_call(
+        self, msg: p.Message, out: bytearray, said: list[str | Bound]
+    ) -> bool:
+        """A FunctionCall: refused unless the target sets ``allow_function_call``; there
+        it is decided as ``SELECT schema.name(args)`` of the function its OID names."""
+        assert self.target is not None
+        call = p.parse_function_call(msg.body)
+        self.statements += 1
+        self._send_out(out, said)
+        info = None
+        if not self.target.allow_function_call:
+            text = f"-- FunctionCall of function OID {call.oid} ({len(call.args)} arguments)"
+            decision = Decision(
+                "block",
+                FUNCTION_CALL_RULE,
+                "the FunctionCall protocol message is not allowed on this target "
+                "(allow_function_call); call the function in SQL",
+            )
+        else:
+            info = await self._function_info(call.oid)
+            if info is None:
+                text = f"-- FunctionCall of function OID {call.oid}"
+                decision = Decision("block", FUNCTION_CALL_RULE, f"no function has OID {call.oid}")
+            else:
+                text = call_text(info[0], info[1], call)
+                decision = self._decide(text)
+        kept = self._kept(text)
+        if decision.action != "allow":
+            ok, why = await self._enforce(decision, kept)
+            if not ok:
+                self.pending.append(_Query(kept, time.monotonic(), log=False))
+                out += p.query(self._sentinel(why))
+                if self.transcript is not None:
+                    self._write_cast(self.transcript.query(kept))
+                return True
+        assert info is not None
+        self.pending.append(
+            _FunctionCall(kept, info[1], info[2], call.result_format, time.monotonic())
+        )
+        said.append(kept)
+        out += msg.raw()
+        return True
+
+    async def _function_info(self, oid: int) -> tuple[str, str, int] | None:
+        """(schema, name, return type OID) of a function, looked up on a connection of
+        its own (the session's may be inside a failed transaction or a pipeline)."""
+        if oid in self._functions:
+            return self._functions[oid]
+        assert self.target is not None and self.ident is not None
+        info = None
+        try:
+            up = await connect(
+                self.target,
+                {"application_name": f"castgate:{self.ident.name} lookup", **PINNED_VALUES},
+            )
+            try:
+                sql = (
+                    "SELECT n.nspname, p.proname, p.prorettype FROM pg_catalog.pg_proc p "  # noqa: S608 - an integer
+                    "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+                    f"WHERE p.oid = {int(oid)}"
+                )
+                rows = await simple_query(up, sql)
+            finally:
+                up.writer.close()
+            if rows and all(v is not None for v in rows[0]):
+                schema, name, rettype = (v.decode() for v in rows[0] if v is not None)
+                info = (schema, name, int(rettype))
+        except (UpstreamError, OSError, ValueError):
+            info = None
+        if len(self._functions) < 1024:
+            self._functions[oid] = info
+        return info
 
     def _client_data(self, data: bytes) -> None:
         """One read from the client, handled where it arrives (``_ClientPipe``). The
@@ -1095,18 +1497,26 @@ class PgSession:
         t = msg.type
         if t == b"Q":
             text = p.parse_query(msg.body)
-            if self._decide(text).action != "allow":
+            body = msg.body
+            # (``_unsettled``'s first test inline: this runs for every statement.)
+            unsettled = (not body.isascii() or b"\\'" in body) and _unsettled(body)
+            if (unsettled and self._runs_pending()) or self._decide(text).action != "allow":
                 return None
-            masked = self.ctx.masker.mask(text)
+            kept = self._kept(text)
             self.statements += 1
-            self.pending.append(_Query(masked, time.monotonic()))
-            said.append(masked)
+            self.pending.append(_Query(kept, time.monotonic(), raw=text))
+            said.append(kept)
         elif t == b"P":
             parse = p.parse_parse(msg.body)
-            if self._decide(parse.query).action != "allow":
+            query = parse.query
+            body = msg.body
+            unsettled = (not body.isascii() or b"\\'" in body) and _unsettled(_query_bytes(body))
+            if (unsettled and self._runs_pending()) or self._decide(query).action != "allow":
                 return None
-            self.stmt_text[parse.name] = self.ctx.masker.mask(parse.query)
+            self.stmt_text[parse.name] = self._kept(query)
             self.stmt_types[parse.name] = parse.param_types
+            if self._copy_tables:
+                self.stmt_raw[parse.name] = query
             self.pending.append(_Parse(parse.name))
         elif t == b"B":
             bind = p.parse_bind(msg.body)
@@ -1141,11 +1551,17 @@ class PgSession:
             self.pending.append(_Close())
         elif t == b"S":
             self.pending.append(_Sync())
-        elif t == b"X":
+        elif t in b"XF":
             return None
-        # Flush, CopyData/Done/Fail (input goes to the target as typed), FunctionCall:
-        # forwarded unchanged.
+        elif t not in _FRONTEND:
+            # What the relay does not know it cannot check: the session ends.
+            raise p.ProtocolError(f"unexpected message type {t!r}")
+        # Flush, CopyData/Done/Fail (input goes to the target as typed): forwarded
+        # unchanged.
         return b""
+
+    def _runs_pending(self) -> bool:
+        return any(isinstance(r, _RUNS) for r in self.pending)
 
     def _start_slow(self, msgs: list[p.Message]) -> None:
         cpipe = self._cpipe
@@ -1201,7 +1617,9 @@ class PgSession:
         self._qlog.add((self.id, time.time(), text, action, rule, status, rows, duration))
 
     def _rewrite_error(self, body: bytes) -> tuple[bytes, str, str | None]:
-        """Mask an ErrorResponse/NoticeResponse; a sentinel's error becomes ours."""
+        """Mask an ErrorResponse/NoticeResponse, every field of it (the column, table,
+        constraint, schema, data type, hint, context and internal query name or quote
+        the data as much as message and detail do); a sentinel's error becomes ours."""
         fields = p.parse_fields(body)
         msg = next((v for c, v in fields if c == "M"), "")
         for nonce, text in list(self.sentinels.items()):
@@ -1209,8 +1627,8 @@ class PgSession:
                 del self.sentinels[nonce]
                 new = [("S", "ERROR"), ("V", "ERROR"), ("C", "42501"), ("M", text)]
                 return p.fields_body(new), text, None
-        masker = self.ctx.masker
-        new_fields = [(c, masker.mask(v) if c in "MDHWqPp" or c == "d" else v) for c, v in fields]
+        mask = self.ctx.masker.mask
+        new_fields = [(c, mask(v)) for c, v in fields]
         severity = dict(fields).get("V") or dict(fields).get("S")
         if severity in ("FATAL", "PANIC") and self.target is not None:
             # The target is ending the connection: the client learns which target did.
@@ -1230,6 +1648,7 @@ class PgSession:
         pending = self.pending
         described = self._described
         completes = self._completes
+        handlers = self._server_handlers
         # Most reads go out as they came (nothing to mask, nothing to hide): then the
         # read itself is sent, without re-framing its messages. ``out`` is made at the
         # first change; until then ``same`` counts the bytes passed unchanged.
@@ -1267,9 +1686,12 @@ class PgSession:
                 continue
             assert type(msg) is p.Message  # (for mypy: the only other kind)
             t = msg.type
+            instead: bytes | None = None
             if t == b"T":
                 seen = described.get(msg.body)
-                fields = seen[0] if seen is not None else p.parse_row_description(msg.body)
+                if seen is None:
+                    seen = self._row_description(msg.body)
+                fields, cols, masked = seen
                 head = pending[0] if pending else None
                 if isinstance(head, _Describe):
                     pending.popleft()
@@ -1278,25 +1700,24 @@ class PgSession:
                     else:
                         self.portal_desc[head.name] = fields
                     if head.hidden:
-                        if out is None:
-                            out = bytearray(data[:same])
-                        continue
+                        instead = b""
                 else:
-                    cols = seen[1] if seen is not None else None
                     if cols is None:
                         cols = self._columns_for(fields)
                         if len(described) < 256:
-                            described[msg.body] = (fields, cols)
+                            described[msg.body] = (fields, cols, masked)
                     self.columns = cols
                     if todo is not None:
                         todo.append((1, cols))
+                if instead is None and masked is not None:
+                    instead = p.message(b"T", masked)
             elif t == b"C":
                 done = completes.get(msg.body)
                 if done is None:
-                    done = p.parse_command_complete(msg.body)
+                    done = self._command_complete(msg.body)
                     if len(completes) < 256:
                         completes[msg.body] = done
-                tag, count = done
+                tag, count, masked = done
                 head = pending[0] if pending else None
                 elapsed = 0.0
                 if isinstance(head, _Execute):
@@ -1310,108 +1731,38 @@ class PgSession:
                 if todo is not None:
                     todo.append((2, tag, elapsed))
                 self.columns = None
-            elif t in (b"E", b"N"):
-                body, message, detail = self._rewrite_error(msg.body)
-                if t == b"E":
-                    head = pending[0] if pending else None
-                    if isinstance(head, _Query):
-                        if head.log:
-                            self._log(head.text, "allow", None, "error")
-                    elif head is not None and not isinstance(head, _Sync):
-                        # Extended protocol: the server skips to the next Sync. An
-                        # Execute it skips failed too (a Bind's error, say): logged.
-                        while pending and not isinstance(pending[0], _Sync):
-                            skipped = pending.popleft()
-                            if isinstance(skipped, _Execute):
-                                self._log(skipped.text, "allow", None, "error")
-                    self.columns = None
-                if todo is not None:
-                    todo.append((3, body, message, detail))
-                if out is None:
-                    out = bytearray(data[:same])
-                out += p.message(t, body)
-                continue
+                if masked is not None:
+                    instead = p.message(b"C", masked)
             elif t == b"Z":
                 head = pending[0] if pending else None
-                if isinstance(head, _Query | _Sync):
+                if isinstance(head, _READY):
                     pending.popleft()
                 self.up.status = msg.body[:1]
                 self.columns = None
                 self._copy = None
+                idle = self._idle
+                if idle is not None and not pending and not idle.done():
+                    idle.set_result(None)
             elif t in (b"1", b"2", b"3"):
                 head = pending[0] if pending else None
                 if isinstance(head, _Parse):
                     self.stmt_desc.pop(head.name, None)
-                if head is not None and not isinstance(head, _Query | _Sync):
+                if head is not None and not isinstance(head, _READY):
                     pending.popleft()
-            elif t == b"t":
-                head = pending[0] if pending else None
-                if isinstance(head, _Describe) and head.kind == "S":
-                    with contextlib.suppress(ValueError, struct.error):
-                        self.stmt_types[head.name] = parameter_types(msg.body)
-                if isinstance(head, _Describe) and head.hidden:
-                    if out is None:
-                        out = bytearray(data[:same])
-                    continue
-            elif t == b"n":
-                head = pending[0] if pending else None
-                if isinstance(head, _Describe):
-                    pending.popleft()
-                    (self.stmt_desc if head.kind == "S" else self.portal_desc)[head.name] = None
-                    if head.hidden:
-                        if out is None:
-                            out = bytearray(data[:same])
-                        continue
-            elif t in (b"s", b"I"):
-                head = pending[0] if pending else None
-                if isinstance(head, _Execute):
-                    pending.popleft()
-                    self._log(
-                        head.text,
-                        "allow",
-                        None,
-                        "suspended" if t == b"s" else "empty",
-                        head.rows,
-                    )
-                    if todo is not None:
-                        # The rows so far are drawn (a client fetching in batches).
-                        elapsed = (time.monotonic() - head.started) * 1000
-                        todo.append((2, "", elapsed))
-                self.columns = None
-            elif t == b"H":
-                # CopyOutResponse: a binary COPY is masked by its fields' layouts.
-                self._copy = CopyBinaryMasker(self.ctx.masker) if msg.body[:1] == b"\x01" else None
-            elif t == b"d" and self._copy is not None:
-                try:
-                    masked = self._copy.feed(msg.body, self.rec.input_counts if self.rec else None)
-                except Malformed as exc:
-                    raise p.ProtocolError(f"malformed binary COPY data: {exc}") from None
-                if masked is not msg.body:
-                    if out is None:
-                        out = bytearray(data[:same])
-                    if masked:
-                        out += p.message(b"d", masked)
-                    continue
-            elif t == b"c" and self._copy is not None:
-                rest = self._copy.finish()
-                self._copy = None
-                if rest:
-                    if out is None:
-                        out = bytearray(data[:same])
-                    out += p.message(b"d", rest)
-            elif t == b"d":
-                # COPY TO STDOUT rows: masked by content like any output.
-                masked = self.ctx.masker.mask_bytes(msg.body)
-                if masked != msg.body:
-                    if out is None:
-                        out = bytearray(data[:same])
-                    out += p.message(b"d", masked)
-                    continue
-            # Passed on unchanged.
-            if out is None:
-                same += 5 + len(msg.body)
             else:
-                out += msg.raw()
+                handler = handlers.get(t)
+                if handler is not None:
+                    instead = handler(msg, todo)
+            if instead is None:
+                # Passed on unchanged.
+                if out is None:
+                    same += 5 + len(msg.body)
+                else:
+                    out += msg.raw()
+            else:
+                if out is None:
+                    out = bytearray(data[:same])
+                out += instead
         _write_passed(self.cw, data, same, out)
         if todo:
             self._post.extend(todo)
@@ -1422,6 +1773,216 @@ class PgSession:
             if cpipe is not None and cpipe.write_paused is not None:
                 # A slow client: stop reading the target until it has caught up.
                 pipe.hold_until(asyncio.shield(cpipe.write_paused))
+
+    # -- target messages: masking and bookkeeping (``_server_handlers``) ---------------
+
+    def _row_description(self, body: bytes) -> tuple[list[p.Field], _Columns | None, bytes | None]:
+        """Fields of a RowDescription with their names masked (a column can be named
+        after a card number: ``SELECT 1 AS "4111..."``), and the masked body to send
+        if any name changed."""
+        mask = self.ctx.masker.mask_bytes
+        if mask(body) is body:  # (no name can hold a match: the common case)
+            return p.parse_row_description(body), None, None
+        masked = p.map_row_description_names(body, mask)
+        if masked is body:
+            return p.parse_row_description(body), None, None
+        return p.parse_row_description(masked), None, masked
+
+    def _command_complete(self, body: bytes) -> tuple[str, int | None, bytes | None]:
+        masked = self.ctx.masker.mask_bytes(body)
+        tag, count = p.parse_command_complete(masked)
+        return tag, count, None if masked is body else masked
+
+    def _on_error(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
+        pending = self.pending
+        body, message, detail = self._rewrite_error(msg.body)
+        if msg.type == b"E":
+            self._copy_plan = None
+            head = pending[0] if pending else None
+            if isinstance(head, _Query):
+                if head.log:
+                    self._log(head.text, "allow", None, "error")
+            elif isinstance(head, _FunctionCall):
+                self._log(head.text, "allow", None, "error")
+            elif head is not None and not isinstance(head, _Sync):
+                # Extended protocol: the server skips to the next Sync. An Execute it
+                # skips failed too (a Bind's error, say): logged.
+                while pending and not isinstance(pending[0], _Sync):
+                    skipped = pending.popleft()
+                    if isinstance(skipped, _Execute):
+                        self._log(skipped.text, "allow", None, "error")
+            self.columns = None
+        if todo is not None:
+            todo.append((3, body, message, detail))
+        return p.message(msg.type, body)
+
+    def _on_parameter_description(
+        self, msg: p.Message, todo: list[tuple[Any, ...]] | None
+    ) -> bytes | None:
+        head = self.pending[0] if self.pending else None
+        if isinstance(head, _Describe) and head.kind == "S":
+            # The parameters' types: the transcript draws binary parameters by them.
+            with contextlib.suppress(ValueError, struct.error):
+                self.stmt_types[head.name] = parameter_types(msg.body)
+        if isinstance(head, _Describe) and head.hidden:
+            return b""
+        return None
+
+    def _on_no_data(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
+        pending = self.pending
+        head = pending[0] if pending else None
+        if isinstance(head, _Describe):
+            pending.popleft()
+            (self.stmt_desc if head.kind == "S" else self.portal_desc)[head.name] = None
+            if head.hidden:
+                return b""
+        return None
+
+    def _on_portal_end(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
+        pending = self.pending
+        head = pending[0] if pending else None
+        if isinstance(head, _Execute):
+            pending.popleft()
+            self._log(
+                head.text,
+                "allow",
+                None,
+                "suspended" if msg.type == b"s" else "empty",
+                head.rows,
+            )
+            if todo is not None:
+                # The rows so far are drawn (a client fetching in batches).
+                todo.append((2, "", (time.monotonic() - head.started) * 1000))
+        self.columns = None
+        return None
+
+    def _on_copy_data(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
+        if self._copy is not None:
+            # Binary COPY: masked by the fields' layouts (a row may span messages).
+            try:
+                binary = self._copy.feed(msg.body, self.rec.input_counts if self.rec else None)
+            except Malformed as exc:
+                raise p.ProtocolError(f"malformed binary COPY data: {exc}") from None
+            if binary is msg.body:
+                return None
+            return p.message(b"d", binary) if binary else b""
+        # COPY TO STDOUT rows: mask_columns fields, then by content like any output.
+        body = msg.body
+        plan = self._copy_plan
+        if plan is not None:
+            body = plan.mask_row(body, self._plain_rows.mask_value)
+        masked = self.ctx.masker.mask_bytes(body)
+        return None if masked == msg.body else p.message(b"d", masked)
+
+    def _on_copy_out(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
+        """CopyOutResponse: which fields of the rows to come are in mask_columns; a
+        binary COPY is masked by its fields' layouts."""
+        self._copy_plan = None
+        self._copy = CopyBinaryMasker(self.ctx.masker) if msg.body[:1] == b"\x01" else None
+        if not self._copy_tables:
+            return None
+        head = self.pending[0] if self.pending else None
+        copy: CopyOut | None = None
+        if isinstance(head, _Query):
+            found = copies_out(head.raw)
+            if found is not None and head.copies < len(found):
+                copy = found[head.copies]
+            head.copies += 1
+        elif isinstance(head, _Execute):
+            found = copies_out(self.stmt_raw.get(head.statement, ""))
+            copy = found[0] if found else None
+        plan = copymask.plan(copy, self._copy_tables)
+        if plan is not None and msg.body[:1] != b"\0":
+            # Binary COPY: fields cannot be found without the types; nothing of it goes.
+            raise SessionEnd(
+                "0A000",
+                "castgate: a binary COPY of a table with mask_columns cannot be masked; "
+                "the session ends (COPY in text or CSV format)",
+                "refused binary copy",
+                {"reason": "binary COPY of mask_columns"},
+            )
+        self._copy_plan = plan
+        return None
+
+    def _on_copy_done(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
+        self._copy_plan = None
+        copy, self._copy = self._copy, None
+        rest = copy.finish() if copy is not None else b""
+        return p.message(b"d", rest) + msg.raw() if rest else None
+
+    def _on_notification(self, msg: p.Message, todo: list[tuple[Any, ...]] | None) -> bytes | None:
+        """NOTIFY: the channel and the payload masked (the process id is the target's)."""
+        mask = self.ctx.masker.mask_bytes
+        if mask(msg.body) is msg.body:
+            return None
+        pid, channel, payload = p.parse_notification(msg.body)
+        return p.notification(pid, mask(channel), mask(payload))
+
+    def _on_parameter_status(
+        self, msg: p.Message, todo: list[tuple[Any, ...]] | None
+    ) -> bytes | None:
+        """A setting the target reports: masked (``set_config('application_name', ...)``
+        sends back whatever it was given), and a pinned one that changed ends the
+        session (nothing the relay checks after it would mean what the target reads)."""
+        raw_name, raw_value = p.parse_parameter_status(msg.body)
+        name = raw_name.decode("utf-8", "replace")
+        mask = self.ctx.masker.mask_bytes
+        if name in PINNED_SETTINGS:
+            value = raw_value.decode("utf-8", "replace")
+            if not setting_ok(name, value):
+                shown = self.ctx.masker.mask(value)
+                raise SessionEnd(
+                    "22023",
+                    f"castgate: {name} changed to {shown!r} on target "
+                    f"{self.target.name if self.target else ''}; the relay reads statements "
+                    f"only with {name} {PINNED_VALUES[name]}, so the session ends",
+                    "pinned setting changed",
+                    {"setting": name, "value": shown},
+                )
+        if mask(msg.body) is msg.body:
+            return None
+        return p.parameter_status_bytes(mask(raw_name), mask(raw_value))
+
+    def _on_function_result(
+        self, msg: p.Message, todo: list[tuple[Any, ...]] | None
+    ) -> bytes | None:
+        """FunctionCallResponse: the value masked by its type and format, logged and
+        drawn as a one-row result."""
+        head = self.pending[0] if self.pending else None
+        if not isinstance(head, _FunctionCall):
+            raise p.ProtocolError("FunctionCallResponse without a FunctionCall")
+        value = p.parse_function_result(msg.body)
+        masked = self._mask_value(value, head.rettype, head.result_format)
+        elapsed = (time.monotonic() - head.started) * 1000
+        self._log(head.text, "allow", None, "function call", 1, elapsed)
+        if todo is not None:
+            cols = self._columns_for([p.Field(head.name, 0, 0, head.rettype, head.result_format)])
+            row = p.data_row([masked])
+            todo.append((1, cols))
+            todo.append((0, row, 1))
+            todo.append((2, "", elapsed))
+            self._post_bytes += len(row)
+        return None if masked is value else p.function_result(masked)
+
+    def _mask_value(self, value: bytes | None, type_oid: int, fmt: int) -> bytes | None:
+        """One value of a known type and format, masked: text (and binary text-like
+        types) in place, other binary values decoded by psycopg's loader and NULL when
+        their text holds a match, unknown ones scanned as bytes."""
+        if value is None:
+            return None
+        mask = self.ctx.masker.mask_bytes
+        if fmt == 0 or type_oid in _TEXT_LIKE:
+            masked = mask(value)
+            return value if masked == value else masked
+        loader = psycopg.adapters.get_loader(type_oid, Format.BINARY)
+        if loader is None:
+            masked = mask(value)
+            return value if masked == value else masked
+        try:
+            text = str(loader(type_oid).load(value))
+        except Exception:  # a value psycopg cannot read is not shown
+            return None
+        return value if self.ctx.masker.mask(text) == text else None
 
     async def _up_drain(self) -> None:
         """Wait while the target's socket buffer is over its high-water mark."""

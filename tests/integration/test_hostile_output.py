@@ -142,18 +142,18 @@ def test_a_1_mb_statement_is_refused_only_when_a_rule_must_parse_it(pg_relay: Pg
 
 
 def test_invalid_utf8_in_sql_text_and_results(pg_relay: PgRelay) -> None:
-    # With client_encoding LATIN1 the query text and the results are Latin-1 bytes on the
-    # wire, which are not UTF-8: the relay masks and records them all the same.
+    # The relay pins every session to UTF8 (tests/integration/test_pg_failclosed.py):
+    # a switch to LATIN1 is refused and the session stays UTF-8, masked and recorded.
     with psycopg.connect(pg_relay.dsn(), autocommit=True) as conn:
-        conn.execute("SET client_encoding = 'LATIN1'")
-        row = conn.execute("SELECT 'café latin1 ' || '4111111111111111', 'naïve'").fetchone()
-        assert row == ("café latin1 411111******1111", "naïve")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SET client_encoding = 'LATIN1'")
+        row = conn.execute("SELECT 'café utf8 ' || '4111111111111111', 'naïve'").fetchone()
+        assert row == ("café utf8 411111******1111", "naïve")
         # Invalid bytes the server itself refuses: a clean error, the session goes on.
-        conn.execute("SET client_encoding = 'UTF8'")
         with pytest.raises(psycopg.errors.CharacterNotInRepertoire):
             conn.execute(b"SELECT 'pg-\xff\xfe-end'")  # type: ignore[call-overload]
         assert conn.execute("SELECT 'after-bad-bytes'").fetchone() == ("after-bad-bytes",)
-    cast = sealed_cast(pg_relay.relay, "latin1")
+    cast = sealed_cast(pg_relay.relay, "after-bad-bytes")
     out = output_of(check_cast(cast))
-    assert "caf\ufffd latin1 411111******1111" in out
+    assert "café utf8 411111******1111" in out
     assert "4111111111111111" not in cast.read_text()

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.pg import protocol as p
+from relay.pg import sql
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -24,6 +25,7 @@ FRONTEND: dict[bytes, Callable[[bytes], Any]] = {
     b"B": p.parse_bind,
     b"D": p.parse_describe,
     b"E": p.parse_execute,
+    b"F": p.parse_function_call,
 }
 BACKEND: dict[bytes, Callable[[bytes], Any]] = {
     b"D": p.parse_data_row,
@@ -31,6 +33,11 @@ BACKEND: dict[bytes, Callable[[bytes], Any]] = {
     b"C": p.parse_command_complete,
     b"E": p.parse_fields,
     b"N": p.parse_fields,
+    b"V": p.parse_function_result,
+    b"A": p.parse_notification,
+    b"S": p.parse_parameter_status,
+    # (the relay rewrites column names in place)
+    b"t": lambda body: p.map_row_description_names(body, bytes.upper),
 }
 
 text_no_nul = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)))
@@ -292,3 +299,218 @@ def test_invalid_utf8_in_bodies_is_replaced_not_raised() -> None:
     assert p.parse_command_complete(b"SELECT \xff\xfe 3\0") == ("SELECT \ufffd\ufffd 3", 3)
     assert p.parse_query(b"SELECT '\xc3'\0") == "SELECT '\ufffd'"
     assert p.parse_fields(b"M\xff\0\0") == [("M", "\ufffd")]
+
+
+# -- messages the relay rebuilds to mask them ---------------------------------------------
+
+
+@FAST
+@given(
+    oid=st.integers(0, 2**32 - 1),
+    args=st.lists(st.none() | st.binary(max_size=40), max_size=6),
+    per_arg=st.booleans(),
+    fmt=st.sampled_from([0, 1]),
+    result=st.sampled_from([0, 1]),
+)
+def test_function_call_round_trips(
+    oid: int, args: list[bytes | None], per_arg: bool, fmt: int, result: int
+) -> None:
+    formats = [fmt] * len(args) if per_arg and len(args) > 1 else ([fmt] if args else [])
+    (msg,) = p.MessageDecoder().feed(p.function_call(oid, args, formats, result))
+    call = p.parse_function_call(msg.body)
+    assert call == p.FunctionCall(oid, tuple(args), (fmt,) * len(args), result)
+    for cut in range(len(msg.body)):
+        try:
+            p.parse_function_call(msg.body[:cut])
+        except p.ProtocolError as exc:
+            one_line_error(exc)
+        else:
+            raise AssertionError(f"a FunctionCall cut at {cut} was read")
+
+
+@FAST
+@given(value=st.none() | st.binary(max_size=60))
+def test_function_result_round_trips(value: bytes | None) -> None:
+    (msg,) = p.MessageDecoder().feed(p.function_result(value))
+    assert msg.type == b"V" and p.parse_function_result(msg.body) == value
+
+
+nul_free = st.binary(max_size=40).filter(lambda b: b"\0" not in b)
+
+
+@FAST
+@given(pid=st.integers(-(2**31), 2**31 - 1), channel=nul_free, payload=nul_free)
+def test_notification_and_parameter_status_round_trip(
+    pid: int, channel: bytes, payload: bytes
+) -> None:
+    (msg,) = p.MessageDecoder().feed(p.notification(pid, channel, payload))
+    assert p.parse_notification(msg.body) == (pid, channel, payload)
+    (msg,) = p.MessageDecoder().feed(p.parameter_status_bytes(channel, payload))
+    assert p.parse_parameter_status(msg.body) == (channel, payload)
+
+
+field_names = st.lists(st.text(st.characters(blacklist_characters="\0"), max_size=12), max_size=6)
+
+
+@FAST
+@given(names=field_names)
+def test_row_description_names_are_rewritten_and_nothing_else(names: list[str]) -> None:
+    body = struct.pack("!h", len(names)) + b"".join(
+        n.encode("utf-8", "surrogatepass") + b"\0" + struct.pack("!ihihih", 7, i, 25, -1, -1, 0)
+        for i, n in enumerate(names)
+    )
+    assert p.map_row_description_names(body, lambda b: b) is body
+    upper = p.map_row_description_names(body, lambda b: b.replace(b"a", b"*"))
+    got = p.parse_row_description(upper)
+    want = p.parse_row_description(body)
+    assert [f.name for f in got] == [f.name.replace("a", "*") for f in want]
+    assert [(f.table_oid, f.attnum, f.type_oid, f.format) for f in got] == [
+        (f.table_oid, f.attnum, f.type_oid, f.format) for f in want
+    ]
+
+
+# -- the statement gate (relay/pg/sql.py): its shortcuts are sound ------------------------
+
+FRAGMENTS = [
+    "SELECT 1",
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 7",
+    "DROP TABLE victims",
+    "drop database app",
+    "DELETE FROM t",
+    "UPDATE t SET a = 1 WHERE b",
+    "TRUNCATE t",
+    "CREATE TEMP TABLE system_user (x int)",
+    "SELEC 1",
+    "SET client_encoding = 'SJIS'",
+    "SET NAMES 'UTF8'",
+    "set standard_conforming_strings to off",
+    "SET U&\"client_encodin\\0067\" TO 'GBK'",
+    "SELECT set_config(E'client\\x5fencoding', 'SJIS', false)",
+    "SELECT set_config('application_name', 'x', false)",
+    "SELECT set_config(name, 'x', false) FROM pg_settings",
+    "RESET ALL",
+    "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+]
+PIECES = [";", " ", "'", '"', "/*", "*/", "--", "\n", "$$", "(", ")", "E'\\''", "U&", "x"]
+RULES = ["DropdbStmt", "DropStmt", "TruncateStmt", "DeleteStmt:no-where", "UpdateStmt:no-where"]
+
+
+def _union(nodes: tuple[frozenset[str], ...] | None) -> frozenset[str]:
+    return frozenset().union(*nodes) if nodes else frozenset()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parts=st.lists(st.sampled_from(FRAGMENTS) | st.sampled_from(PIECES), max_size=8))
+def test_the_gate_never_lets_through_what_the_parser_rejects_or_a_rule_would_see(
+    parts: list[str],
+) -> None:
+    text = "".join(parts)
+    full = sql.analyze(text)
+    enforcing = sql.SqlGate(RULES, enforcing=True).check(text)
+    if full.error is not None:
+        # Fail closed: never "nothing a rule asks about".
+        assert enforcing.problem == sql.UNPARSED
+        return
+    if full.pinned is not None:
+        assert enforcing.problem == sql.PINNED
+        # Even where nothing else is enforced.
+        assert sql.SqlGate([], enforcing=False).check(text).problem == sql.PINNED
+        return
+    assert enforcing.problem is None
+    # The keyword shortcut skips only texts no rule node can be in.
+    wanted = {n for n in RULES if n in full.nodes}
+    assert wanted <= _union(enforcing.nodes)
+    assert enforcing.nodes is None or len(enforcing.nodes) == full.statements
+
+
+# -- COPY rows split by field (relay/pg/copymask.py) -----------------------------------
+
+copy_fields = st.lists(
+    st.text(st.sampled_from(list('ab,;"\t\n\\\r x')), max_size=8), min_size=1, max_size=6
+)
+
+
+def _text_row(fields: list[str], delim: str) -> bytes:
+    def esc(v: str) -> str:
+        v = v.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+        return v.replace(delim, "\\" + delim) if delim != "\t" else v
+
+    return (delim.join(esc(f) for f in fields) + "\n").encode()
+
+
+@FAST
+@given(fields=copy_fields, delim=st.sampled_from(["\t", ",", ";"]), data=st.data())
+def test_copy_text_rows_are_split_at_their_delimiters_only(
+    fields: list[str], delim: str, data: st.DataObject
+) -> None:
+    from relay.pg.copymask import CopyPlan
+
+    which = data.draw(st.sets(st.integers(0, len(fields) - 1)))
+    row = _text_row(fields, delim)
+    plan = CopyPlan(frozenset(which), every=False, delimiter=ord(delim))
+    out = plan.mask_row(row, lambda v: v.replace(b"a", b"*"))
+    assert out == _text_row(
+        [f.replace("a", "*") if i in which else f for i, f in enumerate(fields)], delim
+    )
+
+
+@FAST
+@given(fields=copy_fields, delim=st.sampled_from([",", ";", "\t"]), data=st.data())
+def test_copy_csv_rows_are_split_outside_quotes_only(
+    fields: list[str], delim: str, data: st.DataObject
+) -> None:
+    import csv
+    import io
+
+    from relay.pg.copymask import CopyPlan
+
+    which = data.draw(st.sets(st.integers(0, len(fields) - 1)))
+
+    def field(v: str) -> str:
+        # As PostgreSQL writes CSV: quoted when it holds a delimiter, quote, CR or LF, or
+        # is empty (an unquoted empty field is NULL).
+        if not v or any(c in v for c in (delim, '"', "\r", "\n")):
+            return '"' + v.replace('"', '""') + '"'
+        return v
+
+    row = (delim.join(field(f) for f in fields) + "\n").encode()
+    plan = CopyPlan(frozenset(which), every=False, csv=True, delimiter=ord(delim))
+    out = plan.mask_row(row, lambda v: v.replace(b"a", b"*"))
+    (got,) = csv.reader(io.StringIO(out.decode(), newline=""), delimiter=delim)
+    assert got == [f.replace("a", "*") if i in which else f for i, f in enumerate(fields)]
+
+
+# -- statements that read the same under every client encoding (relay/pg/sql.py) ------
+
+ENCODINGS = ["shift_jis", "shift_jis_2004", "gbk", "big5", "cp949", "gb18030", "johab"]
+statement_bytes = st.lists(
+    st.sampled_from(
+        [b"'", b"\\", b";", b"a", b"0", b" ", b"\xc3\xa9", b"\xe2\x82\xac", b"\x83", b"\x81\x30"]
+    ),
+    max_size=12,
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=statement_bytes)
+def test_what_reads_the_same_keeps_its_ascii_bytes_in_every_encoding(raw: bytes) -> None:
+    if not sql.reads_the_same(raw):
+        return
+    for enc in ENCODINGS:
+        try:
+            text = raw.decode(enc)
+        except UnicodeDecodeError:
+            continue  # the server refuses it too
+        # No character of several bytes takes in an ASCII one (a quote, a backslash).
+        for c in text:
+            b = c.encode(enc)
+            assert len(b) == 1 or all(x >= 0x80 for x in b), (enc, c, b)
+    assert b"\\'" not in raw
+
+
+def test_reads_the_same_on_known_texts() -> None:
+    assert sql.reads_the_same("SELECT 'Müller', 'café;'".encode())
+    assert sql.reads_the_same(b"SELECT 'a\\d' FROM t")
+    assert not sql.reads_the_same(b"SELECT E'\x83\\' ; DROP TABLE victims; -- '")
+    assert not sql.reads_the_same("SELECT '€a'".encode())
+    assert not sql.reads_the_same(b"SELECT 'a\\' , ' ; DROP TABLE victims; --'")
