@@ -413,6 +413,11 @@ class Masker:
                     k -= 1
                 if k < len(sc.groups):
                     hold = max(base, sc.groups[k][0].pos)
+        # A character cut by the chunk may be a digit of a number: the next chunk must
+        # see it whole.
+        cut = _char_cut(buf, base)
+        hold = min(hold, cut)
+        tail = min(tail, cut)
         if self._c.track1 is not None:
             lo = max(base, n - _TRACK_WINDOW)
             window = buf[lo:]
@@ -431,6 +436,18 @@ class Masker:
                     hold = min(hold, lo + pm.start())
                     break
         return hold, tail
+
+
+def _char_cut(buf: bytes, base: int) -> int:
+    """Where an incomplete UTF-8 character at the end of ``buf`` starts (``len`` if none)."""
+    n = len(buf)
+    for k in (1, 2, 3):
+        b = buf[n - k] if n - k >= base else 0
+        if b >= 0xC0:
+            return n - k if panscan.utf8_length(b) > k else n
+        if b < 0x80:
+            break
+    return n
 
 
 def _hex_positions(buf: bytes, start: int, end: int, left: bytes) -> set[int]:
@@ -509,6 +526,7 @@ class StreamMasker:
         self._ctx = b""
         self._ctx_stars: set[int] = set()
         self._left = b""
+        self._kept = False  # the last flush kept a cut character back
 
     @property
     def pending(self) -> int:
@@ -519,6 +537,7 @@ class StreamMasker:
         """Add a chunk; return the masked bytes that can be released now."""
         if not data:
             return b""
+        self._kept = False
         return self._process(data, final=False)
 
     def flush(self) -> bytes:
@@ -534,7 +553,15 @@ class StreamMasker:
         buf = ctx + self._held + data if (ctx or self._held) else data
         n = len(buf)
         hold, tail = m._hold_from(buf, base)
-        if final or n - hold > MAX_HOLD:
+        if final:
+            # A deadline does not release a character cut inside a number that is still
+            # open (the terminal cannot show it before its last byte anyway): its digit
+            # could not be masked once its first byte is out. A second flush in a row
+            # (the stream ended) releases it.
+            cut = _char_cut(buf, base)
+            hold = cut if cut < n and tail < cut and not self._kept else n
+            self._kept = hold < n
+        elif n - hold > MAX_HOLD:
             hold = n
         if _has_digit(buf) or (_custom_possible(m, buf) and m.custom_in(buf)):
             stars, later = m._find(buf, base, hold, self._ctx_stars, self.counts, self._left)

@@ -188,7 +188,12 @@ _PARTIAL_AT = re.compile(PARTIAL + rb"\Z")
 _MOVES = frozenset(b"\x08\x0a\x0b\x0c\x0d")  # BS, LF, VT, FF, CR: the cursor moves
 _C0_SKIP = frozenset(range(0x20)) - _MOVES - {0x09, 0x1B} | {0x7F}
 _ASCII_SEP = frozenset(b" \t-./")
-_UTF8_LEN = [0] * 0xC2 + [2] * 30 + [3] * 16 + [4] * 5 + [0] * 11
+_UTF8_LEN = [0] * 0xC2 + [2] * 30 + [3] * 16 + [4] * 5 + [0] * 11  # by lead byte
+
+
+def utf8_length(lead: int) -> int:
+    """Length of the UTF-8 sequence ``lead`` begins (0: not a lead byte)."""
+    return _UTF8_LEN[lead] if lead < 0xF5 else 0
 
 
 class Scan(NamedTuple):
