@@ -19,7 +19,9 @@ The shape (README "Masking" says the same for users):
 - Several groups form a card number only when joined by the same separator throughout
   and laid out as cards are printed: a first group of four, then either groups of four
   and a last group of three to six (4-4-4-4, 4-4-4-3, 4-4-4-4-3, 4-4-5, ...), or one
-  group of six and a last of three to six (4-6-5 Amex, 4-6-4 Diners).
+  group of six and a last of three to six (4-6-5 Amex, 4-6-4 Diners). Joined by tabs or
+  two spaces (how columns are aligned), the groups must be the whole row: four columns
+  out of a longer row of numbers are not a card number.
 - Every candidate must be Luhn-valid, holding 13-19 digits. Groups are taken left to
   right, each number ends where its grouping ends, and numbers never overlap: each keeps
   its own first six and last four digits.
@@ -332,6 +334,9 @@ def luhn(digits: list[Digit]) -> bool:
     return total % 10 == 0
 
 
+# Tabs and two spaces align columns (paste, TSV, ps): joined by them, a card number must
+# be the whole row of groups, not four columns out of a longer row.
+_WEAK_JOINTS = frozenset({b"\t", b"  "})
 # A grouped number runs as far as its grouping goes: the longest layout is tried first
 # (4-4-4-4-3 before 4-4-4-4), so its last four are those of its last group.
 _PREFERENCE = (19, 18, 17, 16, 15, 14, 13)
@@ -394,9 +399,14 @@ def _grouped(
         and not (blocked and (i + 1 in blocked or i + 2 in blocked))
     ):
         options.setdefault(10 + len(groups[i + 2]), i + 2)
+    weak = kind in _WEAK_JOINTS
+    if weak and i > 0 and joints[i - 1] == kind:
+        return None  # a column inside a row of tab- or space-aligned numbers
     for length in _PREFERENCE:
         last = options.get(length)
         if last is None:
+            continue
+        if weak and last + 1 < len(groups) and joints[last] == kind:
             continue
         digits = [d for g in groups[i : last + 1] for d in g]
         if luhn(digits):
