@@ -253,10 +253,11 @@ class Masker:
         ``block_safe``: the PostgreSQL relay scans a whole run of DataRows this way and
         decodes only the rows a span touches."""
         c = self._c
-        if not digits_possible(data):
-            spans = []
-        else:
-            spans = [m.span() for m in c.candidate.finditer(data)]  # type: ignore[attr-defined]
+        spans = (
+            [m.span() for m in c.candidate.finditer(data)]  # type: ignore[attr-defined]
+            if digits_possible(data)
+            else []
+        )
         for (_n, full, _p), lit in zip(c.customs, c.literals, strict=True):
             if lit is None or _holds(data, lit):
                 spans.extend(
@@ -385,9 +386,9 @@ class Masker:
                 # was complete (a deadline passed): hide every digit still here.
                 hit = [d for d in digits if d.pos >= base]
             stars.extend((d.pos, d.star) for d in hit)
-            if counts is not None and last < hold:
-                if not any(s <= digits[0].pos < e for s, e in track_spans):
-                    counts["pan"] += 1
+            in_track = any(s <= digits[0].pos < e for s, e in track_spans)
+            if counts is not None and last < hold and not in_track:
+                counts["pan"] += 1
 
     # -- hold-back -----------------------------------------------------------------
 
@@ -422,7 +423,12 @@ class Masker:
             lo = max(base, n - _TRACK_WINDOW)
             window = buf[lo:]
             last = buf[-1] if n else 0
-            if last == 0x25 or buf.find(b"B", max(lo, n - 21)) >= 0 or b"=" in window or b"^" in window:
+            if (
+                last == 0x25
+                or buf.find(b"B", max(lo, n - 21)) >= 0
+                or b"=" in window
+                or b"^" in window
+            ):
                 t = _TRACK_TAIL.search(window)
                 if t:
                     hold = min(hold, lo + t.start())
@@ -470,7 +476,7 @@ def _hex_positions(buf: bytes, start: int, end: int, left: bytes) -> set[int]:
 def _apply(buf: bytearray, stars: Iterable[Star], offset: int) -> None:
     for i, rep in stars:
         j = i - offset
-        if 0 <= j and j + len(rep) <= len(buf):
+        if j >= 0 and j + len(rep) <= len(buf):
             buf[j : j + len(rep)] = rep
 
 

@@ -12,7 +12,7 @@ The shape (README "Masking" says the same for users):
   hyphen, bidi marks) and combining marks.
 - A *separator* is one of: a single space, two spaces, a tab, ``-``, ``.``, ``/``,
   NBSP, the Unicode spaces U+2000-U+200A, U+202F, U+205F, U+3000, the hyphens and dashes
-  U+2010-U+2013, U+2212 and the full-width ``－．／``. Anything else visible (a letter, a
+  U+2010-U+2013, U+2212 and the full-width hyphen, full stop and solidus. Anything else visible (a letter, a
   comma, three spaces, a line break, a backspace) ends the number.
 - Digits with only skipped bytes between them form a *group*. A single group of 13-19
   digits is a candidate; a group of 20+ digits is a long number, never a card number.
@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import NamedTuple
 
 import re2
-from typing import NamedTuple
 
 
 class Digit(NamedTuple):
@@ -119,9 +119,7 @@ def _byte_alternation(encodings: set[bytes] | list[bytes]) -> bytes:
                 lo = b
             prev = b
         ranges.append((lo, prev))
-        cls = b"".join(
-            b"\\x%02x" % a if a == z else b"\\x%02x-\\x%02x" % (a, z) for a, z in ranges
-        )
+        cls = b"".join(b"\\x%02x" % a if a == z else b"\\x%02x-\\x%02x" % (a, z) for a, z in ranges)
         parts.append(b"".join(b"\\x%02x" % c for c in prefix) + b"[" + cls + b"]")
     return b"(?:" + b"|".join(parts) + b")"
 
@@ -167,13 +165,25 @@ _SEP_CLASSES = [
     _byte_alternation([chr(cp).encode() for cp in _SEP_POINTS if cp not in range(0x2010, 0x2014)]),
     _byte_alternation([chr(cp).encode() for cp in range(0x2010, 0x2014)]),
 ]
-CANDIDATE = rb"(?:" + rb"|".join(
-    DIGIT + rb"(?:" + INVISIBLE + rb"*(?:(?:" + k + rb")" + INVISIBLE + rb"*){0,2}" + DIGIT + rb"){12,}"
-    for k in _SEP_CLASSES
-) + rb")"
+CANDIDATE = (
+    rb"(?:"
+    + rb"|".join(
+        DIGIT
+        + rb"(?:"
+        + INVISIBLE
+        + rb"*(?:(?:"
+        + k
+        + rb")"
+        + INVISIBLE
+        + rb"*){0,2}"
+        + DIGIT
+        + rb"){12,}"
+        for k in _SEP_CLASSES
+    )
+    + rb")"
+)
 # The run touching the end of the buffer, possibly followed by a gap or a cut sequence.
 TAIL = DIGIT + rb"(?:" + GAP + DIGIT + rb")*" + GAP + PARTIAL + rb"?\z"
-
 
 
 def re2_options() -> re2.Options:

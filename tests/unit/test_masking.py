@@ -204,17 +204,14 @@ def test_real_paste_tsv_and_df_output_is_byte_identical(tmp_path: Path) -> None:
     for i in range(30):
         (tree / f"d{i}").mkdir(parents=True)
         (tree / f"d{i}" / "f").write_bytes(b"x" * (i * 1000))
+
+    def sh(cmd: str) -> bytes:
+        return subprocess.run(["/bin/bash", "-c", cmd], capture_output=True, check=True).stdout
+
     outputs = [
-        subprocess.run(
-            "seq 1 3000 | paste - - - - - -", shell=True, capture_output=True
-        ).stdout,
-        subprocess.run(
-            "paste <(seq 1 400) <(seq 1000 1399) <(seq 20260101 20260500) <(seq 7 406)",
-            shell=True,
-            executable="/bin/bash",
-            capture_output=True,
-        ).stdout,
-        subprocess.run("seq 10000 10999 | paste -d' ' - - - -", shell=True, capture_output=True).stdout,
+        sh("seq 1 3000 | paste - - - - - -"),
+        sh("paste <(seq 1 400) <(seq 1000 1399) <(seq 20260101 20260500) <(seq 7 406)"),
+        sh("seq 10000 10999 | paste -d' ' - - - -"),
         subprocess.run(["du", "-ab", str(tree)], capture_output=True).stdout,
         subprocess.run(["df", "-kP"], capture_output=True).stdout,
         subprocess.run(["df", "-h"], capture_output=True).stdout,
