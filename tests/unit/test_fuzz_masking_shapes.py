@@ -6,6 +6,8 @@ number is never shown raw."""
 
 from __future__ import annotations
 
+import codecs
+import re
 import unicodedata
 
 import wcwidth
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recorder.masking import Masker, MaskPolicy, luhn_complete
+from relay.live import Neutraliser
 
 MASKER = Masker()
 FULL = Masker(MaskPolicy(style="full"))
@@ -241,3 +244,32 @@ def test_a_never_ending_string_is_held_only_up_to_the_cap() -> None:
     assert released.startswith(b"pan 4111 1111 \x1b]0;")
     assert released.endswith(b"\x07**** **** ok\n")
     assert len(s._ctx) < 8192
+
+
+@FAST
+@given(data=st.data())
+def test_what_watchers_print_shows_the_number_masked(data: st.DataObject) -> None:
+    """The watcher path: masked chunks, decoded as the cast stores them, through the
+    live view's Neutraliser (which drops strings and C1 controls the masker skipped):
+    the visible digits are exactly bin6-last4."""
+    pan = data.draw(st.sampled_from(PANS))
+    pieces, _sep = data.draw(printed(pan))
+    body = "".join(t for t, _ in pieces).encode()
+    stream = b"card " + body + b" end\r\n"
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(stream)), max_size=8))))
+    s = MASKER.stream()
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    view = Neutraliser()
+    shown = []
+    prev = 0
+    for cut in [*cuts, len(stream)]:
+        shown.append(view.feed(decoder.decode(s.feed(stream[prev:cut]))))
+        prev = cut
+    shown.append(view.feed(decoder.decode(s.flush(), final=True)))
+    visible = re.sub(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[ -/]*[0-~])", "", "".join(shown))
+    digits = "".join(
+        "*" if c in "*\u066d\u2217\uff0a\U0001f7b6" else str(unicodedata.decimal(c))
+        for c in visible
+        if c in "*\u066d\u2217\uff0a\U0001f7b6" or unicodedata.category(c) == "Nd"
+    )
+    assert digits == pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
