@@ -40,7 +40,8 @@ _CANDIDATE = panscan.CANDIDATE
 _TAIL = re2.compile(panscan.TAIL, panscan.re2_options())
 # Digits inside a UUID or a long hex string (hashes, commit ids) are not card numbers:
 # a SHA-1 holds a 13-digit run now and then, and a UUID's last blocks can join into 15.
-_HEXY = re.compile(
+# RE2: `re` tries {32,} at every hex character of the window, RE2 runs one DFA pass.
+_HEXY = re2.compile(
     rb"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
     rb"|[0-9A-Fa-f]{32,}"
 )

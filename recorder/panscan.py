@@ -219,8 +219,37 @@ class Scan(NamedTuple):
     trail: bytes | None  # the separator after the last digit (None: something visible)
 
 
+_PLAIN = bytes(range(48, 58)) + b" \t-./"
+_PLAIN_TOKENS = re.compile(rb"[0-9]+|[^0-9]+")
+
+
 def scan(buf: bytes, start: int, end: int) -> Scan:
     """Tokenise ``buf[start:end]`` into digit groups and the joints between them."""
+    seg = buf[start:end]
+    if not seg.translate(None, _PLAIN) and seg[:1].isdigit():
+        return _scan_plain(seg, start)
+    return _scan(buf, start, end)
+
+
+def _scan_plain(seg: bytes, start: int) -> Scan:
+    """The common case: ASCII digits and ASCII separators only."""
+    groups: list[list[Digit]] = []
+    joints: list[bytes | None] = []
+    sep = b""
+    for m in _PLAIN_TOKENS.finditer(seg):
+        tok = m.group()
+        if 48 <= tok[0] <= 57:
+            if groups:
+                joints.append(sep if sep in JOINTS else None)
+            pos = start + m.start()
+            groups.append([Digit(pos + k, b - 48, b"*") for k, b in enumerate(tok)])
+        else:
+            sep = tok
+    ends_in_sep = not seg[-1:].isdigit()
+    return Scan(groups, joints, start + len(seg), sep if ends_in_sep else b"")
+
+
+def _scan(buf: bytes, start: int, end: int) -> Scan:
     groups: list[list[Digit]] = []
     joints: list[bytes | None] = []
     cur: list[Digit] | None = None
