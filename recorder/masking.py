@@ -403,7 +403,10 @@ class Masker:
             m = _TAIL.search(buf)
             if m:
                 tail = m.start()
-                sc = panscan.scan(buf, tail, n)
+                # Only the last groups decide the hold: a run longer than the hold cap
+                # (`seq | paste -sd ' '`) is read from a later digit RE2 vouches for.
+                far = _TAIL.search(buf, n - MAX_HOLD) if n - tail > MAX_HOLD else m
+                sc = panscan.scan(buf, far.start() if far else tail, n)
                 # Keep the last groups whose digits (19 at most) could still form a PAN
                 # or change one: earlier groups can no longer join a future match.
                 total = 0

@@ -21,7 +21,8 @@ The shape (README "Masking" says the same for users):
   and a last group of three to six (4-4-4-4, 4-4-4-3, 4-4-4-4-3, 4-4-5, ...), or one
   group of six and a last of three to six (4-6-5 Amex, 4-6-4 Diners). Joined by tabs or
   two spaces (how columns are aligned), the groups must be the whole row: four columns
-  out of a longer row of numbers are not a card number.
+  out of a longer row of numbers are not a card number; nor is any part of a run of six
+  or more groups of four with one separator (a list of numbers, hexdump words).
 - Every candidate must be Luhn-valid, holding 13-19 digits. Groups are taken left to
   right, each number ends where its grouping ends, and numbers never overlap: each keeps
   its own first six and last four digits.
@@ -219,6 +220,8 @@ class Scan(NamedTuple):
     trail: bytes | None  # the separator after the last digit (None: something visible)
 
 
+# Digits kept of a group longer than this (it is a long number either way).
+LONG = 21
 _PLAIN = bytes(range(48, 58)) + b" \t-./"
 _PLAIN_TOKENS = re.compile(rb"[0-9]+|[^0-9]+")
 
@@ -242,7 +245,12 @@ def _scan_plain(seg: bytes, start: int) -> Scan:
             if groups:
                 joints.append(sep if sep in JOINTS else None)
             pos = start + m.start()
-            groups.append([Digit(pos + k, b - 48, b"*") for k, b in enumerate(tok)])
+            if len(tok) > LONG:
+                # A long number: its first digit and last ones are all anyone needs.
+                keep = [(0, tok[0]), *((k, tok[k]) for k in range(len(tok) - LONG, len(tok)))]
+                groups.append([Digit(pos + k, b - 48, b"*") for k, b in keep])
+            else:
+                groups.append([Digit(pos + k, b - 48, b"*") for k, b in enumerate(tok)])
         else:
             sep = tok
     ends_in_sep = not seg[-1:].isdigit()
@@ -263,6 +271,8 @@ def _scan(buf: bytes, start: int, end: int) -> Scan:
             d = Digit(i, b - 48, b"*")
             if cur is not None and not sep and not broken:
                 cur.append(d)
+                if len(cur) > 48:
+                    del cur[1:28]  # a long number stays long; its digits are not needed
             else:
                 if cur is not None:
                     joints.append(None if broken or sep not in JOINTS else sep)
@@ -302,6 +312,8 @@ def _scan(buf: bytes, start: int, end: int) -> Scan:
                 d = Digit(i, dg.value, dg.star)
                 if cur is not None and not sep and not broken:
                     cur.append(d)
+                    if len(cur) > 48:
+                        del cur[1:28]
                 else:
                     if cur is not None:
                         joints.append(None if broken or sep not in JOINTS else sep)
@@ -331,6 +343,9 @@ def _scan(buf: bytes, start: int, end: int) -> Scan:
         else:
             broken = True  # an invalid byte shows as U+FFFD
             i += 1
+    for g in groups:
+        if len(g) > LONG:
+            g[1:] = g[-LONG:]
     return Scan(groups, joints, cut, None if broken else sep)
 
 
@@ -381,6 +396,9 @@ _WEAK_JOINTS = frozenset({b"\t", b"  "})
 _PREFERENCE = (19, 18, 17, 16, 15, 14, 13)
 
 
+_LONG_RUN = 6
+
+
 def card_numbers(s: Scan, blocked: set[int] | None = None) -> list[list[Digit]]:
     """The card numbers of a scan, left to right, never overlapping. ``blocked`` holds
     indexes of groups that cannot take part (digits inside a hash or UUID)."""
@@ -399,6 +417,14 @@ def card_numbers(s: Scan, blocked: set[int] | None = None) -> list[list[Digit]]:
             i += 1
             continue
         if size == 4 and i + 1 < n and joints[i] is not None:
+            # Six or more groups of four in a row with one separator are a list of
+            # numbers (`echo {1000..1100}`, od/hexdump words), not a card number.
+            j = i
+            while j + 1 < n and joints[j] == joints[i] and len(groups[j + 1]) == 4:
+                j += 1
+            if j - i + 1 >= _LONG_RUN:
+                i = j + 1
+                continue
             found = _grouped(groups, joints, i, blocked)
             if found is not None:
                 j, digits = found
