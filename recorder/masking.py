@@ -608,7 +608,12 @@ class StreamMasker:
 def _compact(ctx: bytes, starred: set[int]) -> tuple[bytes, set[int]]:
     """The same open run with what draws nothing dropped and at most its last 40
     digits: bounded memory however long the run's escape sequences are."""
-    sc = panscan.scan(ctx, 0, len(ctx))
+    start = 0
+    if ctx.isascii() and b"\x1b" not in ctx:
+        # No string can be open: reading from a digit near the end gives the same groups.
+        m = _TAIL.search(ctx, len(ctx) - _CTX_CAP)
+        start = m.start() if m else 0
+    sc = panscan.scan(ctx, start, len(ctx))
     out = bytearray()
     stars: set[int] = set()
     groups = sc.groups
