@@ -365,3 +365,22 @@ def test_digit_free_stream_still_masks_a_custom_secret_cut_anywhere() -> None:
     for cut in range(1, len(data)):
         out = stream_mask(_STRIPE, data, [cut])
         assert key not in out and out.count(b"*") == len(key)
+
+
+def test_a_number_typed_slower_than_the_deadline_is_echoed_as_typed_until_it_completes() -> None:
+    pan = luhn_complete("411111111111111")
+    s = MASKER.stream()
+    echoed = []
+    for ch in f"pay {pan}\r\n".encode():
+        echoed.append(s.feed(bytes([ch])) + s.flush())  # the deadline passes each time
+    # Each key is echoed at once (nothing stays held past a deadline).
+    assert all(len(e) == 1 for e in echoed)
+    out = b"".join(echoed).decode()
+    # Digits are echoed as typed until one completes a card number whose middle already
+    # went out: from then on they are masked, so the whole number is never on screen.
+    assert out.startswith(f"pay {pan[:12]}") and out.endswith("\r\n")
+    assert pan not in out and out[16:20].count("*") >= 1 and out[-3] == "*"
+    # Typed within the deadline the same number is masked exactly.
+    s = MASKER.stream()
+    fast = b"".join(s.feed(bytes([ch])) for ch in f"pay {pan}\r\n".encode()) + s.flush()
+    assert fast.decode() == f"pay {pan[:6]}******{pan[-4:]}\r\n"
