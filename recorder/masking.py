@@ -46,6 +46,10 @@ _HEXY = re2.compile(
     rb"|[0-9A-Fa-f]{32,}"
 )
 _HEX_LETTER = re.compile(rb"[A-Fa-f]")
+# A string's opening: ESC form, UTF-8 C1, or a raw C1 byte that is not inside a character.
+_STRING_INTRO = re.compile(
+    rb"\x1b[\]PX^_]|\xc2[\x90\x98\x9d-\x9f]|(?<![\x80-\xff])[\x90\x98\x9d-\x9f]"
+)
 _HEX_CONTEXT = 80
 
 # Track 2: ;PAN=YYMM SSS discretionary? ; Track 1: %BPAN^NAME^YYMM SSS discretionary?
@@ -339,8 +343,33 @@ class Masker:
                 if counts is not None:
                     counts["track"] += 1
         if self._pan:
-            for s, e in candidates:
-                self._pans(buf, s, e, base, hold, released_stars, stars, counts, track_spans, left)
+            seen: set[int] = set()
+            todo = candidates
+            while todo:
+                more = []
+                for s, e in todo:
+                    self._pans(
+                        buf,
+                        s,
+                        e,
+                        base,
+                        hold,
+                        released_stars,
+                        stars,
+                        counts,
+                        track_spans,
+                        left,
+                        seen,
+                    )
+                    # The body of a string (a window title, DCS data) is skipped between
+                    # digits but is text too: numbers inside it are read on their own.
+                    for intro in _STRING_INTRO.finditer(buf, s, e):
+                        body_end = panscan.sequence_end(buf, intro.start())
+                        more.extend(
+                            m.span()
+                            for m in c.candidate.finditer(buf, intro.end(), body_end)  # type: ignore[attr-defined]
+                        )
+                todo = more
         for (name, full, _partial), lit in zip(c.customs, c.literals, strict=True):
             if lit is not None and not _holds(buf, lit, end):
                 continue
@@ -369,6 +398,7 @@ class Masker:
         counts: Counter[str] | None,
         track_spans: list[tuple[int, int]],
         left: bytes,
+        seen: set[int],
     ) -> None:
         sc = panscan.scan(buf, start, end)
         blocked = None
@@ -377,8 +407,9 @@ class Masker:
             blocked = {k for k, g in enumerate(sc.groups) if any(d.pos in hexy for d in g)}
         for digits in panscan.card_numbers(sc, blocked):
             last = digits[-1].pos
-            if last < base:
-                continue  # decided when it was released
+            if last < base or digits[0].pos in seen:
+                continue  # decided when it was released, or found already
+            seen.add(digits[0].pos)
             wanted = self._wanted(digits)
             if all(d.pos in released_stars for d in wanted if d.pos < base):
                 hit = [d for d in wanted if d.pos >= base]

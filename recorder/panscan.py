@@ -376,6 +376,12 @@ def _c1(buf: bytes, i: int, end: int) -> int:
     return i + 1
 
 
+def sequence_end(buf: bytes, start: int) -> int:
+    """End of the escape sequence or string starting at ``start``."""
+    m = _SEQ_AT.match(buf, start)
+    return m.end() if m is not None else start + 1
+
+
 def luhn(digits: list[Digit]) -> bool:
     """Luhn check of scanned digits."""
     total = 0

@@ -273,3 +273,21 @@ def test_what_watchers_print_shows_the_number_masked(data: st.DataObject) -> Non
         if c in "*\u066d\u2217\uff0a\U0001f7b6" or unicodedata.category(c) == "Nd"
     )
     assert digits == pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+
+
+@FAST
+@given(
+    pan=st.sampled_from(PANS),
+    intro=st.sampled_from(["\x1b]0;", "\x1b]2;title ", "\x1bP", "\x1b_", "\u009d0;"]),
+    end=st.sampled_from(["\x07", "\x1b\\", "\u009c"]),
+    cuts=st.lists(st.integers(0, 80), max_size=6),
+)
+def test_a_number_inside_a_string_after_other_digits_is_masked(
+    pan: str, intro: str, end: str, cuts: list[int]
+) -> None:
+    """A window title or DCS data is skipped between digits outside it, but the terminal
+    shows a title: a number inside it is masked even when digits sit before it."""
+    text = f"4111 1111 1111 {intro}{pan}{end} ok\r\n".encode()
+    out = run(MASKER, text, cuts, set()).decode()
+    assert f"{intro}{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}{end}" in out
+    assert out.startswith("4111 1111 1111 ")
