@@ -346,7 +346,7 @@ class Masker:
             seen: set[int] = set()
             todo = candidates
             while todo:
-                more = []
+                more: list[tuple[int, int]] = []
                 for s, e in todo:
                     self._pans(
                         buf,
