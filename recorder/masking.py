@@ -138,6 +138,7 @@ def compile_check(pattern: str) -> None:
 @dataclass
 class _Compiled:
     candidate: object  # re2 pattern
+    block_candidate: object
     track2: object | None
     track1: object | None
     customs: list[tuple[str, object, regex.Pattern[bytes]]] = field(default_factory=list)
@@ -203,6 +204,7 @@ def _compile(policy: MaskPolicy) -> _Compiled:
     opts.max_mem = 64 << 20
     c = _Compiled(
         candidate=re2.compile(_CANDIDATE, panscan.re2_options()),
+        block_candidate=re2.compile(panscan.BLOCK_CANDIDATE, panscan.re2_options()),
         track2=re2.compile(_TRACK2, opts) if "track" in policy.detectors else None,
         track1=re2.compile(_TRACK1, opts) if "track" in policy.detectors else None,
     )
@@ -259,7 +261,7 @@ class Masker:
         decodes only the rows a span touches."""
         c = self._c
         spans = (
-            [m.span() for m in c.candidate.finditer(data)]  # type: ignore[attr-defined]
+            [m.span() for m in c.block_candidate.finditer(data)]  # type: ignore[attr-defined]
             if digits_possible(data)
             else []
         )

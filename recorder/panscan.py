@@ -166,23 +166,22 @@ _SEP_CLASSES = [
     _byte_alternation([chr(cp).encode() for cp in _SEP_POINTS if cp not in range(0x2010, 0x2014)]),
     _byte_alternation([chr(cp).encode() for cp in range(0x2010, 0x2014)]),
 ]
-CANDIDATE = (
-    rb"(?:"
-    + rb"|".join(
-        DIGIT
-        + rb"(?:"
-        + INVISIBLE
-        + rb"*(?:(?:"
-        + k
+
+
+def _candidate(invisible: bytes) -> bytes:
+    gap = invisible + rb"*(?:(?:%s)" + invisible + rb"*){0,2}"
+    return (
+        rb"(?:"
+        + rb"|".join(DIGIT + rb"(?:" + gap % k + DIGIT + rb"){12,}" for k in _SEP_CLASSES)
         + rb")"
-        + INVISIBLE
-        + rb"*){0,2}"
-        + DIGIT
-        + rb"){12,}"
-        for k in _SEP_CLASSES
     )
-    + rb")"
-)
+
+
+CANDIDATE = _candidate(INVISIBLE)
+# For a block of PostgreSQL DataRows (``Masker.hit_spans``): NUL is not skipped, since
+# text values never hold one and the frame's length fields are mostly NULs: numeric
+# columns of a row do not join into one candidate across their length fields.
+BLOCK_CANDIDATE = _candidate(INVISIBLE.replace(rb"[\x00-\x07", rb"[\x01-\x07", 1))
 # The run touching the end of the buffer, possibly followed by a gap or a cut sequence.
 TAIL = DIGIT + rb"(?:" + GAP + DIGIT + rb")*" + GAP + PARTIAL + rb"?\z"
 
