@@ -2,18 +2,19 @@
 
 The masker works on bytes and owns no I/O and no clock: ``StreamMasker.feed`` takes a
 chunk and returns what may be released now; the caller's event loop calls ``flush``
-once ``hold_deadline`` has passed since ``held_since``. Masking replaces ASCII
-characters with ``*`` one for one, so the output has the same length and display width
-as the input and terminal layouts do not move.
+once ``hold_deadline`` has passed without new data. Masking replaces each digit by a
+star of the same UTF-8 length and display width (``recorder.panscan``), so the output
+has the same length and width as the input and terminal layouts do not move.
 
-PAN detection (PCI DSS 3.4.1): a *candidate* is a run of digits in which consecutive
-digits may be separated by one space or dash and by any number of ANSI escape sequences
-(colour changes between digits must not hide a number). A candidate splits into
-*groups* at its separators. Every contiguous range of groups holding 13-19 digits whose
-digits are Luhn-valid is a PAN, provided a range of several groups is laid out as card
-numbers are printed (a first group of four, then groups of three to six digits). A single group of more than 19 digits is a long number,
-not a PAN, and takes no part in any range: masking windows of long numbers would mask
-most long identifiers.
+PAN detection (PCI DSS 3.4.1): ``recorder.panscan`` defines the card-number shape
+(Unicode digits, what draws nothing between them, separators, group layouts). RE2 finds
+*candidates* (13+ digits with gaps) in one C pass; Python tokenises only those.
+
+Streaming: the masker holds back the digits of the run touching the end of the buffer
+that could still become (part of) a card number, however many escape bytes sit between
+them, and keeps the run's already released part as *context*, so digits that arrive
+after a deadline release still complete the number: those later digits are masked
+(the earlier ones were sent already), and a complete number is never shown raw.
 
 Scanning uses RE2 (linear time, DFA speed) so ordinary output costs one C pass; Python
 only looks at candidates of 13+ digits. Custom patterns use RE2 too, so a user's regex
@@ -30,28 +31,25 @@ from dataclasses import dataclass, field
 import re2
 import regex
 
+from recorder import panscan
 from recorder.errors import CastgateError
+from recorder.panscan import Digit
 
-_ESC = rb"(?:\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z])"
-# One optional separator, with escape sequences allowed on either side of it.
-_SEP = rb"(?:" + _ESC + rb"*(?:[ \-]" + _ESC + rb"*)?)"
-# Candidates of 13 or more digits: the only matches that reach Python.
-_CANDIDATE = rb"[0-9](?:" + _SEP + rb"[0-9]){12,}"
-# The digit run touching the end of the buffer, with a separator or a cut escape sequence
-# after it: it could still grow into a PAN with the next chunk.
-_PARTIAL_ESC = rb"(?:\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*|[()])?)"
-# End-anchored, so RE2 runs it backwards from the end: ~1 us a chunk where sre took ~30.
-_TAIL = re2.compile(rb"[0-9](?:" + _SEP + rb"[0-9])*" + _SEP + _PARTIAL_ESC + rb"?\z")
-_GLUED_END = re.compile(rb"[0-9]" + _ESC + rb"*\Z")
-_ESC_SPLIT = re.compile(_ESC)
-_ESC_RUN = re.compile(_ESC + rb"*")
+_CANDIDATE = panscan.CANDIDATE
+# End-anchored, so RE2 runs it backwards from the end: its cost is the tail's length.
+_TAIL = re2.compile(panscan.TAIL, panscan.re2_options())
 # Digits inside a UUID or a long hex string (hashes, commit ids) are not card numbers:
 # a SHA-1 holds a 13-digit run now and then, and a UUID's last blocks can join into 15.
-_HEXY = re.compile(
+# RE2: `re` tries {32,} at every hex character of the window, RE2 runs one DFA pass.
+_HEXY = re2.compile(
     rb"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
     rb"|[0-9A-Fa-f]{32,}"
 )
 _HEX_LETTER = re.compile(rb"[A-Fa-f]")
+# A string's opening: ESC form, UTF-8 C1, or a raw C1 byte that is not inside a character.
+_STRING_INTRO = re.compile(
+    rb"\x1b[\]PX^_]|\xc2[\x90\x98\x9d-\x9f]|(?<![\x80-\xff])[\x90\x98\x9d-\x9f]"
+)
 _HEX_CONTEXT = 80
 
 # Track 2: ;PAN=YYMM SSS discretionary? ; Track 1: %BPAN^NAME^YYMM SSS discretionary?
@@ -62,10 +60,14 @@ _TRACK_TAIL = re2.compile(
     rb"|;?[0-9]{13,19}=[0-9]{0,37})\z"
 )
 
-# How far back from the end of a buffer a partial match is looked for: 19 digits with a
-# colour change between most of them. Longer tails are rare enough that scanning a
-# bigger window on every chunk is not worth it (the tail scan runs in sre).
-_TAIL_WINDOW = 320
+# A held tail longer than this is released anyway (a string that never ends): memory
+# stays bounded, and the context still masks the digits that complete the number.
+MAX_HOLD = 16 << 10
+# Released context longer than this is compacted (escape sequences dropped, at most
+# the last 40 digits kept): what it holds is digits, separators and open state.
+_CTX_CAP = 4 << 10
+# How far back a partial track is looked for (a track is at most ~120 bytes).
+_TRACK_WINDOW = 320
 # A custom pattern may hold back at most this much before it is released anyway.
 _MAX_CUSTOM_HOLD = 1024
 
@@ -136,6 +138,7 @@ def compile_check(pattern: str) -> None:
 @dataclass
 class _Compiled:
     candidate: object  # re2 pattern
+    block_candidate: object
     track2: object | None
     track1: object | None
     customs: list[tuple[str, object, regex.Pattern[bytes]]] = field(default_factory=list)
@@ -200,7 +203,8 @@ def _compile(policy: MaskPolicy) -> _Compiled:
     opts = re2.Options()
     opts.max_mem = 64 << 20
     c = _Compiled(
-        candidate=re2.compile(_CANDIDATE, opts),
+        candidate=re2.compile(_CANDIDATE, panscan.re2_options()),
+        block_candidate=re2.compile(panscan.BLOCK_CANDIDATE, panscan.re2_options()),
         track2=re2.compile(_TRACK2, opts) if "track" in policy.detectors else None,
         track1=re2.compile(_TRACK1, opts) if "track" in policy.detectors else None,
     )
@@ -217,6 +221,9 @@ def _compile(policy: MaskPolicy) -> _Compiled:
         c.literals.append(_required_literal(p.regex))
         c.block_safe = c.block_safe and _context_free(p.regex)
     return c
+
+
+Star = tuple[int, bytes]  # position, the bytes that replace what is there
 
 
 class Masker:
@@ -253,11 +260,11 @@ class Masker:
         ``block_safe``: the PostgreSQL relay scans a whole run of DataRows this way and
         decodes only the rows a span touches."""
         c = self._c
-        # A candidate holds 13 digits: counting them is ten times cheaper than RE2.
-        if len(data) - len(data.translate(None, b"0123456789")) < 13:
-            spans = []
-        else:
-            spans = [m.span() for m in c.candidate.finditer(data)]  # type: ignore[attr-defined]
+        spans = (
+            [m.span() for m in c.block_candidate.finditer(data)]  # type: ignore[attr-defined]
+            if digits_possible(data)
+            else []
+        )
         for (_n, full, _p), lit in zip(c.customs, c.literals, strict=True):
             if lit is None or _holds(data, lit):
                 spans.extend(
@@ -271,19 +278,23 @@ class Masker:
         self, data: bytes, counts: Counter[str] | None = None, *, customs: bool = True
     ) -> bytes:
         """Mask a complete byte string (nothing is held back). ``customs=False`` tells
-        that no custom pattern can match (the caller checked a larger buffer)."""
+        that no custom pattern can match (the caller checked a larger buffer). The
+        result has the same length in bytes (and in UTF-8 characters)."""
         # Card numbers and track data need 13 digits: most strings are done here.
-        if len(data) - len(data.translate(None, b"0123456789")) < 13 and (
+        if not digits_possible(data) and (
             not customs or not self._c.customs or not self.custom_in(data)
         ):
             return data
+        stars, _later = self._find(data, 0, len(data), set(), counts)
+        if not stars:
+            return data
         buf = bytearray(data)
-        stars = self._find(data, len(data), glued_left=False, counts=counts)
         _apply(buf, stars, 0)
         return bytes(buf)
 
     def mask(self, text: str, counts: Counter[str] | None = None) -> str:
-        """Mask a complete string (query text, log fields, approval requests)."""
+        """Mask a complete string (query text, log fields, approval requests). Same
+        length in characters, same display width."""
         raw = text.encode("utf-8", "surrogateescape")
         masked = self.mask_bytes(raw, counts)
         return text if masked == raw else masked.decode("utf-8", "surrogateescape")
@@ -293,157 +304,193 @@ class Masker:
     def _find(
         self,
         buf: bytes,
-        end: int,
-        *,
-        glued_left: bool,
+        base: int,
+        hold: int,
+        released_stars: set[int],
         counts: Counter[str] | None,
-        final_before: int | None = None,
         left: bytes = b"",
-    ) -> list[int]:
-        """Positions in ``buf[:end]`` to replace by ``*``, from the matches that start
-        before ``final_before`` (default: all of them)."""
-        limit = end if final_before is None else final_before
-        stars: list[int] = []
+    ) -> tuple[list[Star], list[Star]]:
+        """Stars for ``buf[base:hold]`` (what is released now; ``buf[:base]`` is context
+        already released, ``buf[hold:]`` is held back), and the stars past ``hold`` of
+        track and custom matches decided now. ``released_stars`` are the positions of
+        the context that were masked when released."""
+        stars: list[Star] = []
+        later: list[Star] = []
         track_spans: list[tuple[int, int]] = []
         c = self._c
-        # Every track match contains a 13+ digit run, so ordinary output with no
-        # candidate skips the track scans entirely.
+        end = len(buf)
         candidates = [
             (m.start(), m.end())
-            for m in c.candidate.finditer(buf, 0, end)  # type: ignore[attr-defined]
-            if m.start() < limit
+            for m in c.candidate.finditer(buf)  # type: ignore[attr-defined]
+            if m.end() > base
         ]
         for tpat in (c.track2, c.track1) if candidates else ():
             if tpat is None:
                 continue
-            for m in tpat.finditer(buf, 0, end):  # type: ignore[attr-defined]
-                if m.start() >= limit:
+            for m in tpat.finditer(buf, base, end):  # type: ignore[attr-defined]
+                if m.start() >= hold:
                     break
                 pan_s, pan_e = m.span(1)
                 if not luhn_valid(buf[pan_s:pan_e]):
                     continue
-                self._mask_pan_digits(list(range(pan_s, pan_e)), stars)
+                digits = [Digit(i, buf[i] - 48, b"*") for i in range(pan_s, pan_e)]
+                hits = [(d.pos, d.star) for d in self._wanted(digits)]
                 # Everything after the PAN's field separator is sensitive authentication
                 # data (PCI DSS 3.3.1.1) except the end sentinel.
                 rest_end = m.end() - (1 if buf[m.end() - 1 : m.end()] == b"?" else 0)
-                stars.extend(i for i in range(pan_e + 1, rest_end) if buf[i] != 0x5E)
+                hits.extend((i, b"*") for i in range(pan_e + 1, rest_end) if buf[i] != 0x5E)
+                for st in hits:
+                    (stars if st[0] < hold else later).append(st)
                 track_spans.append((m.start(), m.end()))
                 if counts is not None:
                     counts["track"] += 1
         if self._pan:
-            for s, e in candidates:
-                glued = glued_left and _ESC_RUN.fullmatch(buf, 0, s) is not None
-                hexy = _hex_positions(buf, s, e, left)
-                self._pan_ranges(buf, s, e, limit, glued, hexy, stars, counts, track_spans)
+            seen: set[int] = set()
+            todo = candidates
+            while todo:
+                more: list[tuple[int, int]] = []
+                for s, e in todo:
+                    self._pans(
+                        buf,
+                        s,
+                        e,
+                        base,
+                        hold,
+                        released_stars,
+                        stars,
+                        counts,
+                        track_spans,
+                        left,
+                        seen,
+                    )
+                    # The body of a string (a window title, DCS data) is skipped between
+                    # digits but is text too: numbers inside it are read on their own.
+                    for intro in _STRING_INTRO.finditer(buf, s, e):
+                        body_end = panscan.sequence_end(buf, intro.start())
+                        more.extend(
+                            m.span()
+                            for m in c.candidate.finditer(buf, intro.end(), body_end)  # type: ignore[attr-defined]
+                        )
+                todo = more
         for (name, full, _partial), lit in zip(c.customs, c.literals, strict=True):
             if lit is not None and not _holds(buf, lit, end):
                 continue
-            for m in full.finditer(buf, 0, end):  # type: ignore[attr-defined]
-                if m.start() >= limit:
+            for m in full.finditer(buf, base, end):  # type: ignore[attr-defined]
+                if m.start() >= hold:
                     break
                 if m.end() > m.start():
-                    stars.extend(range(m.start(), m.end()))
+                    for i in range(m.start(), m.end()):
+                        (stars if i < hold else later).append((i, b"*"))
                     if counts is not None:
                         counts[name] += 1
-        return stars
+        return stars, later
 
-    def _pan_ranges(
+    def _wanted(self, digits: list[Digit]) -> list[Digit]:
+        return digits if self._full else digits[6:-4]
+
+    def _pans(
         self,
         buf: bytes,
         start: int,
         end: int,
-        limit: int,
-        glued_left: bool,
-        hexy: set[int],
-        stars: list[int],
+        base: int,
+        hold: int,
+        released_stars: set[int],
+        stars: list[Star],
         counts: Counter[str] | None,
         track_spans: list[tuple[int, int]],
+        left: bytes,
+        seen: set[int],
     ) -> None:
-        groups = _groups(buf, start, end)
-        if glued_left and groups:
-            groups[0] = []  # continues a long number already released
+        sc = panscan.scan(buf, start, end)
+        blocked = None
+        hexy = _hex_positions(buf, start, end, left)
         if hexy:
-            groups = [[] if hexy.intersection(g) else g for g in groups]
-        n = len(groups)
-        for i in range(n):
-            if groups[i] and groups[i][0] >= limit:
-                break  # starts in the held tail: decided when more data is known
-            total = 0
-            digits: list[int] = []
-            for j in range(i, n):
-                g = groups[j]
-                if not g or len(g) > 19:
-                    break
-                # Printed card numbers are grouped 4-4-4-4(-3), 4-6-5, 4-6-4, 4-4-5:
-                # a number split by separators starts with four digits and has groups
-                # of 3 to 6. Columns of numbers (ps, ls) do not look like that.
-                if j > i and (len(groups[i]) != 4 or not 3 <= len(g) <= 6):
-                    break
-                total += len(g)
-                if total > 19:
-                    break
-                digits.extend(g)
-                if total >= 13 and luhn_valid(bytes(buf[k] for k in digits)):
-                    self._mask_pan_digits(digits, stars)
-                    if counts is not None and not any(s <= digits[0] < e for s, e in track_spans):
-                        counts["pan"] += 1
-
-    def _mask_pan_digits(self, digits: list[int], stars: list[int]) -> None:
-        if self._full:
-            stars.extend(digits)
-        else:
-            stars.extend(digits[6:-4])
+            blocked = {k for k, g in enumerate(sc.groups) if any(d.pos in hexy for d in g)}
+        for digits in panscan.card_numbers(sc, blocked):
+            last = digits[-1].pos
+            if last < base or digits[0].pos in seen:
+                continue  # decided when it was released, or found already
+            seen.add(digits[0].pos)
+            wanted = self._wanted(digits)
+            if all(d.pos in released_stars for d in wanted if d.pos < base):
+                hit = [d for d in wanted if d.pos >= base]
+            else:
+                # Part of what should have been masked was released before the number
+                # was complete (a deadline passed): hide every digit still here.
+                hit = [d for d in digits if d.pos >= base]
+            stars.extend((d.pos, d.star) for d in hit)
+            in_track = any(s <= digits[0].pos < e for s, e in track_spans)
+            if counts is not None and last < hold and not in_track:
+                counts["pan"] += 1
 
     # -- hold-back -----------------------------------------------------------------
 
-    def _hold_from(self, buf: bytes) -> tuple[int, bool]:
-        """Offset from which ``buf`` could still become part of a match once more
-        bytes arrive, and whether the released part ends inside a long digit group."""
+    def _hold_from(self, buf: bytes, base: int) -> tuple[int, int]:
+        """Where the held tail starts (>= ``base``) and where the run touching the end
+        starts (the context to keep once released; ``len(buf)`` if there is none)."""
         n = len(buf)
-        base = max(0, n - _TAIL_WINDOW)
-        window = buf[base:]
         hold = n
-        glued = False
-        if not n:
-            return 0, False
-        last = buf[-1]
-        # Cheap gates first: most chunks end in text or a newline and cannot be the
-        # beginning of anything, and the tail scans run in sre, position by position.
-        near_esc = buf.find(b"\x1b", max(0, n - 48)) >= 0
-        pan_tail = (
-            48 <= last <= 57 or near_esc or (last in (0x20, 0x2D) and n > 1 and 48 <= buf[-2] <= 57)
-        )
-        m = _TAIL.search(window) if pan_tail else None
-        if m:
-            s = base + m.start()
-            groups = _groups(buf, s, n)
-            # Keep the last groups whose digits (18 at most) could still form a PAN with
-            # at least one more digit; earlier groups can no longer join a future match.
-            total = 0
-            k = len(groups)
-            while k > 0 and total + len(groups[k - 1]) <= 18:
-                total += len(groups[k - 1])
-                k -= 1
-            if k < len(groups):
-                hold = groups[k][0]
-            elif _GLUED_END.search(window):
-                glued = True
-        track_tail = (
-            last == 0x25 or buf.find(b"B", max(0, n - 21)) >= 0 or b"=" in window or b"^" in window
-        )
-        if self._c.track1 is not None and track_tail:
-            t = _TRACK_TAIL.search(window)
-            if t:
-                hold = min(hold, base + t.start())
+        tail = n
+        if self._pan or self._c.track1 is not None:
+            m = _TAIL.search(buf)
+            if m:
+                tail = m.start()
+                # Only the last groups decide the hold: a run longer than the hold cap
+                # (`seq | paste -sd ' '`) is read from a later digit RE2 vouches for.
+                far = _TAIL.search(buf, n - MAX_HOLD) if n - tail > MAX_HOLD else m
+                sc = panscan.scan(buf, far.start() if far else tail, n)
+                # Keep the last groups whose digits (19 at most) could still form a PAN
+                # or change one: earlier groups can no longer join a future match.
+                total = 0
+                k = len(sc.groups)
+                while k > 0 and total + len(sc.groups[k - 1]) <= 19:
+                    if k < len(sc.groups) and sc.joints[k - 1] is None:
+                        break
+                    total += len(sc.groups[k - 1])
+                    k -= 1
+                if k < len(sc.groups):
+                    hold = max(base, sc.groups[k][0].pos)
+        # A character cut by the chunk may be a digit of a number: the next chunk must
+        # see it whole.
+        cut = _char_cut(buf, base)
+        hold = min(hold, cut)
+        tail = min(tail, cut)
+        if self._c.track1 is not None:
+            lo = max(base, n - _TRACK_WINDOW)
+            window = buf[lo:]
+            last = buf[-1] if n else 0
+            if (
+                last == 0x25
+                or buf.find(b"B", max(lo, n - 21)) >= 0
+                or b"=" in window
+                or b"^" in window
+            ):
+                t = _TRACK_TAIL.search(window)
+                if t:
+                    hold = min(hold, lo + t.start())
         for (_name, _full, partial), lit in zip(self._c.customs, self._c.literals, strict=True):
-            cw = buf[max(0, n - _MAX_CUSTOM_HOLD) :]
+            lo = max(base, n - _MAX_CUSTOM_HOLD)
+            cw = buf[lo:]
             if lit is not None and lit[:1] not in cw:
                 continue  # every match starts with its literal: none can be in progress
             for pm in partial.finditer(cw, partial=True):
                 if pm.partial and pm.end() > pm.start():
-                    hold = min(hold, n - len(cw) + pm.start())
+                    hold = min(hold, lo + pm.start())
                     break
-        return hold, glued and hold == n
+        return hold, tail
+
+
+def _char_cut(buf: bytes, base: int) -> int:
+    """Where an incomplete UTF-8 character at the end of ``buf`` starts (``len`` if none)."""
+    n = len(buf)
+    for k in (1, 2, 3):
+        b = buf[n - k] if n - k >= base else 0
+        if b >= 0xC0:
+            return n - k if panscan.utf8_length(b) > k else n
+        if b < 0x80:
+            break
+    return n
 
 
 def _hex_positions(buf: bytes, start: int, end: int, left: bytes) -> set[int]:
@@ -463,45 +510,30 @@ def _hex_positions(buf: bytes, start: int, end: int, left: bytes) -> set[int]:
     return found
 
 
-def _groups(buf: bytes, start: int, end: int) -> list[list[int]]:
-    """Digit positions of a candidate, split into groups at its separators."""
-    groups: list[list[int]] = [[]]
-    i = start
-    while i < end:
-        ch = buf[i]
-        if 48 <= ch <= 57:
-            groups[-1].append(i)
-            i += 1
-        elif ch == 0x1B:
-            m = _ESC_SPLIT.match(buf, i, end)
-            if m is None:
-                break  # an escape sequence cut by the end of the buffer: no digits in it
-            i = m.end()
-        elif ch in (0x20, 0x2D):
-            if groups[-1]:
-                groups.append([])
-            i += 1
-        else:
-            i += 1
-    if not groups[-1]:
-        groups.pop()
-    return groups
-
-
-def _apply(buf: bytearray, stars: Iterable[int], offset: int) -> None:
-    for i in stars:
+def _apply(buf: bytearray, stars: Iterable[Star], offset: int) -> None:
+    for i, rep in stars:
         j = i - offset
-        if 0 <= j < len(buf):
-            buf[j] = 0x2A
+        if j >= 0 and j + len(rep) <= len(buf):
+            buf[j : j + len(rep)] = rep
+
+
+# ASCII digits and every byte of a multi-byte character (a non-ASCII digit is one).
+_DIGITISH = bytes(range(48, 58)) + bytes(range(0x80, 0x100))
+
+
+def digits_possible(data: bytes) -> bool:
+    """False when ``data`` cannot hold a card number or track: fewer than 13 bytes that
+    could belong to a digit. Ten times cheaper than the RE2 scan."""
+    return len(data) - len(data.translate(None, _DIGITISH)) >= 13
 
 
 _DIGITS = tuple(bytes([d]) for d in b"0123456789")
 
 
 def _has_digit(buf: bytes) -> bool:
-    """True when ``buf`` holds an ASCII digit: ten memchr passes, some 20 times faster
-    than one RE2 scan of the same buffer."""
-    return any(map(buf.__contains__, _DIGITS))  # no generator: a third of the time
+    """True when ``buf`` may hold a digit: an ASCII digit (ten memchr passes, some 20
+    times faster than one RE2 scan) or any non-ASCII byte."""
+    return any(map(buf.__contains__, _DIGITS)) or not buf.isascii()
 
 
 def _custom_possible(m: Masker, buf: bytes) -> bool:
@@ -518,6 +550,12 @@ class StreamMasker:
     ``feed`` returns the bytes that are safe to release. While ``pending`` is true the
     caller should call ``flush`` once ``hold_deadline`` seconds have passed without new
     data, so interactive echo is never delayed by more than that.
+
+    What is guaranteed: a card number whose bytes all arrive within ``hold_deadline`` of
+    each other (and whose held part stays under ``MAX_HOLD``) is masked exactly as
+    ``mask_bytes`` masks it. When a pause longer than the deadline (or the cap) cuts it,
+    the bytes before the pause were released as they stood; every digit of the number
+    after the pause is masked, so the complete number is never shown.
     """
 
     def __init__(self, masker: Masker, hold_deadline: float = 0.020) -> None:
@@ -525,9 +563,13 @@ class StreamMasker:
         self.hold_deadline = hold_deadline
         self.counts: Counter[str] = Counter()
         self._held = b""
-        self._held_stars: list[int] = []
-        self._glued = False
+        self._held_stars: list[Star] = []  # relative to the start of _held
+        # Released bytes of the run still open at the end of the stream, and which of
+        # its positions were masked: new digits are judged together with them.
+        self._ctx = b""
+        self._ctx_stars: set[int] = set()
         self._left = b""
+        self._kept = False  # the last flush kept a cut character back
 
     @property
     def pending(self) -> int:
@@ -538,45 +580,102 @@ class StreamMasker:
         """Add a chunk; return the masked bytes that can be released now."""
         if not data:
             return b""
-        return self._process(self._held + data, final=False)
+        self._kept = False
+        return self._process(data, final=False)
 
     def flush(self) -> bytes:
         """Release everything held (deadline passed or stream ended), masked."""
         if not self._held:
             return b""
-        return self._process(self._held, final=True)
+        return self._process(b"", final=True)
 
-    def _process(self, buf: bytes, final: bool) -> bytes:
+    def _process(self, data: bytes, final: bool) -> bytes:
         m = self.masker
+        ctx = self._ctx
+        base = len(ctx)
+        buf = ctx + self._held + data if (ctx or self._held) else data
+        n = len(buf)
+        hold, tail = m._hold_from(buf, base)
         if final:
-            hold, glued = len(buf), False
-        else:
-            hold, glued = m._hold_from(buf)
+            # A deadline does not release a character cut inside a number that is still
+            # open (the terminal cannot show it before its last byte anyway): its digit
+            # could not be masked once its first byte is out. A second flush in a row
+            # (the stream ended) releases it.
+            cut = _char_cut(buf, base)
+            hold = cut if cut < n and tail < cut and not self._kept else n
+            self._kept = hold < n
+        elif n - hold > MAX_HOLD:
+            hold = n
         if _has_digit(buf) or (_custom_possible(m, buf) and m.custom_in(buf)):
-            stars = m._find(
-                buf,
-                len(buf),
-                glued_left=self._glued,
-                counts=self.counts,
-                final_before=hold,
-                left=self._left,
-            )
+            stars, later = m._find(buf, base, hold, self._ctx_stars, self.counts, self._left)
         else:
             # Every built-in detector needs digits: a chunk without any (binary zeros,
             # plain text) skips the RE2 scan, the masker's largest cost on bulk output.
-            stars = []
-        if stars or self._held_stars:
-            out = bytearray(buf[:hold])
-            _apply(out, stars, 0)
-            _apply(out, self._held_stars, 0)
+            stars, later = [], []
+        held_stars = [(i + base, r) for i, r in self._held_stars]
+        if stars or held_stars:
+            out = bytearray(buf[base:hold])
+            _apply(out, stars, base)
+            _apply(out, held_stars, base)
             released = bytes(out)
-            self._held_stars = [i - hold for i in stars if i >= hold] + [
-                i - hold for i in self._held_stars if i >= hold
-            ]
         else:
-            released = buf[:hold]  # nothing to mask: no copy
+            released = buf[base:hold]  # nothing to mask: no copy
+        self._held_stars = [(i - hold, r) for i, r in later + held_stars if i >= hold]
         self._held = buf[hold:]
-        if hold:
-            self._glued = glued
-            self._left = (self._left + buf[max(0, hold - _HEX_CONTEXT) : hold])[-_HEX_CONTEXT:]
+        # The context: the released part of the run still open at the end.
+        start = min(tail, hold)
+        if start < hold:
+            starred = {i for i in self._ctx_stars if i >= start}
+            starred.update(i for i, _r in stars if start <= i < hold)
+            starred.update(i for i, _r in held_stars if start <= i < hold)
+            self._ctx, self._ctx_stars = buf[start:hold], {i - start for i in starred}
+            if len(self._ctx) > _CTX_CAP:
+                self._ctx, self._ctx_stars = _compact(self._ctx, self._ctx_stars)
+        else:
+            self._ctx, self._ctx_stars = b"", set()
+        if start:
+            self._left = (self._left + buf[max(0, start - _HEX_CONTEXT) : start])[-_HEX_CONTEXT:]
         return released
+
+
+def _compact(ctx: bytes, starred: set[int]) -> tuple[bytes, set[int]]:
+    """The same open run with what draws nothing dropped and at most its last 40
+    digits: bounded memory however long the run's escape sequences are."""
+    start = 0
+    if ctx.isascii() and b"\x1b" not in ctx:
+        # No string can be open: reading from a digit near the end gives the same groups.
+        m = _TAIL.search(ctx, len(ctx) - _CTX_CAP)
+        start = m.start() if m else 0
+    sc = panscan.scan(ctx, start, len(ctx))
+    out = bytearray()
+    stars: set[int] = set()
+    groups = sc.groups
+    total = 0
+    k = len(groups)
+    while k > 0 and total < 40:
+        total += len(groups[k - 1])
+        k -= 1
+    for gi in range(k, len(groups)):
+        if gi > k:
+            out += sc.joints[gi - 1] or b"x"
+        g = groups[gi][-40:]
+        for d in g:
+            if d.pos in starred:
+                stars.add(len(out))
+            out += ctx[d.pos : d.pos + len(d.star)]
+    if groups and sc.trail:
+        out += sc.trail
+    cut = ctx[sc.cut :]
+    if cut:
+        # An open sequence keeps its opening and its last byte (which may begin the
+        # terminator): enough for the next chunk to be read the same way.
+        out += _open_prefix(cut)
+    return bytes(out), stars
+
+
+def _open_prefix(cut: bytes) -> bytes:
+    """A short stand-in for a sequence cut by the end of the buffer."""
+    if len(cut) <= 16:
+        return cut
+    intro = cut[:2] if cut[:1] == b"\x1b" or cut[:1] == b"\xc2" else cut[:1]
+    return intro + cut[-1:] if cut[-1:] in (b"\x1b", b"\xc2") else intro

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from recorder.integrity import Verdict, manifest_path, verify_cast
 from relay.pg.sql import MAX_PARSE_CHARS
 from tests.fix_pg_relay import PgRelay
 from tests.fix_relay import Relay, wait_for
+from tests.integration.test_control_api import live_session
 
 ASCIINEMA = str(Path(sys.executable).parent / "asciinema")
 TEN_MB = 10 << 20
@@ -157,3 +159,78 @@ def test_invalid_utf8_in_sql_text_and_results(pg_relay: PgRelay) -> None:
     out = output_of(check_cast(cast))
     assert "café utf8 411111******1111" in out
     assert "4111111111111111" not in cast.read_text()
+
+
+# -- a card number cut by a long escape run across two writes ---------------------------
+SGR_RUN = "\x1b[38;5;196m\x1b[48;5;21m\x1b[1m\x1b[4m\x1b[0m\x1b[38;2;10;20;30m"  # 48 bytes
+VISA = "4111111111111111"
+_BODY = SGR_RUN.join(VISA)  # colour codes between every two digits: ~720 bytes
+_CUT = _BODY.index("\x1b[48", len(_BODY) // 2) + 3  # inside an escape sequence
+_MASKED = SGR_RUN.join(VISA[:6] + "******" + VISA[-4:])
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def _printf(text: str) -> str:
+    return "printf '" + text.replace("\x1b", "\\033") + "'"
+
+
+def _split_writes(marker: str, repeat: int, pause: str = "") -> str:
+    """The target prints the number in two writes 5 ms apart (its own timing, below the
+    20 ms hold deadline), the cut inside an escape sequence in the middle of the run."""
+    return (
+        f"for i in $(seq 1 {repeat}); do printf '%s ' {marker}-$i; {_printf(_BODY[:_CUT])}; "
+        f"sleep 0.005; {_printf(_BODY[_CUT:])}; echo ' ok'; {pause} done"
+    )
+
+
+def test_a_number_split_by_a_long_escape_run_across_writes(pg_relay: PgRelay) -> None:
+    relay = pg_relay.relay
+    done = relay.ssh("web", _split_writes("splitpan", 5))
+    assert done.returncode == 0, done.stderr[-300:]
+    expected = "".join(f"splitpan-{i} {_MASKED} ok\n" for i in range(1, 6))
+    assert done.stdout.decode() == expected  # the agent's bytes, escapes intact
+    cast = sealed_cast(relay, "splitpan-$i")  # the command in the header
+    out = output_of(check_cast(cast))
+    assert expected in out and VISA not in _ANSI.sub("", out)
+    res = relay.castgate("export", str(cast), "--format", "txt")
+    assert res.returncode == 0, res.stderr
+    # No PTY: bare line feeds make a staircase, the last line is whole on the screen.
+    assert f"splitpan-5 {VISA[:6]}******{VISA[-4:]} ok" in res.stdout
+    assert VISA not in res.stdout
+    # Positive control: the same bytes without the card number pass unchanged.
+    plain = relay.ssh("web", "printf '" + _printf(SGR_RUN).split("'")[1] + "' ; echo plain-ok")
+    assert plain.stdout == SGR_RUN.encode() + b"plain-ok\n"
+
+
+def test_a_watcher_sees_the_split_number_masked(pg_relay: PgRelay) -> None:
+    relay = pg_relay.relay
+    agent = subprocess.Popen(
+        ["ssh", *relay.ssh_args(), "web@127.0.0.1", _split_writes("watchpan", 300, "sleep 0.05;")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        sid = live_session(relay, "watchpan")
+        watcher = subprocess.Popen(
+            ["ssh", "-tt", *relay.ssh_args(relay.operator_key), "castgate@127.0.0.1", "watch", sid],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert watcher.stdout is not None and watcher.stdin is not None
+        seen = b""
+        while seen.count(b" ok") < 5:
+            chunk = watcher.stdout.read1(4096)  # type: ignore[attr-defined]
+            assert chunk, seen[-500:]
+            seen += chunk
+        watcher.stdin.write(b"q")
+        watcher.stdin.flush()
+        watcher.wait(15)
+        watcher.stdout.close()
+        watcher.stdin.close()
+        text = _ANSI.sub("", seen.decode("utf-8", "replace"))
+        assert f"{VISA[:6]}******{VISA[-4:]} ok" in text and VISA not in text
+    finally:
+        agent.kill()
+        agent.wait()

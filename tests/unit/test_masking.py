@@ -137,6 +137,20 @@ ORDINARY = [
     b"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\n",
     b"1732712345 1732712346 rows=100000 bytes=1048576\n",
     "naïve café 日本語 ✓ 🚀 — 12:34\n".encode(),
+    # df, top -b, a psql table, TSV and paste output, versions, dates, IPs.
+    b"Filesystem     1K-blocks     Used Available Use% Mounted on\n"
+    b"/dev/sda1      102687672 45213312  52216964  47% /\n",
+    b"  PID USER      PR  NI    VIRT    RES    SHR S  %CPU  %MEM     TIME+ COMMAND\n"
+    b" 1234 root      20   0  167000  12000   8000 S   0.0   0.1   0:01.23 systemd\n",
+    b"  id  |  amount  |     created_at\n------+----------+---------------------\n"
+    b" 1001 |  1234.56 | 2026-11-27 11:56:01\n 1002 |  7890.12 | 2026-11-27 11:56:02\n(2 rows)\n",
+    b"1001\t2026-11-27\t10.1.2.3\t1234.50\t42\n1002\t2026-11-28\t10.1.2.4\t99.00\t7\n",
+    b"1000\t1001\t1002\t1003\t1004\t1005\n1006\t1007\t1008\t1009\t1010\t1011\n",
+    b"1000  1001  1002  1003  1004\n2000  2001  2002  2003  2004  2005\n",
+    b"4096\t./src\n123456\t./data\n1234567890\t.\n",
+    b"Python 3.11.7 (main, May  9 2026) [GCC 12.2.0] openssl 3.0.13 v1.2.3.4.5.6.7.8\n",
+    b"27/11/2026 11:56:01 2026/11/27 11/27/26 27.11.2026 2026.11.27\n",
+    b"10.0.0.1 192.168.100.200 172.16.254.1 255.255.255.0 2001:db8::1\n",
 ]
 
 
@@ -183,6 +197,31 @@ def test_real_ls_ps_git_log_output_is_byte_identical(tmp_path: Path) -> None:
     for out in outputs:
         assert len(out) > 200
         assert stream_mask(MASKER, out, list(range(0, len(out), 1000))) == out
+
+
+def test_real_paste_tsv_and_df_output_is_byte_identical(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for i in range(30):
+        (tree / f"d{i}").mkdir(parents=True)
+        (tree / f"d{i}" / "f").write_bytes(b"x" * (i * 1000))
+
+    def sh(cmd: str) -> bytes:
+        return subprocess.run(["/bin/bash", "-c", cmd], capture_output=True, check=True).stdout
+
+    outputs = [
+        sh("seq 1 3000 | paste - - - - - -"),
+        sh("paste <(seq 1 400) <(seq 1000 1399) <(seq 20260101 20260500) <(seq 7 406)"),
+        sh("seq 10000 10999 | paste -d' ' - - - -"),
+        sh("seq 1000 9999 | paste -sd' '"),
+        sh("seq 1000 1999 | paste -sd'-'"),
+        sh("head -c 4096 /dev/zero | tr '\\0' 7 | od -An -tx2"),
+        subprocess.run(["du", "-ab", str(tree)], capture_output=True).stdout,
+        subprocess.run(["df", "-kP"], capture_output=True).stdout,
+        subprocess.run(["df", "-h"], capture_output=True).stdout,
+    ]
+    for out in outputs:
+        assert len(out) > 40
+        assert stream_mask(MASKER, out, list(range(0, len(out), 777))) == out
 
 
 def test_track_data_is_masked_whole() -> None:
@@ -326,3 +365,22 @@ def test_digit_free_stream_still_masks_a_custom_secret_cut_anywhere() -> None:
     for cut in range(1, len(data)):
         out = stream_mask(_STRIPE, data, [cut])
         assert key not in out and out.count(b"*") == len(key)
+
+
+def test_a_number_typed_slower_than_the_deadline_is_echoed_as_typed_until_it_completes() -> None:
+    pan = luhn_complete("411111111111111")
+    s = MASKER.stream()
+    echoed = []
+    for ch in f"pay {pan}\r\n".encode():
+        echoed.append(s.feed(bytes([ch])) + s.flush())  # the deadline passes each time
+    # Each key is echoed at once (nothing stays held past a deadline).
+    assert all(len(e) == 1 for e in echoed)
+    out = b"".join(echoed).decode()
+    # Digits are echoed as typed until one completes a card number whose middle already
+    # went out: from then on they are masked, so the whole number is never on screen.
+    assert out.startswith(f"pay {pan[:12]}") and out.endswith("\r\n")
+    assert pan not in out and out[16:20].count("*") >= 1 and out[-3] == "*"
+    # Typed within the deadline the same number is masked exactly.
+    s = MASKER.stream()
+    fast = b"".join(s.feed(bytes([ch])) for ch in f"pay {pan}\r\n".encode()) + s.flush()
+    assert fast.decode() == f"pay {pan[:6]}******{pan[-4:]}\r\n"

@@ -7,6 +7,7 @@ import re2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recorder import panscan
 from recorder.masking import (
     CustomPattern,
     Masker,
@@ -51,3 +52,26 @@ def test_only_anchor_free_patterns_are_scanned_across_values() -> None:
         assert not _context_free(pattern), pattern
     assert not Masker(MaskPolicy(patterns=[CustomPattern("p", "^k")])).block_safe
     assert Masker(MaskPolicy(patterns=[CustomPattern("p", "k_[0-9]+")])).block_safe
+
+
+@settings(max_examples=500)
+@given(text=st.text(alphabet="0123456789 \t-./", min_size=1, max_size=60))
+def test_the_plain_tokeniser_reads_as_the_full_one(text: str) -> None:
+    data = b"x" + text.encode()
+    for start in range(1, len(data)):
+        if data[start : start + 1].isdigit():
+            assert panscan.scan(data, start, len(data)) == panscan._scan(data, start, len(data))
+            break
+
+
+def test_block_scan_does_not_join_numeric_columns_across_length_fields() -> None:
+    m = Masker()
+    # Three int columns of one DataRow: 15 digits with only NUL-led length fields between.
+    row = b"D\x00\x00\x00\x1f\x00\x03" + b"".join(
+        b"\x00\x00\x00\x05" + v for v in (b"12345", b"67890", b"11111")
+    )
+    assert m.hit_spans(row * 3) == []
+    # A value holding a card number split by an invisible control is still found.
+    pan = b"4111\x011111\x071111\x0e1111"
+    assert m.hit_spans(row + b"\x00\x00\x00\x13" + pan)
+    assert m.mask_bytes(pan) == b"4111\x0111**\x07****\x0e1111"
