@@ -416,8 +416,15 @@ class Neutraliser:
                     out.append(csi.group())
                 i = csi.end()
                 continue
-            out.append("\x1b")
-            i = j + 1
+            if nxt < " " or "\x7f" <= nxt <= "\x9f":
+                # ESC before a control (or another ESC) is dropped: kept, it would join
+                # whatever follows the control once the control is dropped ("ESC ENQ X"
+                # would become "ESC X", a string opener), and a terminal executes the
+                # control and goes on with the sequence anyway.
+                i = j + 1
+                continue
+            out.append(text[j : j + 2])  # ESC and its next character, never apart
+            i = j + 2
         return "".join(out)
 
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from recorder.masking import Masker
+from recorder.masking import Masker, digits_possible
 from relay.pg import protocol as p
 from relay.pg import values
 from relay.pg.protocol import RowRun
@@ -152,7 +152,7 @@ class RowMasker:
             not self.any_masked
             and not custom
             and not self._opaque
-            and len(body) - len(body.translate(None, _DIGITS)) < 13
+            and not digits_possible(body)
         ):
             return body
         end = len(body)

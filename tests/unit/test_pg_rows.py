@@ -307,3 +307,19 @@ def test_an_unknown_type_is_text_unless_it_has_a_binary_layout() -> None:
     assert _one(91236, hstore) is None
     plain = struct.pack("!ii", 1, 1) + b"k" + struct.pack("!i", 1) + b"v"
     assert _one(91236, plain) == plain
+
+
+@pytest.mark.parametrize("name", sorted(MASKERS))
+def test_full_width_card_numbers_in_rows_are_masked(name: str) -> None:
+    # Sixteen full-width digits are 48 bytes and not one ASCII digit: a prefilter that
+    # counts ASCII digits let them through.
+    wide = "4111111111111111".translate({c: c - 0x30 + 0xFF10 for c in range(0x30, 0x3A)})
+    rm = RowMasker(MASKERS[name], [False, False], [0, 0], [25, 25])
+    rows: list[list[bytes | None]] = [[b"1", wide.encode()]] * 3
+    out = rm.mask_run(p.RowRun(b"".join(p.data_row(r) for r in rows), 3))
+    for body in row_bodies(out, 10):
+        cell = p.parse_data_row(body)[1]
+        assert cell is not None and cell != wide.encode()
+        assert len(cell) == len(wide.encode())
+    single = rm.mask_row(p.data_row([b"1", wide.encode()])[5:])
+    assert wide.encode() not in single
