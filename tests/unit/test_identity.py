@@ -154,6 +154,8 @@ def test_valid_token_per_algorithm(auth: Authenticator, keys: Keys, alg: str) ->
         method="oidc",
         subject="user-42",
         expires_at=float(exp),
+        provider="oidc",
+        leeway=30.0,
     )
 
 
