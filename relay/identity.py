@@ -224,7 +224,10 @@ class _JwksFile:
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> None:
+        fp.close()
         raise urllib.error.URLError("JWKS URL redirected; give the final https URL")
 
 
