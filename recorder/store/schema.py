@@ -119,8 +119,13 @@ sessions = sa.Table(
     sa.Column("lines", sa.BigInteger(), nullable=True),
     sa.Column("final_hash", sa.String(), nullable=True),
     sa.Column("masking_counts", _json(), nullable=True),
+    # The OIDC identity's provider, subject and run/initiator claims (Identity.detail),
+    # and the pipeline run the session belongs to (PROVIDER:RUN[:ATTEMPT]).
+    sa.Column("attributes", _json(), nullable=True),
+    sa.Column("run_id", sa.String(), nullable=True),
 )
 sa.Index(None, sessions.c.started_at)
+sa.Index(None, sessions.c.run_id, sessions.c.started_at)
 sa.Index(None, sessions.c.identity, sessions.c.started_at)
 sa.Index(None, sessions.c.target, sessions.c.started_at)
 
