@@ -9,6 +9,7 @@ import hmac
 import logging
 import secrets
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from recorder.config import Config, RuleConfig, mask_policy
+import asyncssh
+
+from recorder.config import Config, RuleConfig, TargetConfig, mask_policy
 from recorder.masking import Masker
 from recorder.session import SessionRecorder
 from recorder.signing import SigningKey
@@ -70,11 +73,14 @@ class RelayContext:
     recording_failures: Counter[str] = field(default_factory=Counter)
     connections: ConnectionLimits = field(init=False)
     """Open connections by source and in total, every listener of this process."""
+    _session_oidc: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """OIDC attributes of open sessions, added to each of their audit events."""
+    _credential_ids: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.cfg)
-        self.auth = Authenticator(self.cfg)
         self.masker = Masker(mask_policy(self.cfg))
+        self.auth = Authenticator(self.cfg, mask=self.masker.mask)
         self.broker = Broker(self.cfg, self.store, self.masker)
         sec = self.cfg.security
         self.limiter = AuthLimiter(sec.auth_failure_limit, sec.auth_window, sec.auth_lockout)
@@ -135,6 +141,7 @@ class RelayContext:
         start its seek index; store failures are logged, never raised."""
         # An empty manifest: the recording failed and nothing was sealed.
         manifest = (getattr(rec, "manifest", None) if rec is not None else None) or None
+        self._session_oidc.pop(session_id, None)
         # The seal's own checkpoint (queued by the writer pool) goes in before the end.
         await asyncio.to_thread(self._store_checkpoints)
         try:
@@ -241,8 +248,12 @@ class RelayContext:
         session_id: str | None = None,
     ) -> None:
         """Write an audit event (PCI DSS 10.2.2 fields) and log it; a store failure is
-        logged, never raised into the session."""
+        logged, never raised into the session. An event of a session opened with an
+        OIDC token carries the token's provider, subject, run and attributes (``oidc``)."""
         self.counters[(kind, outcome)] += 1
+        oidc = self._session_oidc.get(session_id) if session_id is not None else None
+        if oidc is not None and not (detail and "oidc" in detail):
+            detail = {**(detail or {}), "oidc": oidc}
         log.info(
             kind,
             extra={
@@ -388,6 +399,114 @@ class RelayContext:
             except Exception:
                 log.exception("spool.replay_failed")
             delay = idle if not self.spool.pending else min(delay * 2, backoff)
+
+    # --- identity attributes, credentials, token lifetime (protocol-neutral) -----------
+
+    @staticmethod
+    def identity_detail(ident: Identity) -> dict[str, Any]:
+        """``{"oidc": {...}}`` for an identity from an OIDC token (provider, subject,
+        run id, run and initiator claims), else ``{}``: spread into the ``auth`` event's
+        detail and the cast header's ``castgate`` object."""
+        detail = ident.detail()
+        return {"oidc": detail} if detail else {}
+
+    def attribute_session(self, session_id: str, ident: Identity) -> dict[str, Any]:
+        """Keyword arguments for ``create_session`` (``attributes``, ``run_id``), and from
+        now on every audit event of ``session_id`` carries the identity's attributes."""
+        detail = ident.detail()
+        if detail:
+            self._session_oidc[session_id] = detail
+        return {"attributes": detail or None, "run_id": ident.run_id}
+
+    def credential_detail(self, target: TargetConfig) -> dict[str, Any]:
+        """What names the relay's credential for ``target`` in the audit trail: the
+        environment variable's name, the key file and its public key's SHA-256
+        fingerprint. Never the value (PCI DSS 8.6.2: the pipeline holds no static
+        credential; the relay's is named where it is used)."""
+        cached = self._credential_ids.get(target.name)
+        if cached is not None:
+            return cached
+        detail: dict[str, Any] = {"target": target.name}
+        if target.password_env:
+            detail["env"] = target.password_env
+        if target.key_file:
+            path = self.cfg.resolve(target.key_file)
+            detail["key_file"] = str(path)
+            try:
+                detail["fingerprint"] = asyncssh.read_private_key(path).get_fingerprint()
+            except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+                detail["fingerprint"] = None
+                detail["fingerprint_error"] = type(exc).__name__
+        self._credential_ids[target.name] = detail
+        return detail
+
+    def credential_used(
+        self, session_id: str, actor: str | None, origin: str | None, target: TargetConfig
+    ) -> None:
+        """Audit the relay's use of ``target``'s credential for a session
+        (``credential.use``); the relays call it once the target accepted it."""
+        detail = self.credential_detail(target)
+        if len(detail) == 1:
+            return  # no credential of the relay's (e.g. a trust-authenticated database)
+        self.emit(
+            "credential.use",
+            actor,
+            "success",
+            origin,
+            f"{target.kind}:{target.name}",
+            {"credential": detail},
+            session_id=session_id,
+        )
+
+    @staticmethod
+    def token_deadline(ident: Identity) -> float | None:
+        """Epoch seconds when a session opened with ``ident``'s token must end (its
+        ``exp`` plus the provider's leeway), or None for credentials that do not expire."""
+        if ident.expires_at is None:
+            return None
+        return ident.expires_at + ident.leeway
+
+    def token_valid(self, ident: Identity, now: float | None = None) -> bool:
+        """Whether ``ident``'s token still covers new work (a new channel, a statement)."""
+        deadline = self.token_deadline(ident)
+        return deadline is None or (time.time() if now is None else now) < deadline
+
+    def watch_token(
+        self, ident: Identity, on_expired: Callable[[], None]
+    ) -> asyncio.TimerHandle | None:
+        """Call ``on_expired`` on this loop when ``ident``'s token expires (at once if it
+        already has); cancel the handle when the session ends first. The relays call it
+        when a session opens: SSH in ``auth_completed`` for the connection (closing it
+        with a message, and refusing channels by ``token_valid``), PostgreSQL once the
+        session is authenticated (a FATAL 08006/28P01 to the client); ``on_expired``
+        should call :meth:`token_expired` for the audit event and write a cast marker."""
+        deadline = self.token_deadline(ident)
+        if deadline is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return loop.call_later(max(0.0, deadline - time.time()), on_expired)
+
+    def token_expired(
+        self,
+        ident: Identity,
+        origin: str | None,
+        resource: str | None,
+        session_id: str | None = None,
+    ) -> str:
+        """Audit a session cut at its token's expiry (``session.token_expired``) and
+        return the message for the agent."""
+        deadline = self.token_deadline(ident)
+        when = datetime.fromtimestamp(deadline, UTC).isoformat() if deadline else None
+        self.emit(
+            "session.token_expired",
+            ident.name,
+            "success",
+            origin,
+            resource,
+            {"expired_at": when, "provider": ident.provider},
+            session_id=session_id,
+        )
+        return f"castgate: your token expired at {when}; the session is closed"
 
     def issue_token(self, ident: Identity) -> str:
         """A random API token standing for ``ident`` until ``revoke_token`` (the console
