@@ -273,6 +273,34 @@ async def list_sessions(request: web.Request) -> web.Response:
     return _json({"sessions": rows})
 
 
+@requires("auditor", "admin", "approver")
+async def list_runs(request: web.Request) -> web.Response:
+    """Pipeline runs (sessions sharing a CI token's run), newest first."""
+    ctx = _ctx(request)
+    runs = await asyncio.to_thread(
+        ctx.store.list_runs,
+        since=_time_param(request, "since"),
+        until=_time_param(request, "until"),
+    )
+    return _json({"runs": runs})
+
+
+@requires("auditor", "admin")
+async def get_run(request: web.Request) -> web.Response:
+    """One pipeline run with its sessions."""
+    ctx = _ctx(request)
+    ident: Identity = request[IDENT]
+    rid = request.match_info["id"]
+    runs = await asyncio.to_thread(ctx.store.list_runs, run_id=rid)
+    if not runs:
+        raise _Fail(404, f"no run {rid}")
+    rows = await asyncio.to_thread(ctx.store.run_sessions, rid)
+    for row in rows:
+        row.pop("cast_path", None)
+    ctx.emit("record.read", ident.name, "success", _peer(request), f"run:{rid}", {"via": "api"})
+    return _json({"run": runs[0], "sessions": rows})
+
+
 async def _session_or_404(request: web.Request) -> dict[str, Any]:
     ctx = _ctx(request)
     sid = request.match_info["id"]
@@ -603,6 +631,8 @@ def build_app(ctx: RelayContext) -> web.Application:
     app.router.add_get("/api/v1/sessions/{id}/cast", get_cast)
     app.router.add_get("/api/v1/sessions/{id}/live", live)
     app.router.add_get(peer.LIVE_PATH, peer_live)
+    app.router.add_get("/api/v1/runs", list_runs)
+    app.router.add_get("/api/v1/runs/{id}", get_run)
     app.router.add_get("/api/v1/approvals", list_approvals)
     app.router.add_get("/api/v1/approvals/{id}", get_approval)
     app.router.add_post("/api/v1/approvals/{id}/approve", approve)
@@ -680,6 +710,27 @@ OPENAPI: dict[str, Any] = {
                     "status": {"type": "string"},
                 },
             },
+            "Run": {
+                "type": "object",
+                "required": ["run_id", "sessions", "session_ids", "first_started_at"],
+                "properties": {
+                    "run_id": {"type": "string"},
+                    "provider": {"type": "string", "nullable": True},
+                    "initiator": {"type": "string", "nullable": True},
+                    "repository": {"type": "string", "nullable": True},
+                    "ref": {"type": "string", "nullable": True},
+                    "sha": {"type": "string", "nullable": True},
+                    "sessions": {"type": "integer"},
+                    "session_ids": {"type": "array", "items": {"type": "string"}},
+                    "first_started_at": {"type": "string", "format": "date-time"},
+                    "last_ended_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "commands": {"type": "integer"},
+                    "blocked": {"type": "integer"},
+                    "approvals": {"type": "integer"},
+                    "masked": {"type": "integer"},
+                    "masking_counts": _OBJ,
+                },
+            },
             "Approval": {
                 "type": "object",
                 "required": ["id", "status", "identity", "target", "command", "rule"],
@@ -749,6 +800,53 @@ OPENAPI: dict[str, Any] = {
                         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
                     },
                 ],
+            )
+        },
+        "/api/v1/runs": {
+            "get": _op(
+                "List pipeline runs, newest first",
+                _ok(
+                    {
+                        "type": "object",
+                        "required": ["runs"],
+                        "properties": {
+                            "runs": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}}
+                        },
+                    }
+                ),
+                400,
+                params=[
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                    {
+                        "name": "until",
+                        "in": "query",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                ],
+            )
+        },
+        "/api/v1/runs/{id}": {
+            "get": _op(
+                "A pipeline run with its sessions",
+                _ok(
+                    {
+                        "type": "object",
+                        "required": ["run", "sessions"],
+                        "properties": {
+                            "run": {"$ref": "#/components/schemas/Run"},
+                            "sessions": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/Session"},
+                            },
+                        },
+                    }
+                ),
+                404,
+                params=[_ID],
             )
         },
         "/api/v1/sessions/{id}": {
