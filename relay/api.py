@@ -273,6 +273,35 @@ async def list_sessions(request: web.Request) -> web.Response:
     return _json({"sessions": rows})
 
 
+async def exchange_token(request: web.Request) -> web.Response:
+    """A short castgate token for the OIDC token given as the bearer (any identity the
+    token authenticates; no role needed): for clients that cannot send the OIDC token
+    itself, such as OpenSSH (at most 1023 bytes of password)."""
+    ctx = _ctx(request)
+    try:
+        ident = await _authenticate(request)
+    except _Fail as exc:
+        return _error(exc.status, str(exc))
+    if ident.method != "oidc":
+        return _error(400, "only an OIDC token can be exchanged")
+    try:
+        token, expires = await asyncio.to_thread(ctx.exchange_token, ident)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    when = datetime.fromtimestamp(expires, UTC)
+    ctx.emit(
+        "token.exchange",
+        ident.name,
+        "success",
+        _peer(request),
+        "api",
+        {"expires_at": when.isoformat(), **ctx.identity_detail(ident)},
+    )
+    return _json(
+        {"token": token, "expires_at": when, "identity": ident.name, "run_id": ident.run_id}
+    )
+
+
 @requires("auditor", "admin", "approver")
 async def list_runs(request: web.Request) -> web.Response:
     """Pipeline runs (sessions sharing a CI token's run), newest first."""
@@ -631,6 +660,7 @@ def build_app(ctx: RelayContext) -> web.Application:
     app.router.add_get("/api/v1/sessions/{id}/cast", get_cast)
     app.router.add_get("/api/v1/sessions/{id}/live", live)
     app.router.add_get(peer.LIVE_PATH, peer_live)
+    app.router.add_post("/api/v1/token/exchange", exchange_token)
     app.router.add_get("/api/v1/runs", list_runs)
     app.router.add_get("/api/v1/runs/{id}", get_run)
     app.router.add_get("/api/v1/approvals", list_approvals)
@@ -800,6 +830,26 @@ OPENAPI: dict[str, Any] = {
                         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
                     },
                 ],
+            )
+        },
+        "/api/v1/token/exchange": {
+            "post": _op(
+                "Exchange the OIDC bearer token for a short castgate token (same identity "
+                "and expiry), for SSH passwords",
+                _ok(
+                    {
+                        "type": "object",
+                        "required": ["token", "expires_at", "identity"],
+                        "properties": {
+                            "token": {"type": "string"},
+                            "expires_at": {"type": "string", "format": "date-time"},
+                            "identity": {"type": "string"},
+                            "run_id": {"type": "string", "nullable": True},
+                        },
+                    }
+                ),
+                400,
+                429,
             )
         },
         "/api/v1/runs": {

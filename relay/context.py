@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import secrets
@@ -28,7 +29,7 @@ from recorder.store.spool import StoreSpool
 from relay.approvals import Broker, Outcome
 from relay.cluster import Cluster, default_node_id, peer_token
 from relay.connlimit import ConnectionLimits, fd_budget
-from relay.identity import Authenticator, Identity
+from relay.identity import EXCHANGED_PREFIX, Authenticator, Identity
 from relay.live import LiveHub
 from relay.policy import Policy
 from relay.ratelimit import AuthLimiter
@@ -81,6 +82,7 @@ class RelayContext:
         self.policy = Policy(self.cfg)
         self.masker = Masker(mask_policy(self.cfg))
         self.auth = Authenticator(self.cfg, mask=self.masker.mask)
+        self.auth.exchanged = self._exchanged_identity
         self.broker = Broker(self.cfg, self.store, self.masker)
         sec = self.cfg.security
         self.limiter = AuthLimiter(sec.auth_failure_limit, sec.auth_window, sec.auth_lockout)
@@ -401,6 +403,30 @@ class RelayContext:
             delay = idle if not self.spool.pending else min(delay * 2, backoff)
 
     # --- identity attributes, credentials, token lifetime (protocol-neutral) -----------
+
+    def _exchanged_identity(self, digest: str) -> Identity | None:
+        # Called from by_token, which the listeners run in worker threads; a store
+        # error refuses the token (fail closed), it is not a crash.
+        try:
+            found = self.store.get_exchanged_token(digest)
+        except StoreError:
+            return None
+        return Identity.from_dict(found) if found is not None else None
+
+    def exchange_token(self, ident: Identity) -> tuple[str, float]:
+        """A short castgate token standing for ``ident`` (an OIDC identity) until its
+        token's expiry (plus leeway): usable as an SSH or PostgreSQL password where the
+        OIDC token is too long (OpenSSH sends at most 1023 bytes). Only its SHA-256 is
+        stored. Returns the token and its expiry (epoch seconds). Blocking (store)."""
+        deadline = self.token_deadline(ident)
+        if ident.method != "oidc" or deadline is None:
+            raise ValueError("only an OIDC token with an expiry can be exchanged")
+        token = EXCHANGED_PREFIX + secrets.token_urlsafe(32)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        self.store.put_exchanged_token(
+            digest, ident.to_dict(), datetime.fromtimestamp(deadline, UTC)
+        )
+        return token, deadline
 
     @staticmethod
     def identity_detail(ident: Identity) -> dict[str, Any]:

@@ -42,6 +42,9 @@ from recorder.errors import CastgateError
 # which must still take the JWT path so it is refused as a JWT, not as an unknown token.
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
+# Short castgate tokens handed out for a verified OIDC token (POST /api/v1/token/exchange).
+EXCHANGED_PREFIX = "cgx_"
+
 # A password can be large; no real ID token comes near this, and refusing early keeps
 # an unauthenticated peer from making us base64- and JSON-decode megabytes.
 _MAX_TOKEN_LEN = 16384
@@ -136,6 +139,33 @@ class Identity:
         if "pipeline_id" in a:
             return f"{self.provider}:{a['pipeline_id']}"
         return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything about the identity, as JSON (kept for an exchanged token)."""
+        return {
+            "name": self.name,
+            "groups": list(self.groups),
+            "method": self.method,
+            "subject": self.subject,
+            "expires_at": self.expires_at,
+            "provider": self.provider,
+            "attributes": [list(a) for a in self.attributes],
+            "leeway": self.leeway,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Identity:
+        """The identity :meth:`to_dict` wrote."""
+        return cls(
+            name=str(d["name"]),
+            groups=tuple(str(g) for g in d.get("groups") or ()),
+            method=str(d.get("method") or "oidc"),
+            subject=d.get("subject"),
+            expires_at=d.get("expires_at"),
+            provider=d.get("provider"),
+            attributes=tuple((str(k), str(v)) for k, v in d.get("attributes") or ()),
+            leeway=float(d.get("leeway") or 0.0),
+        )
 
     def detail(self) -> dict[str, Any]:
         """What audit events, the session row and the cast header keep of an OIDC
@@ -367,7 +397,25 @@ class Authenticator:
         """
         if self._providers and _JWT_SHAPE.fullmatch(secret):
             return self._by_jwt(secret)
+        if secret.startswith(EXCHANGED_PREFIX) and self.exchanged is not None:
+            return self._by_exchanged(secret)
         return self._by_static_token(secret)
+
+    exchanged: Callable[[str], Identity | None] | None = None
+    """Looks up an exchanged token by its SHA-256 (hex): the identity it stands for while
+    unexpired, else None. Set by the relay (the tokens live in the shared store)."""
+
+    def _by_exchanged(self, secret: str) -> Identity:
+        assert self.exchanged is not None
+        if len(secret) > 128:
+            raise AuthError("unknown token")
+        ident = self.exchanged(hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest())
+        if ident is None:
+            raise AuthError("unknown or expired exchanged token")
+        deadline = (ident.expires_at or 0.0) + ident.leeway
+        if time.time() >= deadline:
+            raise AuthError("token expired")
+        return ident
 
     def reload_jwks(self) -> None:
         """Re-read the JWKS files (or drop the fetched sets); a bad file keeps the old keys."""

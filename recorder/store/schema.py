@@ -219,3 +219,17 @@ nodes = sa.Table(
     sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
     sa.Column("stopped_at", UTCDateTime(), nullable=True),
 )
+
+# A short castgate token handed out for a verified OIDC token (``POST
+# /api/v1/token/exchange``): only its SHA-256 is kept, with the identity it stands for,
+# until the OIDC token's expiry. OpenSSH cannot send a password longer than 1023 bytes,
+# and CI id-tokens are longer.
+token_exchanges = sa.Table(
+    "token_exchanges",
+    metadata,
+    sa.Column("digest", sa.String(), primary_key=True),
+    sa.Column("identity", _json(), nullable=False),
+    sa.Column("issued_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+)
+sa.Index(None, token_exchanges.c.expires_at)

@@ -47,6 +47,7 @@ from recorder.store.schema import (
     manifests,
     nodes,
     sessions,
+    token_exchanges,
 )
 
 __all__ = ["APPROVALS_CHANNEL", "Store", "StoreError"]
@@ -615,6 +616,40 @@ class Store:
         runs = [summarise_run(rid, rs, figures) for rid, rs in by_run.items()]
         runs.sort(key=lambda r: (r["first_started_at"], r["run_id"]), reverse=True)
         return runs
+
+    # --- exchanged tokens ----------------------------------------------------------
+
+    def put_exchanged_token(
+        self, digest: str, identity: dict[str, Any], expires_at: datetime
+    ) -> None:
+        """Keep an exchanged token's SHA-256 (hex) with the identity it stands for; the
+        expired ones are dropped on the way."""
+        now = _now()
+        with self._tx(write=True) as conn:
+            conn.execute(token_exchanges.delete().where(token_exchanges.c.expires_at <= now))
+            conn.execute(
+                token_exchanges.insert().values(
+                    digest=digest,
+                    identity=identity,
+                    issued_at=now,
+                    expires_at=_aware(expires_at, "expires_at"),
+                )
+            )
+
+    def get_exchanged_token(self, digest: str) -> dict[str, Any] | None:
+        """The identity of an unexpired exchanged token, or None."""
+        with self._tx(write=False) as conn:
+            row = (
+                conn.execute(
+                    sa.select(token_exchanges).where(
+                        token_exchanges.c.digest == digest,
+                        token_exchanges.c.expires_at > _now(),
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return None if row is None else dict(row["identity"])
 
     # --- command log --------------------------------------------------------------
 
