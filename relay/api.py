@@ -283,11 +283,11 @@ async def exchange_token(request: web.Request) -> web.Response:
     except _Fail as exc:
         return _error(exc.status, str(exc))
     if ident.method != "oidc":
-        return _error(400, "only an OIDC token can be exchanged")
+        return _error(403, "only an OIDC token can be exchanged")
     try:
         token, expires = await asyncio.to_thread(ctx.exchange_token, ident)
     except ValueError as exc:
-        return _error(400, str(exc))
+        return _error(403, str(exc))
     when = datetime.fromtimestamp(expires, UTC)
     ctx.emit(
         "token.exchange",
@@ -848,7 +848,6 @@ OPENAPI: dict[str, Any] = {
                         },
                     }
                 ),
-                400,
                 429,
             )
         },
