@@ -776,3 +776,13 @@ def test_single_oidc_table_is_one_provider(auth: Authenticator, keys: Keys) -> N
     assert ident.provider == "oidc" and ident.run_id is None
     prov = auth.provider("oidc")
     assert prov is not None and prov.cfg.issuer == ISSUER
+
+
+def test_the_pipelines_config_snippet_loads() -> None:
+    snippet = Path(__file__).resolve().parents[2] / "assets" / "ci" / "castgate.pipelines.toml"
+    cfg = parse_config(snippet.read_text(encoding="utf-8"), snippet)
+    auth = Authenticator(cfg)  # https JWKS: nothing is fetched before the first token
+    assert [p.name for p in cfg.oidc.all_providers()] == ["corp", "github", "gitlab"]  # type: ignore[union-attr]
+    github = auth.provider("github")
+    assert github is not None
+    assert [i.name for i in github.bound] == ["payments-deploy", "payments-release"]
