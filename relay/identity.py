@@ -374,9 +374,11 @@ class Authenticator:
         self._mask = mask
         self._providers: list[_Provider] = []
         bound: dict[str, list[IdentityConfig]] = {}
+        self._bound_names: dict[str, str] = {}
         for ident in cfg.identities:
             if ident.oidc is not None:
                 bound.setdefault(ident.oidc.provider, []).append(ident)
+                self._bound_names[ident.name] = ident.oidc.provider
         if cfg.oidc is not None:
             for pc in cfg.oidc.all_providers():
                 self._providers.append(_Provider(cfg, pc, tuple(bound.get(pc.name, ()))))
@@ -519,6 +521,13 @@ class Authenticator:
         name = preferred if isinstance(preferred, str) and preferred else subject
         if name is None:
             raise AuthError("malformed token")
+        if name in self._bound_names:
+            # A person's token must not pass for a pipeline: the PostgreSQL user, the
+            # approvals ("never your own request") and the audit trail go by the name.
+            raise AuthError(
+                f"token of provider {oidc.name} names {self._masked(name)!r}, an identity "
+                f"bound to provider {self._bound_names[name]}; refused"
+            )
         return Identity(
             name=name,
             # Only the claim's groups: a static identity of the same name lends nothing.

@@ -637,6 +637,19 @@ def test_another_issuers_token_is_not_a_pipeline(pipes: tuple[Authenticator, Jwk
     )
 
 
+def test_a_person_cannot_take_a_pipelines_name(pipes: tuple[Authenticator, JwksServer]) -> None:
+    auth, server = pipes
+    corp = server.issuers["corp"]
+    for claims in (
+        {"sub": "u-9", "preferred_username": "payments-deploy", "groups": ["agents"]},
+        {"sub": "ledger-ci", "groups": ["agents"]},
+    ):
+        with pytest.raises(AuthError, match="an identity bound to provider (github|gitlab)"):
+            auth.by_token(corp.mint(claims))
+    # Positive control: the same person under their own name.
+    assert auth.by_token(corp.mint({"sub": "u-9", "preferred_username": "dana"})).name == "dana"
+
+
 def test_runs_are_told_apart(pipes: tuple[Authenticator, JwksServer]) -> None:
     auth, server = pipes
     gh = server.issuers["github"]
