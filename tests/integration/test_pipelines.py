@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,6 +283,18 @@ def test_people_and_pipelines_through_one_relay(
     assert a["masking_counts"]["pan"] >= len(PANS) and a["masking_counts"]["stripe-key"] == 1
     assert (b["initiator"], b["sessions"], b["blocked"], b["approvals"]) == ("hubot", 1, 0, 0)
     assert not set(a["session_ids"]) & set(b["session_ids"])
+    text = pipes.relay.castgate("runs", "--token", TOKENS["alice"])
+    assert text.returncode == 0, text.stderr
+    line_a = next(line for line in text.stdout.splitlines() if line.startswith(RUN_A))
+    assert "octocat  acme/payments@refs/heads/main" in line_a and "sessions 5" in line_a
+    req = urllib.request.Request(
+        f"{pipes.relay.api}/api/v1/runs/{RUN_A}",
+        headers={"Authorization": f"Bearer {TOKENS['alice']}"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        one = json.loads(resp.read())
+    assert one["run"]["session_ids"] == a["session_ids"]
+    assert [r["id"] for r in one["sessions"]] == a["session_ids"]
 
     with pipes.store() as store:
         person_rows = [r for r in store.list_sessions() if r["identity"] == "carol"]

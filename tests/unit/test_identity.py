@@ -644,7 +644,7 @@ def test_a_person_cannot_take_a_pipelines_name(pipes: tuple[Authenticator, JwksS
         {"sub": "u-9", "preferred_username": "payments-deploy", "groups": ["agents"]},
         {"sub": "ledger-ci", "groups": ["agents"]},
     ):
-        with pytest.raises(AuthError, match="an identity bound to provider (github|gitlab)"):
+        with pytest.raises(AuthError, match=r"an identity bound to provider (github|gitlab)"):
             auth.by_token(corp.mint(claims))
     # Positive control: the same person under their own name.
     assert auth.by_token(corp.mint({"sub": "u-9", "preferred_username": "dana"})).name == "dana"
