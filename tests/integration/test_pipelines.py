@@ -355,6 +355,11 @@ def test_people_and_pipelines_through_one_relay(
         record["pci_dss"]
     )
     assert not any("deploy-step-b" in json.dumps(e) for e in timeline)  # run B is not here
+    audit = json.loads((out / "sessions" / sid / "audit-record.json").read_text())
+    assert audit["run_id"] == RUN_A
+    assert audit["fields"]["oidc"]["value"]["attributes"]["triggering_actor"] == "octocat"
+    assert audit["fields"]["oidc"]["pci_dss"] == ["8.2.1", "8.6.1", "10.2.2"]
+    assert audit["fields"]["credentials_used"]["pci_dss"] == ["8.6.2", "7.2.5"]
     index = (out / "index.html").read_text()
     assert "Pipeline run github:7001:1" in index and "Timeline" in index
     for f in out.rglob("*"):
