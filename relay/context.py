@@ -77,6 +77,10 @@ class RelayContext:
     _session_oidc: dict[str, dict[str, Any]] = field(default_factory=dict)
     """OIDC attributes of open sessions, added to each of their audit events."""
     _credential_ids: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _token_watch: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    """Per open session with an expiring token: the timer that ends it."""
+    _expired_early: dict[str, Identity] = field(default_factory=dict)
+    """Sessions whose token ran out before they were live: ended at their start."""
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.cfg)
@@ -144,6 +148,10 @@ class RelayContext:
         # An empty manifest: the recording failed and nothing was sealed.
         manifest = (getattr(rec, "manifest", None) if rec is not None else None) or None
         self._session_oidc.pop(session_id, None)
+        watch = self._token_watch.pop(session_id, None)
+        if watch is not None:
+            watch.cancel()
+        self._expired_early.pop(session_id, None)
         # The seal's own checkpoint (queued by the writer pool) goes in before the end.
         await asyncio.to_thread(self._store_checkpoints)
         try:
@@ -256,6 +264,10 @@ class RelayContext:
         oidc = self._session_oidc.get(session_id) if session_id is not None else None
         if oidc is not None and not (detail and "oidc" in detail):
             detail = {**(detail or {}), "oidc": oidc}
+        if kind == "session.start" and session_id in self._expired_early:
+            # A new session (an SSH channel) after the token ran out: it ends at once,
+            # before its command reaches the target.
+            self.track(asyncio.ensure_future(self._end_expired(session_id)))
         log.info(
             kind,
             extra={
@@ -442,7 +454,48 @@ class RelayContext:
         detail = ident.detail()
         if detail:
             self._session_oidc[session_id] = detail
+        self._watch_session(session_id, ident)
         return {"attributes": detail or None, "run_id": ident.run_id}
+
+    def _watch_session(self, session_id: str, ident: Identity) -> None:
+        """Arm the end of ``session_id`` at its token's expiry (plus leeway)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on the relay's loop (tests of the row alone)
+        handle = self.watch_token(ident, lambda: self._token_ran_out(session_id, ident))
+        if handle is not None:
+            self._token_watch[session_id] = handle
+
+    def _token_ran_out(self, session_id: str, ident: Identity) -> None:
+        self._token_watch.pop(session_id, None)
+        self._expired_early[session_id] = ident
+        if session_id in self.live:
+            self.track(asyncio.ensure_future(self._end_expired(session_id)))
+        # else: not live yet; the session.start event ends it.
+
+    async def _end_expired(self, session_id: str) -> None:
+        """End a live session whose token expired: an audit event, a cast marker, a
+        message to the agent, then the session's own ``close`` (the one shutdown uses;
+        each relay's session has it)."""
+        ident = self._expired_early.pop(session_id, None)
+        session = self.live.get(session_id)
+        if ident is None or session is None:
+            return
+        target = getattr(session, "target", None)
+        kind = getattr(target, "kind", None)
+        resource = f"{kind}:{target.name}" if target is not None else None
+        message = self.token_expired(ident, None, resource, session_id=session_id)
+        rec = getattr(session, "rec", None)
+        with contextlib.suppress(Exception):
+            if rec is not None:
+                rec.marker(message.removeprefix("castgate: "))
+        chan = getattr(session, "chan", None)
+        with contextlib.suppress(Exception):
+            if chan is not None:  # SSH: the agent's stderr (PostgreSQL: the FATAL below)
+                chan.write_stderr((message + "\r\n").encode())
+        with contextlib.suppress(Exception):
+            await session.close(message.removeprefix("castgate: "))
 
     def credential_detail(self, target: TargetConfig) -> dict[str, Any]:
         """What names the relay's credential for ``target`` in the audit trail: the
@@ -501,11 +554,9 @@ class RelayContext:
         self, ident: Identity, on_expired: Callable[[], None]
     ) -> asyncio.TimerHandle | None:
         """Call ``on_expired`` on this loop when ``ident``'s token expires (at once if it
-        already has); cancel the handle when the session ends first. The relays call it
-        when a session opens: SSH in ``auth_completed`` for the connection (closing it
-        with a message, and refusing channels by ``token_valid``), PostgreSQL once the
-        session is authenticated (a FATAL 08006/28P01 to the client); ``on_expired``
-        should call :meth:`token_expired` for the audit event and write a cast marker."""
+        already has); cancel the handle when the session ends first.
+        :meth:`attribute_session` arms it for every session (SSH channel, PostgreSQL
+        session) opened with an expiring token."""
         deadline = self.token_deadline(ident)
         if deadline is None:
             return None

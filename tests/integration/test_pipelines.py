@@ -5,17 +5,20 @@ them, real ``ssh``, ``git push`` and ``psql``; pipeline runs kept apart, listed 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 
 from recorder.config import load_config
@@ -436,3 +439,63 @@ def test_gitlab_pipeline_and_key_rotation(pipes: Pipelines) -> None:
     with pipes.store() as store:
         (row,) = store.run_sessions("gitlab:881")
     assert row["groups"] == ["agents"]
+
+
+def _expiring(pipes: Pipelines, run_id: str, seconds: int) -> str:
+    """A GitHub id-token that stays acceptable for about ``seconds`` more: its exp lies
+    in the past, inside the provider's 30 s leeway."""
+    claims = {**github_claims(run_id=run_id), "exp": int(time.time()) - 30 + seconds}
+    return pipes.jwks.issuers["github"].mint(claims)
+
+
+def test_sessions_end_with_their_token(pipes: Pipelines) -> None:
+    short = pipes.short(_expiring(pipes, "7100", 6))
+
+    async def ssh() -> tuple[str, asyncssh.SSHCompletedProcess, asyncssh.SSHCompletedProcess]:
+        async with asyncssh.connect(
+            "127.0.0.1",
+            pipes.relay.port,
+            username="web",
+            password=short,
+            preferred_auth="password",
+            client_keys=None,
+            known_hosts=pipes.relay.known_hosts_obj(),
+            config=[],
+            agent_path=None,
+        ) as conn:
+            before = await conn.run("printf 'before\\001expiry'", check=False)
+            assert before.stdout == "before\x01expiry"  # positive control, byte for byte
+            cut = await conn.run("sleep 120; echo never", check=False)
+            # A new channel on the same connection after the expiry: refused.
+            after = await conn.run("echo after-expiry", check=False)
+            return str(before.stdout), cut, after
+
+    _, cut, after = asyncio.run(ssh())
+    assert "never" not in str(cut.stdout) and "token expired" in str(cut.stderr)
+    assert "after-expiry" not in str(after.stdout) and "token expired" in str(after.stderr)
+
+    jwt = _expiring(pipes, "7101", 6)
+    ok = pipes.psql(jwt, "payments-deploy", "-c", "SELECT 'still-valid'")
+    assert ok.returncode == 0 and "still-valid" in ok.stdout, ok.stderr
+    cut_pg = pipes.psql(jwt, "payments-deploy", "-c", "SELECT pg_sleep(120)")
+    # Connected while valid (leeway), cut when the token runs out.
+    assert cut_pg.returncode != 0 and "token expired" in cut_pg.stderr, cut_pg.stderr
+
+    wait_for(lambda: _ended(pipes, "github:7100:1", 3) is not None, 30)
+    wait_for(lambda: _ended(pipes, "github:7101:1", 2) is not None, 30)
+    with pipes.store() as store:
+        rows = store.run_sessions("github:7100:1") + store.run_sessions("github:7101:1")
+        expired = {
+            e["session_id"]
+            for r in rows
+            for e in store.list_events(session_id=r["id"])
+            if e["kind"] == "session.token_expired"
+        }
+    cut_ids = {r["id"] for r in rows[1:3]} | {rows[-1]["id"]}
+    assert cut_ids <= expired and rows[0]["id"] not in expired
+    marked = [
+        r["id"]
+        for r in rows
+        if "your token expired" in (pipes.relay.recordings() / f"{r['id']}.cast").read_text()
+    ]
+    assert set(marked) >= cut_ids
