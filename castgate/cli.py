@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from castgate.replay_cli import add_replay_commands
+from castgate.replay_cli import add_replay_commands, parse_when
 from recorder.errors import CastgateError
 
 if TYPE_CHECKING:
@@ -115,6 +115,13 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     return cmd_sessions(_api(args), args.live, args.json)
 
 
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from castgate.client import cmd_runs
+
+    since = args.since.isoformat() if args.since is not None else None
+    return cmd_runs(_api(args), since, args.json)
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
     from castgate.client import cmd_watch
 
@@ -209,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--live", action="store_true", help="only live sessions")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_sessions)
+
+    s = client("runs", "list pipeline runs: initiator, repository, sessions, counts (control API)")
+    s.add_argument("--since", type=parse_when, metavar="T", help="runs with a session since T")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_runs)
 
     s = client("watch", "render a live session in this terminal")
     s.add_argument("session")

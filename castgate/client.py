@@ -119,6 +119,34 @@ def cmd_sessions(api: Api, live: bool, as_json: bool) -> int:
     return 0
 
 
+def cmd_runs(api: Api, since: str | None, as_json: bool) -> int:
+    """List pipeline runs."""
+    from urllib.parse import quote
+
+    from relay.live import printable
+
+    query = f"?since={quote(since)}" if since else ""
+    runs = api.request("GET", "/api/v1/runs" + query)["runs"]
+    if as_json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    if not runs:
+        print("no pipeline runs")
+    for r in runs:
+        # Claims are the pipeline's own text: printable() keeps escapes off the terminal.
+        print(
+            printable(
+                f"{r['run_id']}  {r.get('initiator') or '-'}  {r.get('repository') or '-'}"
+                f"@{r.get('ref') or '-'} {str(r.get('sha') or '')[:12]}  "
+                f"{_fmt_time(r.get('first_started_at'))} .. "
+                f"{_fmt_time(r.get('last_ended_at')) or 'live'}  sessions {r['sessions']}  "
+                f"commands {r['commands']} blocked {r['blocked']} approvals {r['approvals']} "
+                f"masked {r['masked']}"
+            )
+        )
+    return 0
+
+
 def cmd_approvals(api: Api, show_all: bool, as_json: bool) -> int:
     """List approvals."""
     from relay.live import printable

@@ -188,22 +188,36 @@ def _cmd_evidence(args: argparse.Namespace) -> int:
     from recorder.store import Store
     from replay.evidence import build_bundle, select_sessions
 
-    if not args.session and args.since is None:
-        raise ReplayCliError("evidence: name sessions with --session ID or a range with --since")
-    if args.session and (args.since is not None or args.until is not None):
-        raise ReplayCliError("evidence: --session and --since/--until are exclusive")
+    given = [bool(args.session), args.since is not None or args.until is not None, bool(args.run)]
+    if not any(given):
+        raise ReplayCliError(
+            "evidence: name sessions with --session ID, a run with --run ID, or a range with --since"
+        )
+    if sum(given) > 1:
+        raise ReplayCliError("evidence: --session, --run and --since/--until are exclusive")
+    if args.until is not None and args.since is None:
+        raise ReplayCliError("evidence: --until needs --since")
     cfg, cfg_path = _config(args.config)
     if cfg is None:
         raise ReplayCliError("evidence: no config (-c castgate.toml)")
     store: Store = Store.open(cfg.store_url())
+    run: dict[str, Any] | None = None
     try:
         until = args.until or datetime.now(UTC)
-        rows = select_sessions(store, args.session or (), args.since, until)
-        selection: dict[str, Any] = (
-            {"sessions": list(args.session)}
-            if args.session
-            else {"since": args.since.isoformat(), "until": until.isoformat()}
-        )
+        if args.run:
+            runs = store.list_runs(run_id=args.run)
+            if not runs:
+                raise ReplayCliError(f"evidence: no pipeline run {args.run} in the audit store")
+            run = runs[0]
+            rows = store.run_sessions(args.run)
+            selection: dict[str, Any] = {"run": args.run}
+        else:
+            rows = select_sessions(store, args.session or (), args.since, until)
+            selection = (
+                {"sessions": list(args.session)}
+                if args.session
+                else {"since": args.since.isoformat(), "until": until.isoformat()}
+            )
         selection["config"] = str(cfg_path)
         manifest = build_bundle(
             store,
@@ -213,6 +227,7 @@ def _cmd_evidence(args: argparse.Namespace) -> int:
             actor=_actor(),
             origin=_origin(),
             selection=selection,
+            run=run,
         )
     finally:
         store.close()
@@ -255,8 +270,9 @@ def add_replay_commands(sub: Any) -> None:
     s.add_argument("-c", "--config", help="castgate.toml, to find a SESSION's recording")
     s.set_defaults(func=_cmd_export)
 
-    s = sub.add_parser("evidence", help="write a PCI DSS evidence bundle for sessions")
+    s = sub.add_parser("evidence", help="write a PCI DSS evidence bundle for sessions or a run")
     s.add_argument("--session", action="append", metavar="ID", help="a session (repeatable)")
+    s.add_argument("--run", metavar="ID", help="a pipeline run (castgate runs), with its timeline")
     s.add_argument("--since", type=parse_when, metavar="T", help="sessions started at or after T")
     s.add_argument("--until", type=parse_when, metavar="T", help="... and before T (default: now)")
     s.add_argument("-o", "--output", required=True, metavar="DIR", help="new directory")

@@ -234,19 +234,131 @@ class MaskingConfig(_Section):
     """How long output that could still become a match may be held back, in ms."""
 
 
-class OidcConfig(_Section):
+class OidcProviderConfig(_Section):
+    name: str = Field(default="oidc", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Provider name, named by identities' ``oidc.provider`` and kept with each session."""
     issuer: str
-    """Expected ``iss`` claim of tokens."""
+    """Expected ``iss`` claim of tokens; a token is verified by the provider of its issuer."""
     audience: str
     """Expected ``aud`` claim of tokens."""
     jwks: str
     """``file:PATH`` (relative to the config file) or an https URL of the issuer's JWKS."""
+    jwks_ca_file: str | None = None
+    """CA bundle (PEM) trusted for an https ``jwks`` instead of the system's (a private IdP)."""
+    jwks_refresh: Annotated[float, Field(ge=1)] = 10.0
+    """An https JWKS is fetched again on an unknown ``kid`` at most once per this many
+    seconds (``"10s"``): key rotation reaches the relay at once, a flood of forged kids
+    does not reach the IdP."""
     groups_claim: str = "groups"
-    """Claim holding the list of groups."""
+    """Claim holding the list of groups (tokens that match no bound identity; a bound
+    identity's groups are its own)."""
     algorithms: list[str] = ["RS256", "ES256", "EdDSA"]
     """Accepted signing algorithms; ``none`` and HMAC algorithms are never accepted."""
     leeway: float = Field(default=30.0, ge=0, le=300)
     """Clock skew allowed on ``exp`` and ``nbf``, in seconds."""
+
+    @field_validator("jwks_refresh", mode="before")
+    @classmethod
+    def _refresh(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class OidcConfig(_Section):
+    """``[oidc]``: one provider written as the table itself (the form before several
+    providers), or a list of ``[[oidc.providers]]``; not both."""
+
+    providers: list[OidcProviderConfig] = []
+    """The OIDC issuers tokens may come from (a people IdP, CI issuers)."""
+    issuer: str | None = None
+    """Single-provider form: expected ``iss`` (the provider is named ``oidc``)."""
+    audience: str | None = None
+    """Single-provider form: expected ``aud``."""
+    jwks: str | None = None
+    """Single-provider form: ``file:PATH`` or an https URL."""
+    jwks_ca_file: str | None = None
+    """Single-provider form: CA bundle for an https ``jwks``."""
+    jwks_refresh: Annotated[float, Field(ge=1)] = 10.0
+    """Single-provider form: fewest seconds between refetches on an unknown ``kid``."""
+    groups_claim: str = "groups"
+    """Single-provider form: claim holding the list of groups."""
+    algorithms: list[str] = ["RS256", "ES256", "EdDSA"]
+    """Single-provider form: accepted signing algorithms."""
+    leeway: float = Field(default=30.0, ge=0, le=300)
+    """Single-provider form: clock skew allowed on ``exp`` and ``nbf``, in seconds."""
+
+    @field_validator("jwks_refresh", mode="before")
+    @classmethod
+    def _refresh(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> OidcConfig:
+        single = (self.issuer, self.audience, self.jwks)
+        if self.providers:
+            if any(v is not None for v in single):
+                raise ValueError(
+                    "use either issuer/audience/jwks in [oidc] or [[oidc.providers]], not both"
+                )
+        elif any(v is None for v in single):
+            raise ValueError("needs issuer, audience and jwks (or [[oidc.providers]])")
+        names = [p.name for p in self.all_providers()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate provider name in {names}")
+        issuers = [(p.issuer, p.audience) for p in self.all_providers()]
+        if len(set(issuers)) != len(issuers):
+            # Two providers for one issuer and audience: which one verified a token, and
+            # so which identities it may stand for, would depend on the order.
+            raise ValueError("two providers with the same issuer and audience")
+        return self
+
+    def all_providers(self) -> list[OidcProviderConfig]:
+        """The providers, the single-table form as one named ``oidc``."""
+        if self.providers:
+            return list(self.providers)
+        assert self.issuer is not None and self.audience is not None and self.jwks is not None
+        return [
+            OidcProviderConfig(
+                name="oidc",
+                issuer=self.issuer,
+                audience=self.audience,
+                jwks=self.jwks,
+                jwks_ca_file=self.jwks_ca_file,
+                jwks_refresh=self.jwks_refresh,
+                groups_claim=self.groups_claim,
+                algorithms=self.algorithms,
+                leeway=self.leeway,
+            )
+        ]
+
+
+# A bound claim is matched as a glob; a pattern made only of these matches nearly
+# anything, which on a shared CI issuer (every GitHub repository's tokens come from the
+# same issuer) would let any repository in.
+_GLOB_ONLY = re.compile(r"^[*?]*$")
+
+
+class OidcBindingConfig(_Section):
+    provider: str = Field(min_length=1)
+    """Name of the ``[[oidc.providers]]`` entry whose tokens may stand for this identity."""
+    bound_claims: dict[str, str | list[str]] = Field(min_length=1)
+    """Claim name -> value (exact, or a glob with ``*``/``?``/``[...]``), or a list of
+    values any of which may match; every claim listed must match."""
+
+    @field_validator("bound_claims")
+    @classmethod
+    def _specific(cls, v: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        for claim, want in v.items():
+            values = [want] if isinstance(want, str) else want
+            if not values or any(not isinstance(x, str) or not x for x in values):
+                raise ValueError(f"{claim}: give a non-empty value or list of values")
+        if all(
+            all(_GLOB_ONLY.match(x) for x in ([w] if isinstance(w, str) else w)) for w in v.values()
+        ):
+            raise ValueError(
+                "at least one bound claim must name a value (not only '*'): the issuer "
+                "signs tokens for everyone who uses it"
+            )
+        return v
 
 
 class IdentityConfig(_Section):
@@ -258,6 +370,9 @@ class IdentityConfig(_Section):
     """OpenSSH public keys (``ssh-ed25519 AAAA... comment``) that authenticate this identity."""
     token_sha256: str | None = None
     """Hex SHA-256 of a static token; the token itself is never stored."""
+    oidc: OidcBindingConfig | None = None
+    """Tokens of a provider whose claims match ``bound_claims`` stand for this identity
+    (a pipeline); its groups are this identity's, never the token's."""
 
     @field_validator("token_sha256")
     @classmethod
@@ -462,6 +577,13 @@ def _check_unique(cfg: Config, where: str) -> None:
             seen.add(item.name)
     if any(t.name == "castgate" for t in cfg.targets):
         raise ConfigError(f"{where}: targets: 'castgate' is reserved for operators")
+    providers = {p.name for p in cfg.oidc.all_providers()} if cfg.oidc else set()
+    for ident in cfg.identities:
+        if ident.oidc is not None and ident.oidc.provider not in providers:
+            raise ConfigError(
+                f"{where}: identities ({ident.name}).oidc.provider: no OIDC provider named "
+                f"{ident.oidc.provider!r} (have: {', '.join(sorted(providers)) or 'none'})"
+            )
 
 
 def load_config(path: str | Path) -> Config:

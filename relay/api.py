@@ -281,6 +281,63 @@ async def list_sessions(request: web.Request) -> web.Response:
     return _json({"sessions": rows})
 
 
+async def exchange_token(request: web.Request) -> web.Response:
+    """A short castgate token for the OIDC token given as the bearer (any identity the
+    token authenticates; no role needed): for clients that cannot send the OIDC token
+    itself, such as OpenSSH (at most 1023 bytes of password)."""
+    ctx = _ctx(request)
+    try:
+        ident = await _authenticate(request)
+    except _Fail as exc:
+        return _error(exc.status, str(exc))
+    if ident.method != "oidc":
+        return _error(403, "only an OIDC token can be exchanged")
+    try:
+        token, expires = await asyncio.to_thread(ctx.exchange_token, ident)
+    except ValueError as exc:
+        return _error(403, str(exc))
+    when = datetime.fromtimestamp(expires, UTC)
+    ctx.emit(
+        "token.exchange",
+        ident.name,
+        "success",
+        _peer(request),
+        "api",
+        {"expires_at": when.isoformat(), **ctx.identity_detail(ident)},
+    )
+    return _json(
+        {"token": token, "expires_at": when, "identity": ident.name, "run_id": ident.run_id}
+    )
+
+
+@requires("auditor", "admin", "approver")
+async def list_runs(request: web.Request) -> web.Response:
+    """Pipeline runs (sessions sharing a CI token's run), newest first."""
+    ctx = _ctx(request)
+    runs = await asyncio.to_thread(
+        ctx.store.list_runs,
+        since=_time_param(request, "since"),
+        until=_time_param(request, "until"),
+    )
+    return _json({"runs": runs})
+
+
+@requires("auditor", "admin")
+async def get_run(request: web.Request) -> web.Response:
+    """One pipeline run with its sessions."""
+    ctx = _ctx(request)
+    ident: Identity = request[IDENT]
+    rid = request.match_info["id"]
+    runs = await asyncio.to_thread(ctx.store.list_runs, run_id=rid)
+    if not runs:
+        raise _Fail(404, f"no run {rid}")
+    rows = await asyncio.to_thread(ctx.store.run_sessions, rid)
+    for row in rows:
+        row.pop("cast_path", None)
+    ctx.emit("record.read", ident.name, "success", _peer(request), f"run:{rid}", {"via": "api"})
+    return _json({"run": runs[0], "sessions": rows})
+
+
 async def _session_or_404(request: web.Request) -> dict[str, Any]:
     ctx = _ctx(request)
     sid = request.match_info["id"]
@@ -611,6 +668,9 @@ def build_app(ctx: RelayContext) -> web.Application:
     app.router.add_get("/api/v1/sessions/{id}/cast", get_cast)
     app.router.add_get("/api/v1/sessions/{id}/live", live)
     app.router.add_get(peer.LIVE_PATH, peer_live)
+    app.router.add_post("/api/v1/token/exchange", exchange_token)
+    app.router.add_get("/api/v1/runs", list_runs)
+    app.router.add_get("/api/v1/runs/{id}", get_run)
     app.router.add_get("/api/v1/approvals", list_approvals)
     app.router.add_get("/api/v1/approvals/{id}", get_approval)
     app.router.add_post("/api/v1/approvals/{id}/approve", approve)
@@ -688,6 +748,27 @@ OPENAPI: dict[str, Any] = {
                     "status": {"type": "string"},
                 },
             },
+            "Run": {
+                "type": "object",
+                "required": ["run_id", "sessions", "session_ids", "first_started_at"],
+                "properties": {
+                    "run_id": {"type": "string"},
+                    "provider": {"type": "string", "nullable": True},
+                    "initiator": {"type": "string", "nullable": True},
+                    "repository": {"type": "string", "nullable": True},
+                    "ref": {"type": "string", "nullable": True},
+                    "sha": {"type": "string", "nullable": True},
+                    "sessions": {"type": "integer"},
+                    "session_ids": {"type": "array", "items": {"type": "string"}},
+                    "first_started_at": {"type": "string", "format": "date-time"},
+                    "last_ended_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "commands": {"type": "integer"},
+                    "blocked": {"type": "integer"},
+                    "approvals": {"type": "integer"},
+                    "masked": {"type": "integer"},
+                    "masking_counts": _OBJ,
+                },
+            },
             "Approval": {
                 "type": "object",
                 "required": ["id", "status", "identity", "target", "command", "rule"],
@@ -757,6 +838,72 @@ OPENAPI: dict[str, Any] = {
                         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
                     },
                 ],
+            )
+        },
+        "/api/v1/token/exchange": {
+            "post": _op(
+                "Exchange the OIDC bearer token for a short castgate token (same identity "
+                "and expiry), for SSH passwords",
+                _ok(
+                    {
+                        "type": "object",
+                        "required": ["token", "expires_at", "identity"],
+                        "properties": {
+                            "token": {"type": "string"},
+                            "expires_at": {"type": "string", "format": "date-time"},
+                            "identity": {"type": "string"},
+                            "run_id": {"type": "string", "nullable": True},
+                        },
+                    }
+                ),
+                429,
+            )
+        },
+        "/api/v1/runs": {
+            "get": _op(
+                "List pipeline runs, newest first",
+                _ok(
+                    {
+                        "type": "object",
+                        "required": ["runs"],
+                        "properties": {
+                            "runs": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}}
+                        },
+                    }
+                ),
+                400,
+                params=[
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                    {
+                        "name": "until",
+                        "in": "query",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                ],
+            )
+        },
+        "/api/v1/runs/{id}": {
+            "get": _op(
+                "A pipeline run with its sessions",
+                _ok(
+                    {
+                        "type": "object",
+                        "required": ["run", "sessions"],
+                        "properties": {
+                            "run": {"$ref": "#/components/schemas/Run"},
+                            "sessions": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/Session"},
+                            },
+                        },
+                    }
+                ),
+                404,
+                params=[_ID],
             )
         },
         "/api/v1/sessions/{id}": {

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import secrets
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from recorder.config import Config, RuleConfig, mask_policy
+import asyncssh
+
+from recorder.config import Config, RuleConfig, TargetConfig, mask_policy
 from recorder.masking import Masker
 from recorder.session import SessionRecorder
 from recorder.signing import SigningKey
@@ -25,7 +29,7 @@ from recorder.store.spool import StoreSpool
 from relay.approvals import Broker, Outcome
 from relay.cluster import Cluster, default_node_id, peer_token
 from relay.connlimit import ConnectionLimits, fd_budget
-from relay.identity import Authenticator, Identity
+from relay.identity import EXCHANGED_PREFIX, Authenticator, Identity
 from relay.live import LiveHub
 from relay.policy import Policy
 from relay.ratelimit import AuthLimiter
@@ -70,11 +74,19 @@ class RelayContext:
     recording_failures: Counter[str] = field(default_factory=Counter)
     connections: ConnectionLimits = field(init=False)
     """Open connections by source and in total, every listener of this process."""
+    _session_oidc: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """OIDC attributes of open sessions, added to each of their audit events."""
+    _credential_ids: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _token_watch: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    """Per open session with an expiring token: the timer that ends it."""
+    _expired_early: dict[str, Identity] = field(default_factory=dict)
+    """Sessions whose token ran out before they were live: ended at their start."""
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.cfg)
-        self.auth = Authenticator(self.cfg)
         self.masker = Masker(mask_policy(self.cfg))
+        self.auth = Authenticator(self.cfg, mask=self.masker.mask)
+        self.auth.exchanged = self._exchanged_identity
         self.broker = Broker(self.cfg, self.store, self.masker)
         sec = self.cfg.security
         self.limiter = AuthLimiter(sec.auth_failure_limit, sec.auth_window, sec.auth_lockout)
@@ -135,6 +147,11 @@ class RelayContext:
         start its seek index; store failures are logged, never raised."""
         # An empty manifest: the recording failed and nothing was sealed.
         manifest = (getattr(rec, "manifest", None) if rec is not None else None) or None
+        self._session_oidc.pop(session_id, None)
+        watch = self._token_watch.pop(session_id, None)
+        if watch is not None:
+            watch.cancel()
+        self._expired_early.pop(session_id, None)
         # The seal's own checkpoint (queued by the writer pool) goes in before the end.
         await asyncio.to_thread(self._store_checkpoints)
         try:
@@ -241,8 +258,16 @@ class RelayContext:
         session_id: str | None = None,
     ) -> None:
         """Write an audit event (PCI DSS 10.2.2 fields) and log it; a store failure is
-        logged, never raised into the session."""
+        logged, never raised into the session. An event of a session opened with an
+        OIDC token carries the token's provider, subject, run and attributes (``oidc``)."""
         self.counters[(kind, outcome)] += 1
+        oidc = self._session_oidc.get(session_id) if session_id is not None else None
+        if oidc is not None and not (detail and "oidc" in detail):
+            detail = {**(detail or {}), "oidc": oidc}
+        if kind == "session.start" and session_id in self._expired_early:
+            # A new session (an SSH channel) after the token ran out: it ends at once,
+            # before its command reaches the target.
+            self.track(asyncio.ensure_future(self._end_expired(session_id)))
         log.info(
             kind,
             extra={
@@ -388,6 +413,177 @@ class RelayContext:
             except Exception:
                 log.exception("spool.replay_failed")
             delay = idle if not self.spool.pending else min(delay * 2, backoff)
+
+    # --- identity attributes, credentials, token lifetime (protocol-neutral) -----------
+
+    def _exchanged_identity(self, digest: str) -> Identity | None:
+        # Called from by_token, which the listeners run in worker threads; a store
+        # error refuses the token (fail closed), it is not a crash.
+        try:
+            found = self.store.get_exchanged_token(digest)
+        except StoreError:
+            return None
+        return Identity.from_dict(found) if found is not None else None
+
+    def exchange_token(self, ident: Identity) -> tuple[str, float]:
+        """A short castgate token standing for ``ident`` (an OIDC identity) until its
+        token's expiry (plus leeway): usable as an SSH or PostgreSQL password where the
+        OIDC token is too long (OpenSSH sends at most 1023 bytes). Only its SHA-256 is
+        stored. Returns the token and its expiry (epoch seconds). Blocking (store)."""
+        deadline = self.token_deadline(ident)
+        if ident.method != "oidc" or deadline is None:
+            raise ValueError("only an OIDC token with an expiry can be exchanged")
+        token = EXCHANGED_PREFIX + secrets.token_urlsafe(32)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        self.store.put_exchanged_token(
+            digest, ident.to_dict(), datetime.fromtimestamp(deadline, UTC)
+        )
+        return token, deadline
+
+    @staticmethod
+    def identity_detail(ident: Identity) -> dict[str, Any]:
+        """``{"oidc": {...}}`` for an identity from an OIDC token (provider, subject,
+        run id, run and initiator claims), else ``{}``: spread into the ``auth`` event's
+        detail and the cast header's ``castgate`` object."""
+        detail = ident.detail()
+        return {"oidc": detail} if detail else {}
+
+    def attribute_session(self, session_id: str, ident: Identity) -> dict[str, Any]:
+        """Keyword arguments for ``create_session`` (``attributes``, ``run_id``), and from
+        now on every audit event of ``session_id`` carries the identity's attributes."""
+        detail = ident.detail()
+        if detail:
+            self._session_oidc[session_id] = detail
+        self._watch_session(session_id, ident)
+        return {"attributes": detail or None, "run_id": ident.run_id}
+
+    def _watch_session(self, session_id: str, ident: Identity) -> None:
+        """Arm the end of ``session_id`` at its token's expiry (plus leeway)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on the relay's loop (tests of the row alone)
+        handle = self.watch_token(ident, lambda: self._token_ran_out(session_id, ident))
+        if handle is not None:
+            self._token_watch[session_id] = handle
+
+    def _token_ran_out(self, session_id: str, ident: Identity) -> None:
+        self._token_watch.pop(session_id, None)
+        self._expired_early[session_id] = ident
+        if session_id in self.live:
+            self.track(asyncio.ensure_future(self._end_expired(session_id)))
+        # else: not live yet; the session.start event ends it.
+
+    async def _end_expired(self, session_id: str) -> None:
+        """End a live session whose token expired: an audit event, a cast marker, a
+        message to the agent, then the session's own ``close`` (the one shutdown uses;
+        each relay's session has it)."""
+        ident = self._expired_early.pop(session_id, None)
+        session = self.live.get(session_id)
+        if ident is None or session is None:
+            return
+        target = getattr(session, "target", None)
+        kind = getattr(target, "kind", None)
+        resource = f"{kind}:{target.name}" if target is not None else None
+        message = self.token_expired(ident, None, resource, session_id=session_id)
+        rec = getattr(session, "rec", None)
+        with contextlib.suppress(Exception):
+            if rec is not None:
+                rec.marker(message.removeprefix("castgate: "))
+        chan = getattr(session, "chan", None)
+        with contextlib.suppress(Exception):
+            if chan is not None:  # SSH: the agent's stderr (PostgreSQL: the FATAL below)
+                chan.write_stderr((message + "\r\n").encode())
+        with contextlib.suppress(Exception):
+            await session.close(message.removeprefix("castgate: "))
+
+    def credential_detail(self, target: TargetConfig) -> dict[str, Any]:
+        """What names the relay's credential for ``target`` in the audit trail: the
+        environment variable's name, the key file and its public key's SHA-256
+        fingerprint. Never the value (PCI DSS 8.6.2: the pipeline holds no static
+        credential; the relay's is named where it is used)."""
+        cached = self._credential_ids.get(target.name)
+        if cached is not None:
+            return cached
+        detail: dict[str, Any] = {"target": target.name}
+        if target.password_env:
+            detail["env"] = target.password_env
+        if target.key_file:
+            path = self.cfg.resolve(target.key_file)
+            detail["key_file"] = str(path)
+            try:
+                detail["fingerprint"] = asyncssh.read_private_key(path).get_fingerprint()
+            except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+                detail["fingerprint"] = None
+                detail["fingerprint_error"] = type(exc).__name__
+        self._credential_ids[target.name] = detail
+        return detail
+
+    def credential_used(
+        self, session_id: str, actor: str | None, origin: str | None, target: TargetConfig
+    ) -> None:
+        """Audit the relay's use of ``target``'s credential for a session
+        (``credential.use``); the relays call it once the target accepted it."""
+        detail = self.credential_detail(target)
+        if len(detail) == 1:
+            return  # no credential of the relay's (e.g. a trust-authenticated database)
+        self.emit(
+            "credential.use",
+            actor,
+            "success",
+            origin,
+            f"{target.kind}:{target.name}",
+            {"credential": detail},
+            session_id=session_id,
+        )
+
+    @staticmethod
+    def token_deadline(ident: Identity) -> float | None:
+        """Epoch seconds when a session opened with ``ident``'s token must end (its
+        ``exp`` plus the provider's leeway), or None for credentials that do not expire."""
+        if ident.expires_at is None:
+            return None
+        return ident.expires_at + ident.leeway
+
+    def token_valid(self, ident: Identity, now: float | None = None) -> bool:
+        """Whether ``ident``'s token still covers new work (a new channel, a statement)."""
+        deadline = self.token_deadline(ident)
+        return deadline is None or (time.time() if now is None else now) < deadline
+
+    def watch_token(
+        self, ident: Identity, on_expired: Callable[[], None]
+    ) -> asyncio.TimerHandle | None:
+        """Call ``on_expired`` on this loop when ``ident``'s token expires (at once if it
+        already has); cancel the handle when the session ends first.
+        :meth:`attribute_session` arms it for every session (SSH channel, PostgreSQL
+        session) opened with an expiring token."""
+        deadline = self.token_deadline(ident)
+        if deadline is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return loop.call_later(max(0.0, deadline - time.time()), on_expired)
+
+    def token_expired(
+        self,
+        ident: Identity,
+        origin: str | None,
+        resource: str | None,
+        session_id: str | None = None,
+    ) -> str:
+        """Audit a session cut at its token's expiry (``session.token_expired``) and
+        return the message for the agent."""
+        deadline = self.token_deadline(ident)
+        when = datetime.fromtimestamp(deadline, UTC).isoformat() if deadline else None
+        self.emit(
+            "session.token_expired",
+            ident.name,
+            "success",
+            origin,
+            resource,
+            {"expired_at": when, "provider": ident.provider},
+            session_id=session_id,
+        )
+        return f"castgate: your token expired at {when}; the session is closed"
 
     def issue_token(self, ident: Identity) -> str:
         """A random API token standing for ``ident`` until ``revoke_token`` (the console

@@ -210,7 +210,11 @@ class RelayServer(asyncssh.SSHServer):
             "success",
             self.peer,
             f"ssh:{self.target_name}",
-            {"method": ident.method, "groups": list(ident.groups)},
+            {
+                "method": ident.method,
+                "groups": list(ident.groups),
+                **self.ctx.identity_detail(ident),
+            },
         )
 
     # -- admission ---------------------------------------------------------------
@@ -689,6 +693,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                     "target": self.target.name,
                     "protocol": "ssh",
                     "kind": self.kind,
+                    **self.ctx.identity_detail(self.ident),
                 },
                 on_error=self._writer_failed,
             )
@@ -777,6 +782,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             node=ctx.node,
             cast_path=str(ctx.cfg.recordings_dir / f"{self.id}.cast"),
             title=self.masked_command,
+            **ctx.attribute_session(self.id, self.ident),
         )
         if failure is not None:
             self._recording_failed(failure, at_start=True)
@@ -814,6 +820,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._flush_all()
             self.chan.exit(255)
             return
+        ctx.credential_used(self.id, self.ident.name, self.server.peer, self.target)
         if self._stopped:
             return  # terminated while waiting (approval, target): never start the command
         env: dict[bytes | str, bytes | str] = {

@@ -8,6 +8,9 @@ One directory per request:
                                         PCI DSS v4.0.1 requirement numbers
     sessions/ID/NAME.cast               the recording with its .chain and .manifest.json
     sessions/ID/replay.html             the recording in a self-contained web player
+    run-record.json                     (``--run``) the pipeline run: who started it, each
+                                        session, command, approval, masking and
+                                        credential use on one timeline
     SHA256SUMS                          for `sha256sum -c` without castgate
     evidence-manifest.json              SHA-256 of every other file, signed with the
                                         relay's Ed25519 key
@@ -20,6 +23,7 @@ derived caches, never trusted, and ignored.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import json
@@ -62,6 +66,8 @@ from replay.seekindex import INDEX_SUFFIX
 BUNDLE_MANIFEST = "evidence-manifest.json"
 BUNDLE_FORMAT = "castgate-evidence/1"
 RECORD_FORMAT = "castgate-audit-record/1"
+RUN_FORMAT = "castgate-run-record/1"
+RUN_RECORD = "run-record.json"
 SUMS = "SHA256SUMS"
 
 # What each PCI DSS v4.0.1 requirement cited in an audit record asks (paraphrased
@@ -73,7 +79,12 @@ REQUIREMENTS: dict[str, str] = {
     "6.5.1": "Changes follow a documented approval by authorized parties, with a reason.",
     "7.2.1": "Access is granted by job function and least privilege.",
     "7.2.2": "Access is assigned by job classification and function, privileged users included.",
+    "7.2.5": "System and application accounts get least privilege.",
     "8.2.1": "Every user has a unique ID before any access.",
+    "8.6.1": "A system or application account used interactively is used by exception, "
+    "time-limited, and every action is attributable to an individual.",
+    "8.6.2": "No passwords or passphrases hard-coded in scripts, configuration or source.",
+    "10.2.1": "Audit logs are enabled and active for all system components.",
     "10.2.1.1": "Audit logs capture every individual access to cardholder data.",
     "10.2.1.2": "Audit logs capture every action by anyone with administrative access.",
     "10.2.1.3": "Audit logs capture every access to audit logs.",
@@ -89,6 +100,15 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
     "identity": (("8.2.1", "10.2.2"), "unique identity the session ran as (10.2.2: user)"),
     "groups": (("7.2.1", "7.2.2"), "groups of the identity at session time"),
     "auth_method": (("8.2.1", "10.2.2"), "how the identity proved itself"),
+    "oidc": (
+        ("8.2.1", "8.6.1", "10.2.2"),
+        "the OIDC provider, subject and pipeline run of the token (who triggered the run)",
+    ),
+    "credentials_used": (
+        ("8.6.2", "7.2.5"),
+        "the relay's own target credentials used for the session (names and fingerprints, "
+        "never values): the agent held none",
+    ),
     "source_address": (("10.2.2",), "where the session came from (10.2.2: origination)"),
     "target": (("10.2.2", "7.2.1"), "system the session reached (10.2.2: affected component)"),
     "protocol": (("10.2.2",), "protocol of the session (10.2.2: type of event)"),
@@ -256,10 +276,17 @@ def audit_record(
         }
         for e in store.list_events(session_id=sid)
     ]
+    credentials = [
+        {"at": e["at"], **((e["detail"] or {}).get("credential") or {})}
+        for e in events
+        if e["kind"] == "credential.use"
+    ]
     values: dict[str, Any] = {
         "identity": row.get("identity"),
         "groups": row.get("groups"),
         "auth_method": row.get("auth_method"),
+        "oidc": row.get("attributes"),
+        "credentials_used": credentials,
         "source_address": row.get("source"),
         "target": row.get("target"),
         "protocol": row.get("protocol"),
@@ -285,6 +312,7 @@ def audit_record(
     record = {
         "format": RECORD_FORMAT,
         "session_id": sid,
+        "run_id": row.get("run_id"),
         "title": row.get("title"),
         "node": row.get("node"),
         "fields": fields,
@@ -345,10 +373,13 @@ def build_bundle(
     actor: str,
     origin: str,
     selection: dict[str, Any],
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the evidence bundle for ``rows`` into the new directory ``out`` and return
     its manifest. Reading each session's recording and audit record is logged in the
-    store first (``recording.read``, PCI DSS 10.2.1.3)."""
+    store first (``recording.read``, PCI DSS 10.2.1.3). With ``run`` (a
+    ``Store.list_runs`` entry) the bundle also holds ``run-record.json`` and the run's
+    timeline in ``index.html``."""
     if not rows:
         raise EvidenceError("no sessions match; nothing to put in the bundle")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -389,7 +420,12 @@ def build_bundle(
             with (folder / "replay.html").open("w", encoding="utf-8") as fh:
                 export_html(folder / cast.name, fh, title=f"session {sid}")
         sessions.append(Session(row, cast, record))
-    (out / "index.html").write_text(_index_html(sessions, selection, pinned), encoding="utf-8")
+    run_record = run_record_of(run, sessions) if run is not None else None
+    if run_record is not None:
+        (out / RUN_RECORD).write_text(_dumps(run_record) + "\n", encoding="utf-8")
+    (out / "index.html").write_text(
+        _index_html(sessions, selection, pinned, run_record), encoding="utf-8"
+    )
     files = {
         p.relative_to(out).as_posix(): file_sha256(p)
         for p in _files(out)
@@ -406,6 +442,7 @@ def build_bundle(
         "origin": origin,
         "selection": selection,
         "sessions": [str(s.row["id"]) for s in sessions],
+        **({"run_id": run["run_id"]} if run is not None else {}),
         "files": dict(sorted(files.items())),
     }
     try:
@@ -418,6 +455,254 @@ def build_bundle(
         manifest["signature"] = key.sign(_canonical(manifest))
     (out / BUNDLE_MANIFEST).write_text(_dumps(manifest) + "\n", encoding="utf-8")
     return manifest
+
+
+# --- pipeline runs -----------------------------------------------------------------
+
+# What the run record shows for each requirement it cites.
+RUN_PCI_DSS: dict[str, str] = {
+    "8.6.1": "initiator and attributes: every session of the pipeline's system account is "
+    "attributable to the person who triggered the run (actor, triggering_actor, user_login)",
+    "8.6.2": "secrets_read.credentials: the pipeline authenticated with a short-lived "
+    "OIDC token; the target credentials were the relay's, named here, never in the pipeline",
+    "8.2.1": "sessions[].identity and subject: one identity, bound to the run's claims",
+    "7.2.5": "sessions[].groups: the bound identity's groups, not the token's",
+    "10.2.1": "timeline: every session, command and statement, approval and credential use",
+    "10.2.2": "timeline entries: who (identity), what (kind, text), when (at), outcome "
+    "(action, status), where from (source), what was affected (target)",
+    "6.5.1": "approvals: approver, time, reason and exactly what was approved (SHA-256)",
+    "3.4.1": "masking_counts: card numbers masked before they reached the agent",
+}
+
+
+def _offset(at: Any, start: Any) -> float | None:
+    if isinstance(at, datetime) and isinstance(start, datetime):
+        return max(0.0, round((at - start).total_seconds(), 3))
+    return None
+
+
+def run_record_of(run: dict[str, Any], sessions: Sequence[Session]) -> dict[str, Any]:
+    """The run record: the run's summary, its sessions, and one timeline of what
+    happened across them (each entry linking to the replay at its time)."""
+    timeline: list[dict[str, Any]] = []
+    approvals: list[dict[str, Any]] = []
+    credentials: list[dict[str, Any]] = []
+    masking: dict[str, int] = {}
+    shown_secrets: dict[str, int] = {}
+    session_list: list[dict[str, Any]] = []
+    for s in sessions:
+        row, fields = s.row, s.record["fields"]
+        sid = str(row["id"])
+        start = row.get("started_at")
+        folder = f"sessions/{safe_name(sid)}"
+        has_replay = s.cast is not None and bool(fields["recording"]["value"].get("file_sha256"))
+
+        replay = f"{folder}/replay.html" if has_replay else None
+
+        def entry(
+            at: Any,
+            kind: str,
+            sid: str = sid,
+            start: Any = start,
+            replay: str | None = replay,
+            **more: Any,
+        ) -> None:
+            off = _offset(at, start)
+            link = f"{replay}#t={off}" if replay is not None and off is not None else None
+            timeline.append(
+                {"at": at, "session": sid, "kind": kind, "offset": off, "replay": link, **more}
+            )
+
+        oidc = row.get("attributes") or {}
+        session_list.append(
+            {
+                "id": sid,
+                "identity": row.get("identity"),
+                "groups": row.get("groups"),
+                "subject": oidc.get("subject"),
+                "attributes": oidc.get("attributes") or {},
+                "target": row.get("target"),
+                "protocol": row.get("protocol"),
+                "source": row.get("source"),
+                "started_at": start,
+                "ended_at": row.get("ended_at"),
+                "status": row.get("status"),
+                "exit_status": row.get("exit_status"),
+                "audit_record": f"{folder}/audit-record.json",
+                "replay": f"{folder}/replay.html" if has_replay else None,
+            }
+        )
+        entry(
+            start,
+            "session.start",
+            identity=row.get("identity"),
+            target=row.get("target"),
+            protocol=row.get("protocol"),
+            title=row.get("title"),
+        )
+        for c in fields["commands"]["value"]:
+            entry(
+                c["at"],
+                "command",
+                text=c["text"],
+                command_kind=c["kind"],
+                action=c["action"],
+                rule=c["rule"],
+                status=c["status"],
+                exit_status=c["exit_status"],
+                approval_id=c["approval_id"],
+            )
+        for a in fields["approvals"]["value"]:
+            digest = hashlib.sha256(str(a["command"]).encode()).hexdigest()
+            approvals.append({**a, "session": sid, "command_sha256": digest})
+            entry(
+                a["requested_at"],
+                "approval.requested",
+                approval_id=a["id"],
+                rule=a["rule"],
+                command=a["command"],
+                command_sha256=digest,
+                requested_by=a["requested_by"],
+            )
+            for d in a["decisions"]:
+                entry(
+                    d.get("at"),
+                    "approval.decision",
+                    approval_id=a["id"],
+                    approver=d.get("approver"),
+                    decision=d.get("decision"),
+                    reason=d.get("reason"),
+                    command=a["command"],
+                    command_sha256=digest,
+                )
+        for c in fields["credentials_used"]["value"]:
+            credentials.append({**c, "session": sid})
+            entry(c["at"], "credential.use", credential={k: v for k, v in c.items() if k != "at"})
+        counts = fields["masking_counts"]["value"] or {}
+        for detector, n in counts.items():
+            masking[detector] = masking.get(detector, 0) + int(n)
+            if detector not in ("pan", "track") and n:
+                shown_secrets[detector] = shown_secrets.get(detector, 0) + int(n)
+        if row.get("ended_at") is not None:
+            entry(
+                row.get("ended_at"),
+                "session.end",
+                status=row.get("status"),
+                exit_status=row.get("exit_status"),
+                masking_counts=counts,
+            )
+    timeline.sort(
+        key=lambda e: (
+            e["at"].timestamp() if isinstance(e["at"], datetime) else float("inf"),
+            e["session"],
+        )
+    )
+    return {
+        "format": RUN_FORMAT,
+        "run_id": run["run_id"],
+        "provider": run.get("provider"),
+        "initiator": run.get("initiator"),
+        "repository": run.get("repository"),
+        "ref": run.get("ref"),
+        "sha": run.get("sha"),
+        "workflow": run.get("workflow"),
+        "environment": run.get("environment"),
+        "attributes": run.get("attributes") or {},
+        "first_started_at": run.get("first_started_at"),
+        "last_ended_at": run.get("last_ended_at"),
+        "figures": {
+            k: run.get(k)
+            for k in ("sessions", "commands", "blocked", "held", "approvals", "masked")
+        },
+        "sessions": session_list,
+        "approvals": approvals,
+        "masking_counts": masking,
+        "secrets_read": {
+            "credentials": credentials,
+            # Custom secret patterns masked in what the agent was shown, per detector.
+            "masked_secret_patterns": shown_secrets,
+        },
+        "timeline": timeline,
+        "pci_dss": {
+            req: {"requirement": REQUIREMENTS[req], "shown_by": shows}
+            for req, shows in sorted(RUN_PCI_DSS.items(), key=lambda kv: _req_key(kv[0]))
+        },
+    }
+
+
+def _timeline_html(run: dict[str, Any]) -> str:
+    out = io.StringIO()
+    out.write(f"<h2>Pipeline run {html.escape(str(run['run_id']))}</h2>\n<table>")
+    for label, key in (
+        ("initiated by", "initiator"),
+        ("repository", "repository"),
+        ("ref", "ref"),
+        ("commit", "sha"),
+        ("workflow", "workflow"),
+        ("environment", "environment"),
+        ("provider", "provider"),
+        ("first session", "first_started_at"),
+        ("end", "last_ended_at"),
+    ):
+        out.write(f"<tr><th>{label}</th>{_td(run.get(key))}</tr>\n")
+    out.write(f"<tr><th>figures</th>{_td(run.get('figures'))}</tr>\n")
+    out.write(f"<tr><th>masked (by detector)</th>{_td(run.get('masking_counts'))}</tr>\n")
+    creds = run["secrets_read"]["credentials"]
+    out.write(
+        "<tr><th>secrets read</th>"
+        + _td(
+            [
+                f"{c.get('target')}: "
+                + ", ".join(f"{k} {c[k]}" for k in ("env", "key_file", "fingerprint") if c.get(k))
+                for c in creds
+            ]
+            + [
+                f"{name}: {n} masked in output"
+                for name, n in run["secrets_read"]["masked_secret_patterns"].items()
+            ]
+            or None
+        )
+        + "</tr>\n</table>\n"
+    )
+    out.write(
+        f'<h3>Timeline</h3>\n<p>Also in <a href="{RUN_RECORD}">{RUN_RECORD}</a>.</p>\n'
+        "<table><tr><th>time</th><th>session</th><th>what</th><th>detail</th></tr>\n"
+    )
+    for e in run["timeline"]:
+        kind = str(e["kind"])
+        if kind == "command":
+            what = f"{e.get('command_kind')}: {e.get('text')}"
+            detail = f"{e.get('action')}" + (f" ({e['rule']})" if e.get("rule") else "")
+            if e.get("status"):
+                detail += f", {e['status']}"
+        elif kind == "approval.decision":
+            what = f"approval #{e.get('approval_id')} {e.get('decision')} by {e.get('approver')}"
+            detail = (
+                f"reason: {e.get('reason') or '-'}; approved text: {e.get('command')} "
+                f"(sha256 {str(e.get('command_sha256'))[:16]})"
+            )
+        elif kind == "approval.requested":
+            what = f"approval #{e.get('approval_id')} requested by {e.get('requested_by')}"
+            detail = f"rule {e.get('rule')}: {e.get('command')}"
+        elif kind == "credential.use":
+            cred = e.get("credential") or {}
+            what = f"relay credential for {cred.get('target')}"
+            detail = ", ".join(
+                f"{k} {cred[k]}" for k in ("env", "key_file", "fingerprint") if cred.get(k)
+            )
+        elif kind == "session.start":
+            what = f"{e.get('identity')} -> {e.get('target')} ({e.get('protocol')})"
+            detail = str(e.get("title") or "")
+        else:
+            what = f"end: {e.get('status')}"
+            detail = f"exit {e.get('exit_status')}; masked {e.get('masking_counts') or {}}"
+        link = f' <a href="{html.escape(str(e["replay"]))}">replay</a>' if e.get("replay") else ""
+        out.write(
+            f"<tr>{_td(e.get('at'))}<td>{html.escape(str(e['session']))}{link}</td>"
+            f"<td>{html.escape(kind)}: {html.escape(what)}</td>{_td(detail)}</tr>\n"
+        )
+    out.write("</table>\n")
+    return out.getvalue()
 
 
 def _td(value: Any) -> str:
@@ -444,7 +729,10 @@ code { background: #f5f5f5; padding: 0 0.2em; }
 
 
 def _index_html(
-    sessions: Sequence[Session], selection: dict[str, Any], pinned: Ed25519PublicKey | None
+    sessions: Sequence[Session],
+    selection: dict[str, Any],
+    pinned: Ed25519PublicKey | None,
+    run: dict[str, Any] | None = None,
 ) -> str:
     out = io.StringIO()
     out.write('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n')
@@ -457,6 +745,9 @@ def _index_html(
         f"<code>{html.escape(key_id(pinned)) if pinned else 'not available'}</code> "
         f'(<a href="keys/{PUBLIC_NAME}">{PUBLIC_NAME}</a>).</p>\n'
     )
+    if run is not None:
+        out.write(_timeline_html(run))
+        out.write("<h2>Sessions</h2>\n")
     out.write(
         "<table><tr><th>session</th><th>identity (groups)</th><th>auth</th><th>source</th>"
         "<th>target / protocol</th><th>start</th><th>end</th><th>status</th><th>exit</th>"

@@ -248,6 +248,9 @@ def export_html(path: Path, out: TextIO, *, title: str | None = None) -> None:
         "<script>\n"
         "const cast = JSON.parse(document.getElementById('cast').textContent);\n"
         "const options = JSON.parse(document.getElementById('options').textContent);\n"
+        # replay.html#t=12.5 opens the recording at 12.5 s (links from an evidence timeline).
+        "const at = /^#t=([0-9]+(?:\\.[0-9]+)?)$/.exec(location.hash);\n"
+        "if (at) { options.startAt = parseFloat(at[1]); options.poster = 'npt:' + at[1]; }\n"
         "const player = AsciinemaPlayer.create({data: cast}, "
         "document.getElementById('player'), options);\n"
         "document.querySelectorAll('#markers a').forEach(a => a.addEventListener('click', e => {\n"

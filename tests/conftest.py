@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fix_pg_relay",
     "tests.fix_s3",
     "tests.fix_cluster",
+    "tests.fix_oidc",
 ]

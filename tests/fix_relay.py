@@ -150,6 +150,14 @@ def write_jwks(workdir: Path) -> bytes:
     )
 
 
+_TEST_IDP = """[oidc]
+issuer = "https://idp.test"
+audience = "castgate"
+jwks = "file:jwks.json"
+groups_claim = "groups"
+"""
+
+
 def write_config(
     workdir: Path,
     target: SshTarget,
@@ -159,8 +167,10 @@ def write_config(
     alice_pub: str = "",
     auth_limit: int = 10_000,
     pg_listen: str = "127.0.0.1:0",
+    oidc: str | None = None,
 ) -> Path:
-    """castgate.toml for the tests."""
+    """castgate.toml for the tests (``oidc``: the OIDC section instead of the test IdP's
+    single ``[oidc]`` table)."""
     wrong_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
     cfg = f"""
 data_dir = "data"
@@ -179,11 +189,7 @@ patterns = [{{ name = "stripe-key", regex = "sk_live_[A-Za-z0-9]{{24}}" }}]
 [roles]
 approver = ["sre"]
 auditor = ["sre"]
-[oidc]
-issuer = "https://idp.test"
-audience = "castgate"
-jwks = "file:jwks.json"
-groups_claim = "groups"
+{oidc if oidc is not None else _TEST_IDP}
 [[identities]]
 name = "ci-agent"
 groups = ["agents"]
@@ -267,6 +273,7 @@ def start_relay(
     auth_limit: int = 10_000,
     pg_listen: str = "127.0.0.1:0",
     nofile: int | None = None,
+    oidc: str | None = None,
 ) -> Relay:
     """Init keys, write the config, start ``castgate relay`` and wait until it listens
     (with its open-file limit, soft and hard, at ``nofile`` when given)."""
@@ -283,7 +290,7 @@ def start_relay(
     alice_pub = okey.export_public_key().decode().strip()
     jwt_key = write_jwks(workdir)
     config = write_config(
-        workdir, target, agent_pub, extra, listen_extra, alice_pub, auth_limit, pg_listen
+        workdir, target, agent_pub, extra, listen_extra, alice_pub, auth_limit, pg_listen, oidc
     )
     relay = Relay(workdir, config, 0, "", agent_key, workdir / "known_hosts", target, None, jwt_key)  # type: ignore[arg-type]
     relay.operator_key = operator_key

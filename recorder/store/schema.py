@@ -119,8 +119,13 @@ sessions = sa.Table(
     sa.Column("lines", sa.BigInteger(), nullable=True),
     sa.Column("final_hash", sa.String(), nullable=True),
     sa.Column("masking_counts", _json(), nullable=True),
+    # The OIDC identity's provider, subject and run/initiator claims (Identity.detail),
+    # and the pipeline run the session belongs to (PROVIDER:RUN[:ATTEMPT]).
+    sa.Column("attributes", _json(), nullable=True),
+    sa.Column("run_id", sa.String(), nullable=True),
 )
 sa.Index(None, sessions.c.started_at)
+sa.Index(None, sessions.c.run_id, sessions.c.started_at)
 sa.Index(None, sessions.c.identity, sessions.c.started_at)
 sa.Index(None, sessions.c.target, sessions.c.started_at)
 
@@ -214,3 +219,17 @@ nodes = sa.Table(
     sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
     sa.Column("stopped_at", UTCDateTime(), nullable=True),
 )
+
+# A short castgate token handed out for a verified OIDC token (``POST
+# /api/v1/token/exchange``): only its SHA-256 is kept, with the identity it stands for,
+# until the OIDC token's expiry. OpenSSH cannot send a password longer than 1023 bytes,
+# and CI id-tokens are longer.
+token_exchanges = sa.Table(
+    "token_exchanges",
+    metadata,
+    sa.Column("digest", sa.String(), primary_key=True),
+    sa.Column("identity", _json(), nullable=False),
+    sa.Column("issued_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+)
+sa.Index(None, token_exchanges.c.expires_at)

@@ -362,6 +362,8 @@ class StoreSpool:
         node: str | None = None,
         cast_path: str | None = None,
         title: str | None = None,
+        attributes: dict[str, Any] | None = None,
+        run_id: str | None = None,
     ) -> None:
         """:meth:`Store.create_session`, spooled when the store is away."""
         self._write(
@@ -377,6 +379,8 @@ class StoreSpool:
                 "node": node,
                 "cast_path": cast_path,
                 "title": title,
+                "attributes": attributes,
+                "run_id": run_id,
                 "started_at": _now(),
             },
         )

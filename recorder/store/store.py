@@ -47,6 +47,7 @@ from recorder.store.schema import (
     manifests,
     nodes,
     sessions,
+    token_exchanges,
 )
 
 __all__ = ["APPROVALS_CHANNEL", "Store", "StoreError"]
@@ -75,6 +76,57 @@ _DECISIONS = ("approve", "deny")
 _SETTABLE_APPROVAL_STATUSES = tuple(
     s for s in APPROVAL_STATUSES if s not in ("pending", "approved")
 )
+
+
+def summarise_run(
+    run_id: str, rows: Sequence[dict[str, Any]], figures: dict[str, dict[str, int]]
+) -> dict[str, Any]:
+    """One pipeline run from its session rows (oldest first) and per-session figures
+    (command counts by action, ``approvals``): who started it, what it ran on, when,
+    and how much was run, blocked, approved and masked."""
+    attrs: dict[str, Any] = {}
+    for r in rows:
+        for k, v in ((r.get("attributes") or {}).get("attributes") or {}).items():
+            attrs.setdefault(k, v)
+    first = rows[0].get("attributes") or {}
+    masking: dict[str, int] = {}
+    for r in rows:
+        for detector, n in (r.get("masking_counts") or {}).items():
+            masking[detector] = masking.get(detector, 0) + int(n)
+    ends = [r["ended_at"] for r in rows if r.get("ended_at") is not None]
+    live = sum(1 for r in rows if r.get("ended_at") is None)
+
+    def total(key: str) -> int:
+        return sum(figures.get(r["id"], {}).get(key, 0) for r in rows)
+
+    return {
+        "run_id": run_id,
+        "provider": first.get("provider"),
+        "initiator": attrs.get("triggering_actor") or attrs.get("actor") or attrs.get("user_login"),
+        "repository": attrs.get("repository") or attrs.get("project_path"),
+        "ref": attrs.get("ref"),
+        "sha": attrs.get("sha"),
+        "workflow": attrs.get("workflow"),
+        "environment": attrs.get("environment"),
+        "attributes": attrs,
+        "identities": sorted({str(r["identity"]) for r in rows}),
+        "targets": sorted({str(r["target"]) for r in rows}),
+        "sessions": len(rows),
+        "live": live,
+        "session_ids": [r["id"] for r in rows],
+        "first_started_at": rows[0]["started_at"],
+        "last_started_at": rows[-1]["started_at"],
+        "last_ended_at": None if live else max(ends) if ends else None,
+        "commands": sum(
+            sum(f.values()) - f.get("approvals", 0)
+            for f in (figures.get(r["id"], {}) for r in rows)
+        ),
+        "blocked": total("block"),
+        "held": total("approve"),
+        "approvals": total("approvals"),
+        "masked": sum(masking.values()),
+        "masking_counts": masking,
+    }
 
 
 class StoreError(CastgateError):
@@ -400,6 +452,8 @@ class Store:
         node: str | None = None,
         cast_path: str | None = None,
         title: str | None = None,
+        attributes: dict[str, Any] | None = None,
+        run_id: str | None = None,
         started_at: datetime | None = None,
     ) -> None:
         """Record the start of a session; its status is ``"live"`` until it ends."""
@@ -414,6 +468,8 @@ class Store:
             "node": node,
             "cast_path": cast_path,
             "title": title,
+            "attributes": attributes,
+            "run_id": run_id,
             "started_at": _when(started_at, "started_at"),
             "status": "live",
         }
@@ -500,6 +556,100 @@ class Store:
             query = query.limit(limit)
         with self._tx(write=False) as conn:
             return [_row(m) for m in conn.execute(query).mappings()]
+
+    # --- pipeline runs ------------------------------------------------------------
+
+    def run_sessions(self, run_id: str) -> list[dict[str, Any]]:
+        """The sessions of one pipeline run, oldest first."""
+        query = (
+            sa.select(sessions)
+            .where(sessions.c.run_id == run_id)
+            .order_by(sessions.c.started_at, sessions.c.id)
+        )
+        with self._tx(write=False) as conn:
+            return [_row(m) for m in conn.execute(query).mappings()]
+
+    def list_runs(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        run_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Pipeline runs (sessions sharing ``run_id``) with a session started in
+        [since, until), newest first: :func:`summarise_run` of each."""
+        picked = sa.select(sessions.c.run_id).where(sessions.c.run_id.is_not(None))
+        if run_id is not None:
+            picked = picked.where(sessions.c.run_id == run_id)
+        if since is not None:
+            picked = picked.where(sessions.c.started_at >= _aware(since, "since"))
+        if until is not None:
+            picked = picked.where(sessions.c.started_at < _aware(until, "until"))
+        with self._tx(write=False) as conn:
+            rows = [
+                _row(m)
+                for m in conn.execute(
+                    sa.select(sessions)
+                    .where(sessions.c.run_id.in_(picked.distinct()))
+                    .order_by(sessions.c.started_at, sessions.c.id)
+                ).mappings()
+            ]
+            ids = [r["id"] for r in rows]
+            figures: dict[str, dict[str, int]] = {}
+            if ids:
+                for sid, action, n in conn.execute(
+                    sa.select(commands.c.session_id, commands.c.action, sa.func.count())
+                    .where(commands.c.session_id.in_(ids))
+                    .group_by(commands.c.session_id, commands.c.action)
+                ):
+                    f = figures.setdefault(sid, {})
+                    f[action] = f.get(action, 0) + n
+                for sid, n in conn.execute(
+                    sa.select(approvals.c.session_id, sa.func.count())
+                    .where(approvals.c.session_id.in_(ids))
+                    .group_by(approvals.c.session_id)
+                ):
+                    figures.setdefault(sid, {})["approvals"] = n
+        by_run: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_run.setdefault(str(r["run_id"]), []).append(r)
+        runs = [summarise_run(rid, rs, figures) for rid, rs in by_run.items()]
+        runs.sort(key=lambda r: (r["first_started_at"], r["run_id"]), reverse=True)
+        return runs
+
+    # --- exchanged tokens ----------------------------------------------------------
+
+    def put_exchanged_token(
+        self, digest: str, identity: dict[str, Any], expires_at: datetime
+    ) -> None:
+        """Keep an exchanged token's SHA-256 (hex) with the identity it stands for; the
+        expired ones are dropped on the way."""
+        now = _now()
+        with self._tx(write=True) as conn:
+            conn.execute(token_exchanges.delete().where(token_exchanges.c.expires_at <= now))
+            conn.execute(
+                token_exchanges.insert().values(
+                    digest=digest,
+                    identity=identity,
+                    issued_at=now,
+                    expires_at=_aware(expires_at, "expires_at"),
+                )
+            )
+
+    def get_exchanged_token(self, digest: str) -> dict[str, Any] | None:
+        """The identity of an unexpired exchanged token, or None."""
+        with self._tx(write=False) as conn:
+            row = (
+                conn.execute(
+                    sa.select(token_exchanges).where(
+                        token_exchanges.c.digest == digest,
+                        token_exchanges.c.expires_at > _now(),
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return None if row is None else dict(row["identity"])
 
     # --- command log --------------------------------------------------------------
 

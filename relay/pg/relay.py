@@ -752,7 +752,11 @@ class PgSession:
             "success",
             self.peer,
             f"postgres:{database}",
-            {"method": ident.method, "groups": list(ident.groups)},
+            {
+                "method": ident.method,
+                "groups": list(ident.groups),
+                **self.ctx.identity_detail(ident),
+            },
         )
         target = self.ctx.policy.target(database)
         if target is None or target.kind != "postgres":
@@ -813,6 +817,7 @@ class PgSession:
             )
             await self._fatal("08006", f"castgate: {why}")
             return False
+        self.ctx.credential_used(self.id, ident.name, self.peer, target)
         failure = self._open_recording()
         # The session row first, even for a refused session: the row says why.
         await asyncio.to_thread(
@@ -827,6 +832,7 @@ class PgSession:
             node=self.ctx.node,
             cast_path=str(self.ctx.cfg.recordings_dir / f"{self.id}.cast"),
             title=f"{ident.name}@{target.name}",
+            **self.ctx.attribute_session(self.id, ident),
         )
         if failure is not None:
             self._recording_failed(failure, at_start=True)
@@ -904,6 +910,7 @@ class PgSession:
                     "identity": self.ident.name,
                     "target": self.target.name,
                     "protocol": "postgres",
+                    **self.ctx.identity_detail(self.ident),
                 },
                 on_error=self._writer_failed,
             )

@@ -197,7 +197,7 @@ def test_schemathesis_all_checks(relay: Relay, fixtures: dict[str, Any], tmp_pat
     elapsed = time.monotonic() - started
     report = res.stdout[-6000:] + res.stderr[-2000:]
     assert res.returncode == 0, f"schemathesis exit {res.returncode} after {elapsed:.1f}s\n{report}"
-    assert "Tested: 10" in res.stdout, report  # every operation of the document
+    assert "Tested: 13" in res.stdout, report  # every operation of the document
     assert not [e for e in relay.logs if e.get("msg") == "api.error"], "500s logged"
 
 
@@ -213,10 +213,12 @@ def _protected(doc: dict[str, Any]) -> list[tuple[str, str]]:
 def test_protected_routes_refuse_without_the_role(relay: Relay, fixtures: dict[str, Any]) -> None:
     status, doc = call(relay, "/openapi.json")
     assert status == 200
-    ops = _protected(doc)
+    # The token exchange is for any OIDC identity (no role): checked on its own below.
+    exchange = ("POST", "/api/v1/token/exchange")
+    ops = [op for op in _protected(doc) if op != exchange]
     public = {p for p, item in doc["paths"].items() for op in item.values() if "security" in op}
     assert public == {"/healthz", "/openapi.json"}
-    assert len(ops) == 9
+    assert len(ops) == 11
     forger = relay.workdir / "forger"
     forger.mkdir(exist_ok=True)
     forged = Relay.__new__(Relay)
@@ -249,6 +251,10 @@ def test_protected_routes_refuse_without_the_role(relay: Relay, fixtures: dict[s
                 )
                 if not ok:
                     wrong.append(f"{method} {path} as {who}: {status} {answer!r:.200}")
+    for who, token in {**unauthenticated, "static token": TOKENS["ci-agent"]}.items():
+        status, answer = call(relay, exchange[1], token, "POST", None)
+        if status != (403 if who == "static token" else 401) or "token" in (answer or {}):
+            wrong.append(f"POST {exchange[1]} as {who}: {status} {answer!r:.200}")
     assert not wrong, "\n".join(wrong)
     # The pending approval survived all of that.
     status, row = call(relay, f"/api/v1/approvals/{fixtures['approval']}", TOKENS["bob"])

@@ -20,7 +20,7 @@ import psycopg
 
 from tests.fix_pg_relay import APP_PASSWORD, PANS, PG_TARGETS, _prepare_app_db
 from tests.fix_postgres import PostgresServer
-from tests.fix_relay import TOKENS, start_relay, wait_for
+from tests.fix_relay import TOKENS, mint_jwt, start_relay, wait_for
 from tests.fix_sshd import SshTarget
 
 RUN = re.compile(rb"[0-9]{13,19}")
@@ -152,6 +152,26 @@ webhook = "http://127.0.0.1:{hook.server_address[1]}/hook"
             timeout=10,
         ) as resp:
             assert not _raw_hits(resp.read())
+        # A pipeline run whose token's claims carry card numbers (a branch named after
+        # one, an actor, a commit): the claims are the token holder's to choose.
+        token = mint_jwt(
+            relay,
+            run_id="4242",
+            run_attempt="1",
+            ref=f"refs/heads/{visa}",
+            sha=mc,
+            actor=f"bot-{amex}",
+            repository="acme/payments",
+        )
+        with psycopg.connect(relay.pg_dsn(user="oidc-agent", token=token), autocommit=True) as conn:
+            conn.execute(f"SELECT '{disc}' AS lit").fetchall()
+        runs = relay.castgate("runs", "--json", "--token", TOKENS["alice"])
+        assert runs.returncode == 0 and "oidc:4242:1" in runs.stdout, runs.stderr
+        assert not _raw_hits(runs.stdout.encode()) and visa[:6] in runs.stdout
+        run_bundle = tmp_path / "evidence-run"
+        ev = relay.castgate("evidence", "--run", "oidc:4242:1", "-o", str(run_bundle), timeout=120)
+        assert ev.returncode == 0, ev.stderr
+        assert (run_bundle / "run-record.json").is_file()
         # An evidence bundle of every session, as an auditor would take it.
         bundle = tmp_path / "evidence"
         ev = relay.castgate("evidence", "--since", "2000-01-01", "-o", str(bundle), timeout=120)
@@ -160,7 +180,7 @@ webhook = "http://127.0.0.1:{hook.server_address[1]}/hook"
         assert relay.stop() == 0
         hook.shutdown()
         hook.server_close()
-    for path in bundle.rglob("*"):
+    for path in [*bundle.rglob("*"), *run_bundle.rglob("*")]:
         if path.is_file():
             assert not _raw_hits(path.read_bytes()), path
     assert list(bundle.rglob("*.cast")), "the bundle holds the casts it scanned"

@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from recorder.config import Config, ConfigError, parse_config
-from relay.identity import Authenticator, AuthError, Identity
+from recorder.masking import Masker, MaskPolicy
+from relay.identity import Authenticator, AuthError, Identity, _JwksUrl
+from tests.fix_oidc import GITHUB_ISSUER, Issuer, JwksServer, github_claims, gitlab_claims
 
 ISSUER = "https://idp.example"
 AUDIENCE = "castgate"
@@ -154,6 +156,8 @@ def test_valid_token_per_algorithm(auth: Authenticator, keys: Keys, alg: str) ->
         method="oidc",
         subject="user-42",
         expires_at=float(exp),
+        provider="oidc",
+        leeway=30.0,
     )
 
 
@@ -457,3 +461,341 @@ def test_unknown_algorithm_name_is_a_config_error(tmp_path: Path, keys: Keys) ->
 def test_only_hmac_configured_is_a_config_error(tmp_path: Path, keys: Keys) -> None:
     with pytest.raises(ConfigError, match="no usable algorithm"):
         Authenticator(make_config(tmp_path, OIDC + 'algorithms = ["HS256"]\n', jwks(keys)))
+
+
+# --- several providers, claim-bound identities (pipelines) ----------------------------
+
+PEOPLE = "https://idp.example"
+GITLAB = "https://gitlab.example.com"
+
+
+def pipelines_config(tmp_path: Path, server: JwksServer, extra: str = "") -> Config:
+    people = Issuer(PEOPLE)
+    github = Issuer(GITHUB_ISSUER)
+    gitlab = Issuer(GITLAB)
+    text = f"""
+[[oidc.providers]]
+name = "corp"
+issuer = "{PEOPLE}"
+audience = "castgate"
+jwks = "{server.add("corp", people)}"
+jwks_ca_file = "{server.ca}"
+[[oidc.providers]]
+name = "github"
+issuer = "{GITHUB_ISSUER}"
+audience = "castgate"
+jwks = "{server.add("github", github)}"
+jwks_ca_file = "{server.ca}"
+[[oidc.providers]]
+name = "gitlab"
+issuer = "{GITLAB}"
+audience = "castgate"
+jwks = "{server.add("gitlab", gitlab)}"
+jwks_ca_file = "{server.ca}"
+groups_claim = "groups_direct"
+[[identities]]
+name = "payments-deploy"
+groups = ["agents"]
+oidc = {{ provider = "github", bound_claims = {{ repository = "acme/payments", ref = "refs/heads/main" }} }}
+[[identities]]
+name = "payments-release"
+groups = ["agents", "release"]
+oidc = {{ provider = "github", bound_claims = {{ repository = "acme/payments", ref = "refs/heads/release-*", workflow = "deploy*" }} }}
+[[identities]]
+name = "ledger-ci"
+groups = ["agents"]
+oidc = {{ provider = "gitlab", bound_claims = {{ project_path = "acme/ledger", ref = ["main", "stable"] }} }}
+{extra}
+"""
+    return make_config(tmp_path, text)
+
+
+@pytest.fixture
+def pipes(tmp_path: Path, jwks_server: JwksServer) -> tuple[Authenticator, JwksServer]:
+    return Authenticator(pipelines_config(tmp_path, jwks_server)), jwks_server
+
+
+def test_people_idp_and_ci_issuers_at_once(pipes: tuple[Authenticator, JwksServer]) -> None:
+    auth, server = pipes
+    person = auth.by_token(
+        server.issuers["corp"].mint(
+            {"sub": "u-1", "preferred_username": "alice", "groups": ["sre"]}
+        )
+    )
+    assert (person.name, person.groups, person.provider) == ("alice", ("sre",), "corp")
+    assert person.run_id is None and person.attributes == ()
+
+    gh = auth.by_token(server.issuers["github"].mint(github_claims()))
+    assert (gh.name, gh.groups, gh.provider) == ("payments-deploy", ("agents",), "github")
+    assert gh.subject == "repo:acme/payments:environment:prod"
+    assert gh.attrs == {
+        "actor": "octocat",
+        "triggering_actor": "octocat",
+        "repository": "acme/payments",
+        "workflow": "deploy",
+        "job_workflow_ref": "acme/payments/.github/workflows/deploy.yml@refs/heads/main",
+        "run_id": "9876543210",
+        "run_attempt": "1",
+        "sha": "8f2e4c1d0b7a6e5f4c3b2a19080706050403abcd",
+        "ref": "refs/heads/main",
+        "environment": "prod",
+    }
+    assert gh.run_id == "github:9876543210:1"
+    assert gh.detail()["run_id"] == "github:9876543210:1"
+
+    gl = auth.by_token(server.issuers["gitlab"].mint(gitlab_claims()))
+    # groups_direct is GitLab's groups claim: a bound identity's groups are its own.
+    assert (gl.name, gl.groups, gl.provider) == ("ledger-ci", ("agents",), "gitlab")
+    assert gl.attrs["user_login"] == "jdoe" and gl.attrs["project_path"] == "acme/ledger"
+    assert gl.attrs["pipeline_id"] == "574" and gl.attrs["job_id"] == "302"
+    assert gl.run_id == "gitlab:574"
+
+
+def test_groups_in_a_ci_token_grant_nothing(pipes: tuple[Authenticator, JwksServer]) -> None:
+    auth, server = pipes
+    token = server.issuers["github"].mint({**github_claims(), "groups": ["sre", "platform"]})
+    assert auth.by_token(token).groups == ("agents",)
+
+
+@pytest.mark.parametrize(
+    ("over", "shown"),
+    [
+        ({"repository": "acme/other"}, "repository='acme/other'"),
+        ({"ref": "refs/heads/feature-x"}, "ref='refs/heads/feature-x'"),
+        # The release identity also wants workflow deploy*: a release branch alone is not it.
+        ({"ref": "refs/heads/release-2", "workflow": "lint"}, "workflow='lint'"),
+        ({"repository": "acme/payments-fork"}, "repository='acme/payments-fork'"),
+        ({"repository": None}, "repository='-'"),
+    ],
+)
+def test_token_for_another_repository_or_branch_is_refused(
+    pipes: tuple[Authenticator, JwksServer], over: dict[str, Any], shown: str
+) -> None:
+    auth, server = pipes
+    claims = {**github_claims(), **over}
+    token = server.issuers["github"].mint(claims)
+    with pytest.raises(AuthError) as info:
+        auth.by_token(token)
+    assert str(info.value).startswith("no identity bound to these claims (provider github: ")
+    assert shown in str(info.value)
+
+
+def test_glob_and_list_bindings(pipes: tuple[Authenticator, JwksServer]) -> None:
+    auth, server = pipes
+    gh = server.issuers["github"]
+    release = auth.by_token(
+        gh.mint(github_claims(ref="refs/heads/release-7", workflow="deploy-prod"))
+    )
+    assert release.name == "payments-release"
+    assert release.groups == ("agents", "release")
+    gl = server.issuers["gitlab"]
+    assert auth.by_token(gl.mint(gitlab_claims(ref="stable"))).name == "ledger-ci"
+    with pytest.raises(AuthError, match="provider gitlab: project_path='acme/ledger', ref='dev'"):
+        auth.by_token(gl.mint(gitlab_claims(ref="dev")))
+
+
+def test_a_token_matching_two_identities_is_refused(
+    tmp_path: Path, jwks_server: JwksServer
+) -> None:
+    extra = """
+[[identities]]
+name = "payments-any"
+groups = ["agents"]
+oidc = { provider = "github", bound_claims = { repository = "acme/*" } }
+"""
+    auth = Authenticator(pipelines_config(tmp_path, jwks_server, extra))
+    gh = jwks_server.issuers["github"]
+    with pytest.raises(AuthError) as info:
+        auth.by_token(gh.mint(github_claims()))
+    assert str(info.value) == (
+        "claims match more than one identity (payments-deploy, payments-any); refused"
+    )
+    assert auth.by_token(gh.mint(github_claims(repository="acme/web"))).name == "payments-any"
+
+
+def test_another_issuers_token_is_not_a_pipeline(pipes: tuple[Authenticator, JwksServer]) -> None:
+    auth, server = pipes
+    # The people IdP signs a token with GitHub's claims: it is a person named by sub,
+    # with the people IdP's groups claim, never the pipeline identity.
+    fake = server.issuers["corp"].mint(github_claims())
+    ident = auth.by_token(fake)
+    assert ident.name == "repo:acme/payments:environment:prod"
+    assert ident.groups == () and ident.provider == "corp"
+    # GitHub's issuer with the people IdP's key: bad signature / unknown key.
+    corp = server.issuers["corp"]
+    forged = corp.mint(
+        {**github_claims(), "iss": GITHUB_ISSUER},
+        kid=server.issuers["github"].kid,
+        key=corp.keys[corp.kid],
+    )
+    refused(auth, forged, "bad signature")
+    refused(auth, Issuer("https://evil.example").mint(github_claims()), "wrong issuer")
+    refused(
+        auth,
+        server.issuers["github"].mint({**github_claims(), "aud": "someone-else"}),
+        "wrong audience",
+    )
+
+
+def test_a_person_cannot_take_a_pipelines_name(pipes: tuple[Authenticator, JwksServer]) -> None:
+    auth, server = pipes
+    corp = server.issuers["corp"]
+    for claims in (
+        {"sub": "u-9", "preferred_username": "payments-deploy", "groups": ["agents"]},
+        {"sub": "ledger-ci", "groups": ["agents"]},
+    ):
+        with pytest.raises(AuthError, match=r"an identity bound to provider (github|gitlab)"):
+            auth.by_token(corp.mint(claims))
+    # Positive control: the same person under their own name.
+    assert auth.by_token(corp.mint({"sub": "u-9", "preferred_username": "dana"})).name == "dana"
+
+
+def test_runs_are_told_apart(pipes: tuple[Authenticator, JwksServer]) -> None:
+    auth, server = pipes
+    gh = server.issuers["github"]
+    first = auth.by_token(gh.mint(github_claims(run_id="100")))
+    retry = auth.by_token(gh.mint(github_claims(run_id="100", run_attempt="2")))
+    other = auth.by_token(gh.mint(github_claims(run_id="101")))
+    assert [first.run_id, retry.run_id, other.run_id] == [
+        "github:100:1",
+        "github:100:2",
+        "github:101:1",
+    ]
+
+
+def test_claims_with_a_card_number_are_masked(tmp_path: Path, jwks_server: JwksServer) -> None:
+    masker = Masker(MaskPolicy())
+    auth = Authenticator(pipelines_config(tmp_path, jwks_server), mask=masker.mask)
+    gh = jwks_server.issuers["github"]
+    ok = auth.by_token(gh.mint(github_claims(sha="4111111111111111", workflow="deploy")))
+    assert "4111111111111111" not in json.dumps(ok.detail())
+    with pytest.raises(AuthError) as info:
+        auth.by_token(gh.mint(github_claims(ref="refs/heads/4111111111111111")))
+    assert "4111111111111111" not in str(info.value)
+    assert "411111******1111" in str(info.value)
+
+
+def test_key_rotation_over_https_and_the_refetch_limit(
+    tmp_path: Path, jwks_server: JwksServer
+) -> None:
+    auth = Authenticator(pipelines_config(tmp_path, jwks_server))
+    gh = jwks_server.issuers["github"]
+    assert auth.by_token(gh.mint(github_claims())).name == "payments-deploy"
+    assert jwks_server.fetches["github"] == 1
+    assert auth.by_token(gh.mint(github_claims())).name == "payments-deploy"
+    assert jwks_server.fetches["github"] == 1  # cached
+    gh.rotate(drop_old=True)
+    # The new kid is unknown to the cache: fetched again at once, and accepted.
+    assert auth.by_token(gh.mint(github_claims())).name == "payments-deploy"
+    assert jwks_server.fetches["github"] == 2
+    # More unknown kids right after: no fetch (at most one per jwks_refresh).
+    rogue = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    for i in range(5):
+        refused(auth, gh.mint(github_claims(), kid=f"forged-{i}", key=rogue), "unknown signing key")
+    assert jwks_server.fetches["github"] == 2
+
+
+def test_refetch_limit_follows_the_clock(tmp_path: Path, jwks_server: JwksServer) -> None:
+    cfg = pipelines_config(tmp_path, jwks_server)
+    auth = Authenticator(cfg)
+    gh = jwks_server.issuers["github"]
+    prov = auth.provider("github")
+    assert prov is not None and isinstance(prov.jwks, _JwksUrl)
+    now = [1000.0]
+    prov.jwks._clock = lambda: now[0]
+    assert auth.by_token(gh.mint(github_claims())).name == "payments-deploy"
+    gh.rotate()
+    now[0] += 1
+    assert auth.by_token(gh.mint(github_claims())).name == "payments-deploy"  # refetched
+    gh.rotate()
+    now[0] += 1
+    refused(auth, gh.mint(github_claims()), "unknown signing key")  # within jwks_refresh
+    now[0] += 10
+    assert auth.by_token(gh.mint(github_claims())).name == "payments-deploy"
+    assert jwks_server.fetches["github"] == 3
+
+
+def test_jwks_redirect_and_wrong_ca_are_refused(tmp_path: Path, jwks_server: JwksServer) -> None:
+    gh = Issuer(GITHUB_ISSUER)
+    jwks_server.redirect_to = jwks_server.add("github", gh)
+    base = f"""
+[[oidc.providers]]
+name = "github"
+issuer = "{GITHUB_ISSUER}"
+audience = "castgate"
+jwks = "{jwks_server.base}/redirect/jwks"
+jwks_ca_file = "{jwks_server.ca}"
+"""
+    refused(
+        Authenticator(make_config(tmp_path, base)),
+        gh.mint({"sub": "x"}),
+        "signing keys unavailable",
+    )
+    no_ca = base.replace("/redirect/jwks", "/github/jwks").replace(
+        f'jwks_ca_file = "{jwks_server.ca}"\n', ""
+    )
+    refused(
+        Authenticator(make_config(tmp_path, no_ca)),
+        gh.mint({"sub": "x"}),
+        "signing keys unavailable",
+    )
+    good = base.replace("/redirect/jwks", "/github/jwks")
+    assert Authenticator(make_config(tmp_path, good)).by_token(gh.mint({"sub": "x"})).name == "x"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            '[oidc]\nissuer = "a"\naudience = "b"\njwks = "file:j"\n[[oidc.providers]]\n'
+            'name = "x"\nissuer = "a"\naudience = "b"\njwks = "file:j"\n',
+            "not both",
+        ),
+        ('[oidc]\nissuer = "a"\n', "needs issuer, audience and jwks"),
+        (
+            '[[oidc.providers]]\nname = "x"\nissuer = "a"\naudience = "b"\njwks = "file:j"\n'
+            '[[oidc.providers]]\nname = "x"\nissuer = "c"\naudience = "b"\njwks = "file:j"\n',
+            "duplicate provider name",
+        ),
+        (
+            '[[oidc.providers]]\nname = "x"\nissuer = "a"\naudience = "b"\njwks = "file:j"\n'
+            '[[oidc.providers]]\nname = "y"\nissuer = "a"\naudience = "b"\njwks = "file:j"\n',
+            "same issuer and audience",
+        ),
+        (
+            '[[identities]]\nname = "p"\noidc = { provider = "github", bound_claims = '
+            '{ repository = "a/b" } }\n',
+            "no OIDC provider named 'github'",
+        ),
+        (
+            '[oidc]\nissuer = "a"\naudience = "b"\njwks = "file:j"\n[[identities]]\nname = "p"\n'
+            'oidc = { provider = "oidc", bound_claims = {} }\n',
+            "bound_claims",
+        ),
+        (
+            '[oidc]\nissuer = "a"\naudience = "b"\njwks = "file:j"\n[[identities]]\nname = "p"\n'
+            'oidc = { provider = "oidc", bound_claims = { repository = "*", ref = "*" } }\n',
+            "not only",
+        ),
+    ],
+)
+def test_provider_and_binding_config_errors(text: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        parse_config(text)
+
+
+def test_single_oidc_table_is_one_provider(auth: Authenticator, keys: Keys) -> None:
+    ident = auth.by_token(sign(keys))
+    assert ident.provider == "oidc" and ident.run_id is None
+    prov = auth.provider("oidc")
+    assert prov is not None and prov.cfg.issuer == ISSUER
+
+
+def test_the_pipelines_config_snippet_loads() -> None:
+    snippet = Path(__file__).resolve().parents[2] / "assets" / "ci" / "castgate.pipelines.toml"
+    cfg = parse_config(snippet.read_text(encoding="utf-8"), snippet)
+    auth = Authenticator(cfg)  # https JWKS: nothing is fetched before the first token
+    assert [p.name for p in cfg.oidc.all_providers()] == ["corp", "github", "gitlab"]  # type: ignore[union-attr]
+    github = auth.provider("github")
+    assert github is not None
+    assert [i.name for i in github.bound] == ["payments-deploy", "payments-release"]

@@ -114,7 +114,7 @@ def _race(n: int, action: Callable[[int], Any]) -> list[Any]:
 def test_open_migrates_to_head_and_reopening_changes_nothing(store_url: str) -> None:
     first = Store.open(store_url)
     try:
-        assert first.schema_version == "0002"
+        assert first.schema_version == "0003"
         first.add_event("relay.start", None, "success", "node-a", "relay")
     finally:
         first.close()
@@ -130,7 +130,7 @@ def test_open_migrates_to_head_and_reopening_changes_nothing(store_url: str) -> 
 
     again = Store.open(store_url)
     try:
-        assert again.schema_version == "0002"
+        assert again.schema_version == "0003"
         assert [e["kind"] for e in again.list_events()] == ["relay.start"]
     finally:
         again.close()
@@ -138,7 +138,7 @@ def test_open_migrates_to_head_and_reopening_changes_nothing(store_url: str) -> 
     try:
         with engine.connect() as conn:
             versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).all()
-        assert [v[0] for v in versions] == ["0002"]
+        assert [v[0] for v in versions] == ["0003"]
     finally:
         engine.dispose()
 
@@ -177,14 +177,14 @@ def test_relays_starting_together_migrate_once(store_url: str) -> None:
         p.stdin.flush()
     outcomes = [p.communicate(timeout=60) for p in procs]
     results = [(p.returncode, out.strip()) for p, (out, _) in zip(procs, outcomes, strict=True)]
-    assert results == [(0, "0002")] * 3, outcomes
+    assert results == [(0, "0003")] * 3, outcomes
 
 
 def test_stores_opened_together_in_one_process(store_url: str) -> None:
     opened = _race(3, lambda _: Store.open(store_url))
     try:
         assert all(isinstance(s, Store) for s in opened), opened
-        assert {s.schema_version for s in opened} == {"0002"}
+        assert {s.schema_version for s in opened} == {"0003"}
     finally:
         for s in opened:
             if isinstance(s, Store):
@@ -366,6 +366,8 @@ def test_session_create_end_and_get(store: Store) -> None:
         "lines": 412,
         "final_hash": "ab" * 32,
         "masking_counts": {"pan": 3, "track": 0},
+        "attributes": None,
+        "run_id": None,
     }
     assert store.get_session("nope") is None
 
@@ -736,3 +738,52 @@ def test_manifest_round_trip_and_replace(store: Store) -> None:
     assert store.get_manifest("s1") == manifest
     store.put_manifest("s1", {"version": 2})
     assert store.get_manifest("s1") == {"version": 2}
+
+
+# --- pipeline runs ----------------------------------------------------------------------
+
+
+def test_runs_group_sessions_by_run_id(store: Store) -> None:
+    attrs = {
+        "provider": "github",
+        "subject": "repo:acme/payments:ref:refs/heads/main",
+        "run_id": "github:100:1",
+        "attributes": {"actor": "octocat", "repository": "acme/payments", "ref": "refs/heads/main"},
+    }
+    _session(store, "a1", attributes=attrs, run_id="github:100:1")
+    _session(
+        store, "a2", attributes=attrs, run_id="github:100:1", started_at=T0 + timedelta(seconds=5)
+    )
+    retry = {**attrs, "run_id": "github:100:2"}
+    _session(
+        store, "b1", attributes=retry, run_id="github:100:2", started_at=T0 + timedelta(seconds=60)
+    )
+    _session(store, "x", started_at=T0 + timedelta(seconds=1))  # a person's session: no run
+    store.add_command("a1", "uptime", kind="exec", action="allow")
+    store.add_command("a2", "rm -rf /", kind="exec", action="block", rule="no-rm-rf")
+    store.create_approval(
+        session_id="a2", identity="alice", target="web", command="systemctl restart x", rule="r",
+        min_approvals=1, approver_groups=["sre"], expires_at=T0 + timedelta(hours=1),
+    )  # fmt: skip
+    store.end_session("a1", status="closed", masking_counts={"pan": 2, "stripe-key": 1})
+    store.end_session("a2", status="closed", masking_counts={"pan": 1})
+
+    runs = store.list_runs()
+    assert [r["run_id"] for r in runs] == ["github:100:2", "github:100:1"]
+    first = runs[1]
+    assert first["session_ids"] == ["a1", "a2"]
+    assert (first["initiator"], first["repository"], first["ref"]) == (
+        "octocat",
+        "acme/payments",
+        "refs/heads/main",
+    )
+    assert (first["commands"], first["blocked"], first["approvals"]) == (2, 1, 1)
+    assert first["masking_counts"] == {"pan": 3, "stripe-key": 1} and first["masked"] == 4
+    assert first["live"] == 0 and first["last_ended_at"] is not None
+    assert runs[0]["live"] == 1 and runs[0]["last_ended_at"] is None
+    assert [r["id"] for r in store.run_sessions("github:100:1")] == ["a1", "a2"]
+    assert store.get_session("a1")["attributes"] == attrs  # type: ignore[index]
+    assert [r["run_id"] for r in store.list_runs(since=T0 + timedelta(seconds=30))] == [
+        "github:100:2"
+    ]
+    assert store.list_runs(run_id="github:100:1")[0]["sessions"] == 2
