@@ -169,12 +169,13 @@ class LiveStream:
 
     def end(self, status: str) -> None:
         """The session is over: watchers get ``end`` then None."""
+        # What is batched goes out first, by the rate rules; its output may be what
+        # starts the skipping, so the skipping is looked at after it.
+        self._flush()
         if self._snapshot_handle is not None:
             # Output was being skipped: the last screen goes before the end.
             self._snapshot_handle.cancel()
             self._snapshot_handle = None
-            batch, self._batch = self._batch, []
-            self._write_frames(b"".join(ev.frame() for ev in batch if ev.kind != "o"))
             if self.framed:
                 self._write_frames(self._screen_frame())
         self.ended = True
