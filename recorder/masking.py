@@ -597,12 +597,12 @@ class StreamMasker:
         n = len(buf)
         hold, tail = m._hold_from(buf, base)
         if final:
-            # A deadline does not release a character cut inside a number that is still
-            # open (the terminal cannot show it before its last byte anyway): its digit
-            # could not be masked once its first byte is out. A second flush in a row
-            # (the stream ended) releases it.
+            # A deadline does not release a character cut by the chunk (the terminal
+            # cannot show it before its last byte anyway): it may be a digit, the first
+            # of a number (a full-width one), which could not be masked once its first
+            # byte is out. A second flush in a row (the stream ended) releases it.
             cut = _char_cut(buf, base)
-            hold = cut if cut < n and tail < cut and not self._kept else n
+            hold = cut if cut < n and not self._kept else n
             self._kept = hold < n
         elif n - hold > MAX_HOLD:
             hold = n

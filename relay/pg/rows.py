@@ -148,12 +148,7 @@ class RowMasker:
         element to NULL makes the row be framed again."""
         masker = self.masker
         custom = self._customs and (not masker.block_safe or masker.custom_in(body))
-        if (
-            not self.any_masked
-            and not custom
-            and not self._opaque
-            and not digits_possible(body)
-        ):
+        if not self.any_masked and not custom and not self._opaque and not digits_possible(body):
             return body
         end = len(body)
         if end < 2:

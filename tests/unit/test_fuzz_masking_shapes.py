@@ -294,3 +294,14 @@ def test_a_number_inside_a_string_after_other_digits_is_masked(
     out = run(MASKER, text, cuts, set()).decode()
     assert f"{intro}{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}{end}" in out
     assert out.startswith("4111 1111 1111 ")
+
+
+def test_a_deadline_inside_the_first_digit_of_a_full_width_number() -> None:
+    # Found by the deadline property: the first byte of a full-width "4" went out at a
+    # deadline before it was known to be a digit, and the rest (ASCII ones, not
+    # Luhn-valid without it) was never masked.
+    stream = "card ４\x1b[0m1\x1b[0m11111111111111 end".encode()
+    out = run(MASKER, stream, [6, 7], {6})
+    assert len(out) == len(stream)
+    digits = re.sub(rb"\x1b\[0m", b"", out)
+    assert b"111111111111111" not in digits, out
