@@ -300,7 +300,7 @@ def test_a_deadline_inside_the_first_digit_of_a_full_width_number() -> None:
     # Found by the deadline property: the first byte of a full-width "4" went out at a
     # deadline before it was known to be a digit, and the rest (ASCII ones, not
     # Luhn-valid without it) was never masked.
-    stream = "card ４\x1b[0m1\x1b[0m11111111111111 end".encode()
+    stream = "card \uff14\x1b[0m1\x1b[0m11111111111111 end".encode()
     out = run(MASKER, stream, [6, 7], {6})
     assert len(out) == len(stream)
     digits = re.sub(rb"\x1b\[0m", b"", out)
