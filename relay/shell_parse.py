@@ -110,6 +110,40 @@ _AWKS = frozenset({"awk", "gawk", "mawk", "nawk", "busybox-awk"})
 _RESERVED = frozenset(
     {"then", "else", "elif", "fi", "do", "done", "esac", "in", "}", "{", "!", "[[", "]]"}
 )
+# Builtins that take variable names (a subscript in a name is evaluated as arithmetic).
+_NAME_BUILTINS = frozenset(
+    {
+        "printf",
+        "read",
+        "declare",
+        "typeset",
+        "local",
+        "export",
+        "readonly",
+        "unset",
+        "mapfile",
+        "readarray",
+        "getopts",
+        "wait",
+        "test",
+        "[",
+        "let",
+        "shift",
+        "eval",
+    }
+) - {"eval", "shift"}
+_SCRIPT_LONG_ARG = frozenset(
+    {
+        "command",
+        "echo",
+        "log-in",
+        "log-out",
+        "log-io",
+        "log-timing",
+        "logging-format",
+        "output-limit",
+    }
+)
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 _PROMPT_VARS = frozenset({"PROMPT_COMMAND", "PS0", "PS1", "PS2", "PS3", "PS4"})
 _SPECIAL_VARS = frozenset({"?", "#", "$", "!", "-", "0"})
@@ -237,6 +271,7 @@ class _Walk:
         self.budget = budget
         self.out = out
         self.int_vars: set[str] = set()
+        self.redirect_starts: set[int] = set()
 
     def text(self, node: Node) -> str:
         return self.src[node.start_byte : node.end_byte].decode("utf-8", "surrogateescape")
@@ -275,9 +310,10 @@ class _Walk:
                 self.walk(child, nest + 1)
 
     def _redirected(self, node: Node, nest: int, stdin_fed: bool) -> None:
-        feeds = stdin_fed or any(
-            _feeds_stdin(self, c) for c in node.children_by_field_name("redirect")
-        )
+        redirects = node.children_by_field_name("redirect")
+        feeds = stdin_fed or any(_feeds_stdin(self, c) for c in redirects)
+        # The grammar reads the 0 of `sh 0< file` as an argument: bash reads an fd.
+        self.redirect_starts.update(c.start_byte for c in redirects)
         for child in node.children:
             if child in node.children_by_field_name("redirect"):
                 self.walk(child, nest + 1)
@@ -329,6 +365,9 @@ class _Walk:
         parts = [c.type for c in node.children]
         if "!" in parts[:2]:
             self.out.structural("indirect expansion ${!...}")
+        if self.text(node).endswith("@P}"):
+            # Prompt expansion of a value: a $(...) in the value runs.
+            self.out.structural("prompt expansion ${...@P}")
         if "[" in parts:
             i = parts.index("[")
             for child in node.children[i + 1 :]:
@@ -357,16 +396,18 @@ class _Walk:
                 word = self.word(value)
                 if word.value is None:
                     self.out.structural(f"{var} set to a value not known until run time")
+                elif var == "PROMPT_COMMAND":
+                    self.reparse(word.value, var)
                 else:
                     # Expanded like a string: what substitutions it holds run.
-                    self.reparse(": " + word.value, f"{var}")
+                    self.reparse(": " + word.value, var)
             if value.type == "number":
                 self.int_vars.add(var)
         self.children(node, nest)
 
     def _declaration(self, node: Node, nest: int, stdin_fed: bool) -> None:
-        argv = [self.text(c) for c in node.children]
-        self.out.add(SimpleCommand(tuple(argv)))
+        # declare/export/local/readonly: a builtin; its assignments are walked below.
+        self.simple([_Word(self.text(c), self.text(c)) for c in node.children], stdin_fed)
         self.children(node, nest)
 
     def _function(self, node: Node, nest: int, _stdin_fed: bool) -> None:
@@ -428,6 +469,8 @@ class _Walk:
                     continue
                 words.append(self.word(target))
             elif fname == "argument":
+                if child.type == "number" and child.end_byte in self.redirect_starts:
+                    continue
                 words.append(self.word(child))
             elif fname == "redirect" and _feeds_stdin(self, child):
                 stdin_fed = True
@@ -447,6 +490,10 @@ class _Walk:
             self.out.structural(
                 f"command name {head.text} is not known until run time ({head.why})"
             )
+            return
+        if head.value.startswith("=") and len(head.value) > 1:
+            # zsh expands =cmd to the path of cmd.
+            self.out.structural(f"command name {head.text} (zsh equals expansion)")
             return
         if head.value in _RESERVED:
             self.out.structural(f"misplaced reserved word {head.value!r}")
@@ -514,6 +561,17 @@ class _Walk:
                     return "trap with a command not known until run time"
                 self.reparse(args[0].value, "trap")
             return None
+        if prog in _NAME_BUILTINS:
+            for w in words[1:]:
+                v = w.value if w.value is not None else w.text
+                if "[" in v and ("$" in v or "`" in v):
+                    return f"{prog}: a variable name whose subscript is evaluated"
+                if any(var in v for var in _PROMPT_VARS):
+                    return f"{prog} sets a prompt variable (run at every prompt)"
+        if prog in ("mapfile", "readarray") and any(
+            (w.value or "-C").startswith("-C") for w in words[1:]
+        ):
+            return f"{prog} -C runs a callback"
         if prog in ("let",):
             return "let evaluates arithmetic (a variable's value can run commands)"
         if prog == "hash" and any(w.value == "-p" or w.value is None for w in words[1:]):
@@ -538,6 +596,9 @@ class _Walk:
         while i < len(words):
             w = words[i]
             if w.value is None:
+                if spec.assignments and _ASSIGNMENT.match(w.text):
+                    i += 1  # NAME=$value: only the value is unknown
+                    continue
                 self.out.structural(f"{prog}: argument {w.text} is not known until run time")
                 return None
             v = w.value
@@ -610,6 +671,9 @@ class _Walk:
             )
             if starts_shell:
                 return self.stdin_shell(prog, stdin_fed)
+            if prog == "exec" and stdin_fed:
+                self.out.structural("exec < file: the shell reads its commands from a file")
+                return None
             if prog == "xargs":
                 rest = [_Word("echo", "echo")]
             else:
@@ -732,42 +796,36 @@ class _Walk:
         return self.stdin_shell(prog, stdin_fed)
 
     def script(self, words: list[_Word], stdin_fed: bool) -> str | None:
+        command: _Word | None = None
         i = 1
         while i < len(words):
             v = words[i].value
             if v is None:
                 self.out.structural(f"script: argument {words[i].text} is not known until run time")
                 return None
-            if v in ("-c", "--command"):
-                i += 1
-                if i < len(words):
-                    cmd = words[i]
-                    if cmd.value is None:
-                        self.out.structural("script -c with text not known until run time")
-                        return None
-                    self.reparse(cmd.value, "script -c")
-                return None
-            if v.startswith("--command="):
-                self.reparse(v.partition("=")[2], "script -c")
-                return None
-            if v in (
-                "-E",
-                "-I",
-                "-O",
-                "-B",
-                "-T",
-                "-m",
-                "-o",
-                "--echo",
-                "--log-in",
-                "--log-out",
-                "--log-io",
-                "--log-timing",
-                "--logging-format",
-                "--output-limit",
-            ):
-                i += 1
+            nxt = words[i + 1] if i + 1 < len(words) else _Word("", "")
+            if v.startswith("--"):
+                name, eq, val = v[2:].partition("=")
+                if name == "command":
+                    command = _Word(val, v) if eq else nxt
+                if name in _SCRIPT_LONG_ARG and not eq:
+                    i += 1
+            elif v.startswith("-") and len(v) > 1:
+                for j, c in enumerate(v[1:], start=2):
+                    if c in "cEIOBTmo":
+                        val_word = _Word(v[j:], v) if v[j:] else nxt
+                        if not v[j:]:
+                            i += 1
+                        if c == "c":
+                            command = val_word
+                        break
             i += 1
+        if command is not None:
+            if command.value is None:
+                self.out.structural("script -c with text not known until run time")
+                return None
+            self.reparse(command.value, "script -c")
+            return None
         return self.stdin_shell("script", stdin_fed)
 
     def interpreter(self, prog: str, words: list[_Word], stdin_fed: bool) -> str | None:
@@ -1119,14 +1177,21 @@ def _analyze_into(text: str, depth: int, budget: _Budget, out: _Result) -> None:
         return
     if "\x00" in text:
         out.structural("contains a NUL byte")
+    _parse_walk(text, depth, budget, out)
+    if "\\\n" in text:
+        # bash removes a backslash-newline before it splits words (`r\<newline>m` is
+        # `rm`); the grammar reads it as a blank. Check the joined text too.
+        _parse_walk(text.replace("\\\n", ""), depth, budget, out)
+    if _history(text):
+        out.structural("history expansion (!) would change the line")
+
+
+def _parse_walk(text: str, depth: int, budget: _Budget, out: _Result) -> None:
     src = text.encode("utf-8", "surrogateescape")
     tree = _PARSER.parse(src)
     if depth == 0 and tree.root_node.has_error:
         out.parse_error = True
-    walk = _Walk(src, depth, budget, out)
-    walk.walk(tree.root_node)
-    if _history(text):
-        out.structural("history expansion (!) would change the line")
+    _Walk(src, depth, budget, out).walk(tree.root_node)
 
 
 def _history(text: str) -> bool:
