@@ -35,6 +35,7 @@ ALLOW = Decision("allow")
 
 DEFAULT = "castgate:default"
 OPAQUE = "castgate:opaque"
+_BUILTINS = frozenset({DEFAULT, OPAQUE})
 
 
 _SEVERITY = {"allow": 0, "approve": 1, "block": 2}
@@ -227,7 +228,12 @@ class ScopedPolicy:
         in it by the rules in order (first match wins; none: the target's ``default``),
         what cannot be understood as ``opaque``; the most severe decision wins."""
         analysis = analyze(command)
-        decisions = [self.decide_simple(cmd) for cmd in analysis.commands]
+        decisions = []
+        for cmd in analysis.commands:
+            decision = self.decide_simple(cmd)
+            if cmd.speculative and (decision.rule is None or decision.rule.name in _BUILTINS):
+                continue  # only what a rule says about it counts
+            decisions.append(decision)
         if analysis.opaque_structure is not None:
             decisions.append(self.opaque(analysis.opaque_structure))
         if not decisions:

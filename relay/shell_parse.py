@@ -66,6 +66,10 @@ class SimpleCommand:
     opaque: str | None = None
     """Why what this command runs is invisible (a script file, interpreter code,
     ``eval``); an ``allow`` rule matching this command vouches for it."""
+    speculative: bool = False
+    """Run only by some shells (dash runs ``((rm -rf x))`` as two subshells, bash
+    evaluates it as arithmetic): a block or approve rule matching it counts, nothing
+    else does."""
 
     @property
     def program(self) -> str:
@@ -144,6 +148,7 @@ _SCRIPT_LONG_ARG = frozenset(
         "output-limit",
     }
 )
+_OPENING_RESERVED = frozenset({"if", "while", "until", "for", "case", "select", "function"})
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 _PROMPT_VARS = frozenset({"PROMPT_COMMAND", "PS0", "PS1", "PS2", "PS3", "PS4"})
 _SPECIAL_VARS = frozenset({"?", "#", "$", "!", "-", "0"})
@@ -455,7 +460,7 @@ class _Walk:
     # ---- commands -----------------------------------------------------------------
 
     def _command(self, node: Node, nest: int, stdin_fed: bool) -> None:
-        words: list[_Word] = []
+        groups: list[list[Node]] = []
         for i, child in enumerate(node.children):
             fname = node.field_name_for_child(i)
             if child.is_missing:
@@ -467,16 +472,34 @@ class _Walk:
                 if target.is_missing:
                     self.out.structural("cannot parse (a command is missing)")
                     continue
-                words.append(self.word(target))
             elif fname == "argument":
                 if child.type == "number" and child.end_byte in self.redirect_starts:
                     continue
-                words.append(self.word(child))
-            elif fname == "redirect" and _feeds_stdin(self, child):
-                stdin_fed = True
+                target = child
+            else:
+                if fname == "redirect" and _feeds_stdin(self, child):
+                    stdin_fed = True
+                continue
+            # Pieces with nothing between them are one word to bash, however the
+            # grammar splits them (it does after a quoted piece: `a' '\b`).
+            if groups and groups[-1][-1].end_byte == target.start_byte:
+                groups[-1].append(target)
+            else:
+                groups.append([target])
+        words = [self.word(g[0]) if len(g) == 1 else self.joined(g) for g in groups]
         if words:
             self.simple(words, stdin_fed)
         self.children(node, nest)
+
+    def joined(self, group: list[Node]) -> _Word:
+        pieces = [self.word(n) for n in group]
+        text = self.src[group[0].start_byte : group[-1].end_byte].decode("utf-8", "surrogateescape")
+        unknown = next((p for p in pieces if p.value is None), None)
+        if unknown is not None:
+            return _Word(None, text, unknown.why)
+        if _brace(text):
+            return _Word(None, text, "a brace expansion")
+        return _Word("".join(p.value or "" for p in pieces), text)
 
     def reparse(self, text: str, what: str) -> None:
         if self.depth + 1 > MAX_REPARSE:
@@ -495,8 +518,12 @@ class _Walk:
             # zsh expands =cmd to the path of cmd.
             self.out.structural(f"command name {head.text} (zsh equals expansion)")
             return
-        if head.value in _RESERVED:
+        if head.value in _RESERVED or head.value in _OPENING_RESERVED:
+            # Where the grammar and bash disagree (`! if ...`): fail closed, and still
+            # check the words after the keyword as the command bash would see.
             self.out.structural(f"misplaced reserved word {head.value!r}")
+            if len(words) > 1:
+                self.simple(words[1:], stdin_fed)
             return
         # A glob that starts with a literal character other than '-' cannot expand to
         # an option ('/tmp/*', 'src/*.c'): as an argument it is as good as known.
@@ -1178,6 +1205,14 @@ def _analyze_into(text: str, depth: int, budget: _Budget, out: _Result) -> None:
     if "\x00" in text:
         out.structural("contains a NUL byte")
     _parse_walk(text, depth, budget, out)
+    if "((" in text or "))" in text:
+        # dash (sh on Debian) runs `((cmd))` as nested subshells where bash evaluates
+        # arithmetic: what the other reading runs counts when a rule names it.
+        side = _Result()
+        _parse_walk(text.replace("((", "( (").replace("))", ") )"), depth, budget, side)
+        out.commands.extend(
+            SimpleCommand(c.argv, c.unknown, c.opaque, speculative=True) for c in side.commands
+        )
     if "\\\n" in text:
         # bash removes a backslash-newline before it splits words (`r\<newline>m` is
         # `rm`); the grammar reads it as a blank. Check the joined text too.
