@@ -180,7 +180,8 @@ def composed(
         return f"find . -exec {inner} \\;", True, held, "find"
     if how == "backticks" and "`" in inner:
         how = "subst"
-    # `$((` opens an arithmetic expansion, not a substitution of a subshell.
+    # `$((` opens an arithmetic expansion, `((` an arithmetic command in bash (and two
+    # subshells in dash): tests/unit/test_policy.py has those.
     pad = " " if inner.startswith("(") else ""
     texts = {
         "seq_before": f"{other}; {inner}",
@@ -190,7 +191,7 @@ def composed(
         "pipe_in": f"{other} | {inner}",
         "pipe_out": f"{inner} | {other}",
         "background": f"{inner} & {other}",
-        "subshell": f"({inner})",
+        "subshell": f"({pad}{inner}{pad})",
         "group": f"{{ {inner}; }}",
         "subst": f"echo $({pad}{inner}{pad})",
         "subst_quoted": f'echo "$({pad}{inner}{pad})"',
@@ -211,7 +212,15 @@ def composed(
         "negate": f"! {inner}",
     }
     # tree-sitter-bash cannot read `! compound`: fail-closed (held), never allowed.
-    misread = how == "negate" and inner.split()[0] in ("if", "while", "for", "case", "{", "f()")
+    misread = how == "negate" and inner.split()[0] in (
+        "if",
+        "while",
+        "for",
+        "case",
+        "{",
+        "f()",
+        "!",
+    )
     return texts[how], False, held or how == "eval" or misread, ""
 
 

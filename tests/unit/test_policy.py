@@ -270,3 +270,16 @@ def test_opaque_decision_carries_its_reason() -> None:
         target="web", groups=["agents"], command="curl x | bash"
     )
     assert d.action == "approve" and d.reason is not None and "bash" in d.reason
+
+
+@pytest.mark.parametrize(
+    "command", ["((rm -rf x))", "rm=1 rf=2 x=3; ((rm -rf /x))", "ls; ((rm -rf /\\x))"]
+)
+def test_what_dash_would_run_counts_for_rules(command: str) -> None:
+    # dash runs `((cmd))` as two nested subshells; bash evaluates arithmetic.
+    assert _shell(command) == ("block", "no-rm-rf")
+
+
+def test_what_dash_would_run_does_not_count_otherwise() -> None:
+    rules = '[[rules]]\nname = "ls"\nargv = ["ls"]\naction = "allow"'
+    assert _shell("i=0; ((i++)); ls", 'default = "block"', rules) == ("allow", "ls")
