@@ -40,9 +40,9 @@ from tree_sitter import Language, Node, Parser
 
 Interpreter = Literal["shell", "other"]
 
-MAX_TEXT = 32 * 1024
+MAX_TEXT = 256 * 1024
 """Longer texts are opaque: the work per text is bounded."""
-MAX_NODES = 50_000
+MAX_NODES = 20_000
 """Parse-tree nodes visited per text (all nested re-parses included)."""
 MAX_REPARSE = 4
 """``sh -c "sh -c '...'"`` nesting followed; deeper is opaque."""
@@ -405,7 +405,8 @@ class _Walk:
                     self.reparse(word.value, var)
                 else:
                     # Expanded like a string: what substitutions it holds run.
-                    self.reparse(": " + word.value, var)
+                    quoted = word.value.replace("\\", "\\\\").replace('"', '\\"')
+                    self.reparse(f': "{quoted}"', var, carrier=True)
             if value.type == "number":
                 self.int_vars.add(var)
         self.children(node, nest)
@@ -501,11 +502,16 @@ class _Walk:
             return _Word(None, text, "a brace expansion")
         return _Word("".join(p.value or "" for p in pieces), text)
 
-    def reparse(self, text: str, what: str) -> None:
+    def reparse(self, text: str, what: str, carrier: bool = False) -> None:
+        """Analyse ``text`` as commands too; with ``carrier``, its first command is
+        only the vehicle of the substitutions in its words and runs nothing."""
         if self.depth + 1 > MAX_REPARSE:
             self.out.structural(f"{what}: nested too deeply to check")
             return
+        first = len(self.out.commands)
         _analyze_into(text, self.depth + 1, self.budget, self.out)
+        if carrier and len(self.out.commands) > first:
+            del self.out.commands[first]
 
     def simple(self, words: list[_Word], stdin_fed: bool, vouch: bool = True) -> None:
         head = words[0]
@@ -593,6 +599,9 @@ class _Walk:
                 v = w.value if w.value is not None else w.text
                 if "[" in v and ("$" in v or "`" in v):
                     return f"{prog}: a variable name whose subscript is evaluated"
+                name, eq, _value = v.partition("=")
+                if eq and name in _PROMPT_VARS and _ASSIGNMENT.match(v):
+                    continue  # the assignment itself is walked: its value is checked
                 if any(var in v for var in _PROMPT_VARS):
                     return f"{prog} sets a prompt variable (run at every prompt)"
         if prog in ("mapfile", "readarray") and any(
@@ -1205,6 +1214,10 @@ def _analyze_into(text: str, depth: int, budget: _Budget, out: _Result) -> None:
     if "\x00" in text:
         out.structural("contains a NUL byte")
     _parse_walk(text, depth, budget, out)
+    if out.structure and out.structure.startswith("misplaced reserved word") and "!" in text:
+        # The grammar cannot read `! compound` (`! if ...`, `! case ...`); without the
+        # `!` (it only inverts the exit status) the same commands run.
+        _parse_walk(_BANG.sub(r"\1", text), depth, budget, out)
     if "((" in text or "))" in text:
         # dash (sh on Debian) runs `((cmd))` as nested subshells where bash evaluates
         # arithmetic: what the other reading runs counts when a rule names it.
@@ -1219,6 +1232,9 @@ def _analyze_into(text: str, depth: int, budget: _Budget, out: _Result) -> None:
         _parse_walk(text.replace("\\\n", ""), depth, budget, out)
     if _history(text):
         out.structural("history expansion (!) would change the line")
+
+
+_BANG = re.compile(r"(^|[;&|(){}\s])!\s+")
 
 
 def _parse_walk(text: str, depth: int, budget: _Budget, out: _Result) -> None:
