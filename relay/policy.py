@@ -104,7 +104,7 @@ class _ShellMatcher:
                 " ".join((cmd.program, *cmd.argv[1:]))
             ):
                 return _Match.YES
-        if self.program is not None and cmd.program == self.program:
+        if self.program is not None and self._program_is(cmd):
             if self.required <= _tokens(cmd.argv[1:]):
                 return _Match.YES
             if self.restricts and cmd.unknown:
@@ -112,6 +112,13 @@ class _ShellMatcher:
         if self.restricts and cmd.unknown and self.rx is not None and self._partial(cmd):
             return _Match.MAYBE
         return _Match.NO
+
+    def _program_is(self, cmd: SimpleCommand) -> bool:
+        # A path names that file (an allowed script elsewhere is another program); a
+        # bare name is any program of that name.
+        if self.program is not None and "/" in self.program:
+            return bool(cmd.argv) and posixpath.normpath(cmd.argv[0]) == self.program
+        return cmd.program == self.program
 
     def _partial(self, cmd: SimpleCommand) -> bool:
         """Could the rendering match once its first unknown word is expanded?"""
@@ -149,7 +156,8 @@ def _shell_matcher(
             words = literal.group(1).split(" ")
             program, required = posixpath.basename(words[0]), _tokens(words[1:])
     if argv:
-        program, required = posixpath.basename(argv[0]), _tokens(argv[1:])
+        program = posixpath.normpath(argv[0]) if "/" in argv[0] else argv[0]
+        required = _tokens(argv[1:])
     return _ShellMatcher(
         rx,
         partial,

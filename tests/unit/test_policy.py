@@ -283,3 +283,12 @@ def test_what_dash_would_run_counts_for_rules(command: str) -> None:
 def test_what_dash_would_run_does_not_count_otherwise() -> None:
     rules = '[[rules]]\nname = "ls"\nargv = ["ls"]\naction = "allow"'
     assert _shell("i=0; ((i++)); ls", 'default = "block"', rules) == ("allow", "ls")
+
+
+def test_argv_with_a_path_names_that_file() -> None:
+    rules = '[[rules]]\nname = "hc"\nargv = ["/opt/app/bin/hc.sh"]\naction = "allow"'
+    assert _shell("/opt/app/bin/hc.sh -v", 'default = "block"', rules) == ("allow", "hc")
+    assert _shell("/opt/app/bin/../bin/hc.sh", 'default = "block"', rules) == ("allow", "hc")
+    # A script of the same name elsewhere (one the agent wrote) is another program.
+    assert _shell("./hc.sh", 'default = "block"', rules)[0] == "block"
+    assert _shell("hc.sh", 'default = "block"', rules)[0] == "block"
