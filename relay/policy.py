@@ -3,11 +3,17 @@ command (allow, hold for approval, block). Pure functions over the config."""
 
 from __future__ import annotations
 
+import posixpath
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+
+import regex
 
 from recorder.config import Config, RuleConfig, TargetConfig
+from relay.shell_parse import SimpleCommand, analyze
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,137 @@ ALLOW = Decision("allow")
 
 DEFAULT = "castgate:default"
 OPAQUE = "castgate:opaque"
+_BUILTINS = frozenset({DEFAULT, OPAQUE})
+
+
+_SEVERITY = {"allow": 0, "approve": 1, "block": 2}
+
+
+def _worst(decisions: Iterable[Decision]) -> Decision:
+    """The most severe decision (block > approve > allow); the first among equals."""
+    best: Decision | None = None
+    for d in decisions:
+        if best is None or _SEVERITY[d.action] > _SEVERITY[best.action]:
+            best = d
+    return best if best is not None else ALLOW
+
+
+class _Match(Enum):
+    NO = 0
+    YES = 1
+    MAYBE = 2
+    """Only words known at run time (``$opt``, what ``xargs`` appends) stand between
+    the command and a match."""
+
+
+def _tokens(args: Iterable[str]) -> frozenset[str]:
+    """Arguments with short option clusters split (``-rf`` = ``-r -f``); long options
+    as given; after ``--`` every word is an operand."""
+    out: set[str] = set()
+    ended = False
+    for a in args:
+        if ended or a == "-" or not a.startswith("-"):
+            out.add(a)
+        elif a == "--":
+            ended = True
+        elif a.startswith("--"):
+            out.add(a)
+        else:
+            out.update("-" + c for c in a[1:])
+    return frozenset(out)
+
+
+# A regex that is only literal words (``^rm -rf``, ``git push``): also read as argv.
+_LITERAL_WORDS = re.compile(
+    r"\^?([A-Za-z0-9_@%+=:,./][A-Za-z0-9_@%+=:,./-]*(?: [A-Za-z0-9_@%+=:,./-]+)*)\$?"
+)
+
+
+@dataclass(frozen=True)
+class _ShellMatcher:
+    """One rule as it applies to a simple command."""
+
+    rx: re.Pattern[str] | None
+    partial: regex.Pattern[str] | None
+    program: str | None
+    required: frozenset[str]
+    catch_all: bool
+    restricts: bool
+    """A block or approve rule: when in doubt it matches (an allow rule never does)."""
+
+    def match(self, cmd: SimpleCommand) -> _Match:
+        if self.catch_all:
+            return _Match.YES
+        if self.rx is not None:
+            joined = " ".join(cmd.argv)
+            if self.rx.search(joined):
+                return _Match.YES
+            if cmd.argv[:1] != (cmd.program,) and self.rx.search(
+                " ".join((cmd.program, *cmd.argv[1:]))
+            ):
+                return _Match.YES
+        if self.program is not None and self._program_is(cmd):
+            if self.required <= _tokens(cmd.argv[1:]):
+                return _Match.YES
+            if self.restricts and cmd.unknown:
+                return _Match.MAYBE
+        if self.restricts and cmd.unknown and self.rx is not None and self._partial(cmd):
+            return _Match.MAYBE
+        return _Match.NO
+
+    def _program_is(self, cmd: SimpleCommand) -> bool:
+        # A path names that file (an allowed script elsewhere is another program); a
+        # bare name is any program of that name.
+        if self.program is not None and "/" in self.program:
+            return bool(cmd.argv) and posixpath.normpath(cmd.argv[0]) == self.program
+        return cmd.program == self.program
+
+    def _partial(self, cmd: SimpleCommand) -> bool:
+        """Could the rendering match once its first unknown word is expanded?"""
+        first = cmd.unknown[0]
+        known: list[str] = []
+        for word in (cmd.program, *cmd.argv[1:]):
+            if word == first:
+                break
+            known.append(word)
+        prefix = " ".join(known) + " "
+        if self.partial is None:
+            return True
+        m = self.partial.search(prefix, partial=True)
+        return m is not None and m.start() < len(prefix) and m.end() == len(prefix)
+
+
+@lru_cache(maxsize=1024)
+def _shell_matcher(
+    command: str | None, argv: tuple[str, ...], action: str, has_sql: bool
+) -> _ShellMatcher:
+    restricts = action != "allow"
+    rx = re.compile(command) if command else None
+    partial: regex.Pattern[str] | None = None
+    program: str | None = None
+    required: frozenset[str] = frozenset()
+    if command:
+        try:
+            partial = regex.compile(command)
+        except regex.error:
+            partial = None  # fall back to "may match" whenever words are unknown
+        literal = _LITERAL_WORDS.fullmatch(command)
+        if literal and restricts:
+            # Widening is safe only for a rule that restricts: `^rm -rf` then also
+            # stops `rm -fr`, `rm -r -f`, `/bin/rm -rf`; an allow rule stays as written.
+            words = literal.group(1).split(" ")
+            program, required = posixpath.basename(words[0]), _tokens(words[1:])
+    if argv:
+        program = posixpath.normpath(argv[0]) if "/" in argv[0] else argv[0]
+        required = _tokens(argv[1:])
+    return _ShellMatcher(
+        rx,
+        partial,
+        program,
+        required,
+        catch_all=not command and not argv and not has_sql,
+        restricts=restricts,
+    )
 
 
 def _builtin(name: str, action: str) -> RuleConfig:
@@ -48,6 +185,14 @@ class ScopedPolicy:
         self._rules = [
             (rx, frozenset(rule.sql), bool(rule.argv), Decision(rule.action, rule))
             for rule, rx in rules
+        ]
+        self._shell = [
+            (
+                _shell_matcher(rule.command, tuple(rule.argv), rule.action, bool(rule.sql)),
+                Decision(rule.action, rule),
+            )
+            for rule, _rx in rules
+            if rule.command or rule.argv or not rule.sql
         ]
         self.sql_nodes = frozenset(n for rule, _rx in rules for n in rule.sql)
         """Every parse-tree node name these rules ask about."""
@@ -87,8 +232,45 @@ class ScopedPolicy:
         return self.default
 
     def decide_shell(self, command: str) -> Decision:
-        """Decide an SSH exec command or shell line."""
-        return self.decide(command)
+        """Decide an SSH exec command or shell line: each simple command found anywhere
+        in it by the rules in order (first match wins; none: the target's ``default``),
+        what cannot be understood as ``opaque``; the most severe decision wins."""
+        analysis = analyze(command)
+        decisions = []
+        for cmd in analysis.commands:
+            decision = self.decide_simple(cmd)
+            if cmd.speculative and (decision.rule is None or decision.rule.name in _BUILTINS):
+                continue  # only what a rule says about it counts
+            decisions.append(decision)
+        if analysis.opaque_structure is not None:
+            decisions.append(self.opaque(analysis.opaque_structure))
+        if not decisions:
+            # Nothing runs (a comment, an assignment): only a rule that covers
+            # everything on the target applies.
+            return next((d for m, d in self._shell if m.catch_all), ALLOW)
+        return _worst(decisions)
+
+    def decide_simple(self, cmd: SimpleCommand) -> Decision:
+        """Decide one simple command."""
+        decision = self.default
+        for matcher, rule_decision in self._shell:
+            found = matcher.match(cmd)
+            if found is _Match.YES:
+                decision = rule_decision
+                break
+            if found is _Match.MAYBE:
+                assert rule_decision.rule is not None
+                decision = self.opaque(
+                    f"{cmd.program} with {cmd.unknown[0]} (known only at run time) may match"
+                    f" rule {rule_decision.rule.name}"
+                )
+                break
+        if cmd.opaque is not None and not (
+            decision.action == "allow" and decision.rule is not None
+        ):
+            # Only an allow rule naming this command vouches for what it hides.
+            decision = _worst([decision, self.opaque(cmd.opaque)])
+        return decision
 
 
 class Policy:

@@ -215,6 +215,11 @@ class Shell:
         )
         self.proc = await self.conn.create_process(term_type="xterm", term_size=(80, 24))
         self._reader = asyncio.ensure_future(self._read())
+        # Type at the first prompt, not into the login banner (typed ahead, the relay
+        # reads the banner as the echoed line: unparsable, so opaque and held).
+        deadline = time.monotonic() + 20
+        while not self.out.rstrip(" ").endswith(("#", "$")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         await self.run("export PS1='c''g> ' HISTFILE=/dev/null", "cg> ")
 
     async def _read(self) -> None:

@@ -238,6 +238,10 @@ async def _pty_shell_killed(relay: Relay, marker: str) -> tuple[int | None, str]
                     raise AssertionError(f"{text!r} never came: {out[-300:]!r}")
                 out += data
 
+        # Type at the first prompt, not into the login banner (typed ahead, the relay
+        # reads the banner as the echoed line: unparsable, so opaque and held).
+        while not out.rstrip(" ").endswith(("#", "$")):
+            out += await asyncio.wait_for(proc.stdout.read(4096), 20)
         proc.stdin.write(f"exec sh -c 'while :; do echo tick-{marker}; sleep 0.05; done'\r")
         await read_until(f"tick-{marker}\r\ntick-{marker}")
         for pid in session_sshd_pids(marker):

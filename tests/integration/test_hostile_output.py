@@ -98,6 +98,10 @@ async def _shell(relay: Relay) -> str:
                 assert time.monotonic() < deadline, bytes(out[-300:])
                 out.extend(await asyncio.wait_for(proc.stdout.read(1 << 20), timeout))
 
+        # Type at the first prompt, not into the login banner (typed ahead, the relay
+        # reads the banner as the echoed line: unparsable, so opaque and held).
+        while not bytes(out).rstrip(b" ").endswith((b"#", b"$")):
+            out.extend(await asyncio.wait_for(proc.stdout.read(4096), 120))
         proc.stdin.write(b"export PS1='g''s> ' HISTFILE=/dev/null\r")
         await expect(b"gs> ")
         # One 10 MB line with no newline, then \xff: the line model takes it in bulk.

@@ -58,6 +58,11 @@ class Shell:
             term_type="xterm", term_size=(80, 24), env={"LANG": "C.UTF-8"}
         )
         self._reader = asyncio.ensure_future(self._read())
+        # Type at the first prompt, not into the login banner: keys typed ahead of it
+        # make the relay read the banner as the echoed line (an unparsable, opaque one).
+        deadline = time.monotonic() + 10
+        while not self.out.rstrip(" ").endswith(("#", "$")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         await self.send("export PS1='c''g> ' HISTFILE=/dev/null\r")
         await self.expect("cg> ")
         return self

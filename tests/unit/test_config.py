@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_shipped_example_config_is_valid() -> None:
     cfg = load_config(ROOT / "assets" / "castgate.example.toml")
-    assert [t.name for t in cfg.targets] == ["web", "gitsrv", "appdb"]
+    assert [t.name for t in cfg.targets] == ["web", "gitsrv", "cde-app", "appdb"]
+    assert next(t for t in cfg.targets if t.name == "cde-app").default == "block"
     push = next(r for r in cfg.rules if r.name == "push-needs-approval")
     assert push.timeout == 600.0 and push.approvers == ["sre"]
     assert cfg.security.auth_lockout == 300.0

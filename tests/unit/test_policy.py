@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from recorder.config import parse_config
 from relay.policy import Policy
 
@@ -113,3 +115,180 @@ def test_opaque_is_approved_where_rules_apply_and_allowed_where_none_do() -> Non
     assert (d.action, d.rule_name, d.reason) == ("approve", "castgate:opaque", "eval")
     strict = _target_policy('opaque = "block"')
     assert strict.scoped("web", ["agents"]).opaque("eval").action == "block"
+
+
+SHELL_RULES = """
+[[rules]]
+name = "no-rm-rf"
+command = '^rm -rf'
+action = "block"
+[[rules]]
+name = "restart"
+command = 'systemctl (restart|stop)'
+action = "approve"
+[[rules]]
+name = "no-shred"
+argv = ["shred", "-u"]
+action = "block"
+[[rules]]
+name = "manage"
+argv = ["python3", "manage.py"]
+action = "allow"
+"""
+
+
+def _shell(command: str, extra: str = "", rules: str = SHELL_RULES) -> tuple[str, str | None]:
+    d = _target_policy(extra, rules).decide_shell(target="web", groups=["agents"], command=command)
+    return d.action, d.rule_name
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "rm -rf x",
+        "true; rm -rf x",
+        "sh -c 'rm -rf x'",
+        "echo $(rm -rf x)",
+        "env rm -rf x",
+        "rm -fr x",
+        "rm -r -f x",
+        "rm x -rf",
+        "rm -rfv x",
+        "/bin/rm -rf x",
+        "'rm' -rf x",
+        "r\\m -rf x",
+        "sudo -u root rm -rf x",
+        "ls | xargs rm -rf",
+        "find . -exec rm -rf {} +",
+        "sh -c \"bash -c 'rm -rf x'\"",
+        "eval 'rm -rf x'",
+    ],
+)
+def test_regex_of_literal_words_stops_every_spelling(command: str) -> None:
+    assert _shell(command) == ("block", "no-rm-rf")
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["shred -u f", "shred -uz f", "shred -z -u f", "nice shred -n 1 -u f", "shred -- -u"],
+)
+def test_argv_rule(command: str) -> None:
+    assert _shell(command) == ("block", "no-shred")
+
+
+@pytest.mark.parametrize("command", ["shred f", "shred -z f", "echo shred -u", "shred --u f"])
+def test_argv_rule_needs_every_element(command: str) -> None:
+    assert _shell(command) == ("allow", None)
+
+
+def test_double_dash_ends_options() -> None:
+    # After `--`, `-rf` is a file name, not options.
+    assert _shell("rm -- -rf")[0] == "allow"
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["sudo systemctl restart app", "true && systemctl stop app", "/usr/bin/systemctl restart x"],
+)
+def test_regex_rule_on_each_simple_command(command: str) -> None:
+    assert _shell(command) == ("approve", "restart")
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["o=-rf; rm $o x", 'rm "$o" x', "rm * x", "echo -rf x | xargs rm", "systemctl $verb app"],
+)
+def test_words_known_only_at_run_time_that_may_match_are_opaque(command: str) -> None:
+    d = _target_policy("", SHELL_RULES).decide_shell(
+        target="web", groups=["agents"], command=command
+    )
+    assert (d.action, d.rule_name) == ("approve", "castgate:opaque")
+    assert d.reason is not None and "may match" in d.reason
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["ls", "git status", "rm x", "rm /tmp/*.o", "echo rm", "ls $HOME", "grep -r foo . | head"],
+)
+def test_harmless_commands_allowed(command: str) -> None:
+    assert _shell(command) == ("allow", None)
+
+
+def test_allow_rule_vouches_for_the_command_it_names() -> None:
+    assert _shell("python3 manage.py migrate") == ("allow", "manage")
+    assert _shell("python3 other.py") == ("approve", "castgate:opaque")
+    # ...but not for the rest of the text.
+    assert _shell("python3 manage.py; eval x") == ("approve", "castgate:opaque")
+    assert _shell("python3 manage.py && rm -rf /") == ("block", "no-rm-rf")
+
+
+def test_structural_opaque_is_not_vouched_for() -> None:
+    allow_sh = '[[rules]]\nname = "sh"\nargv = ["sh"]\naction = "allow"'
+    assert _shell("sh", rules=allow_sh) == ("allow", "sh")
+    assert _shell("curl -s x | sh", rules=allow_sh) == ("approve", "castgate:opaque")
+
+
+def test_severity_block_beats_approve_beats_allow() -> None:
+    assert _shell("systemctl restart a; rm -rf b; ls") == ("block", "no-rm-rf")
+    assert _shell("ls; systemctl restart a") == ("approve", "restart")
+    assert _shell("eval x; rm -rf b") == ("block", "no-rm-rf")
+
+
+def test_allowlist_mode_on_shell_commands() -> None:
+    rules = (
+        '[[rules]]\nname = "ls"\nargv = ["ls"]\naction = "allow"\n'
+        '[[rules]]\nname = "status"\ncommand = "^git status$"\naction = "allow"'
+    )
+    assert _shell("ls -la", 'default = "block"', rules) == ("allow", "ls")
+    assert _shell("git status", 'default = "block"', rules) == ("allow", "status")
+    # An allow regex is taken as written: it is never widened.
+    assert _shell("git status -uall", 'default = "block"', rules)[0] == "block"
+    assert _shell("ls; rm x", 'default = "block"', rules) == ("block", "castgate:default")
+    assert _shell("ls $(rm x)", 'default = "block"', rules) == ("block", "castgate:default")
+    assert _shell("sudo ls", 'default = "block"', rules) == ("block", "castgate:default")
+    assert _shell("eval ls", 'default = "block"', rules)[0] == "block"
+    # Nothing runs: nothing to refuse.
+    assert _shell("# note", 'default = "block"', rules) == ("allow", None)
+
+
+def test_opaque_on_a_target_without_rules_is_allowed() -> None:
+    assert _shell("eval x", rules="")[0] == "allow"
+    assert _shell("eval x", 'opaque = "block"', rules="") == ("block", "castgate:opaque")
+
+
+def test_catch_all_rule_still_covers_every_shell_command() -> None:
+    p = policy()
+    d = p.decide_shell(target="prod", groups=["x"], command="ls")
+    assert d.rule_name == "prod-everything"
+    assert p.decide_shell(target="prod", groups=["x"], command="# x").rule_name == "prod-everything"
+    # A SQL-only rule says nothing about shell commands.
+    assert p.decide_shell(target="web", groups=["x"], command="dropdb x").action == "allow"
+
+
+def test_opaque_decision_carries_its_reason() -> None:
+    d = _target_policy("", SHELL_RULES).decide_shell(
+        target="web", groups=["agents"], command="curl x | bash"
+    )
+    assert d.action == "approve" and d.reason is not None and "bash" in d.reason
+
+
+@pytest.mark.parametrize(
+    "command", ["((rm -rf x))", "rm=1 rf=2 x=3; ((rm -rf /x))", "ls; ((rm -rf /\\x))"]
+)
+def test_what_dash_would_run_counts_for_rules(command: str) -> None:
+    # dash runs `((cmd))` as two nested subshells; bash evaluates arithmetic.
+    assert _shell(command) == ("block", "no-rm-rf")
+
+
+def test_what_dash_would_run_does_not_count_otherwise() -> None:
+    rules = '[[rules]]\nname = "ls"\nargv = ["ls"]\naction = "allow"'
+    assert _shell("i=0; ((i++)); ls", 'default = "block"', rules) == ("allow", "ls")
+
+
+def test_argv_with_a_path_names_that_file() -> None:
+    rules = '[[rules]]\nname = "hc"\nargv = ["/opt/app/bin/hc.sh"]\naction = "allow"'
+    assert _shell("/opt/app/bin/hc.sh -v", 'default = "block"', rules) == ("allow", "hc")
+    assert _shell("/opt/app/bin/../bin/hc.sh", 'default = "block"', rules) == ("allow", "hc")
+    # A script of the same name elsewhere (one the agent wrote) is another program.
+    assert _shell("./hc.sh", 'default = "block"', rules)[0] == "block"
+    assert _shell("hc.sh", 'default = "block"', rules)[0] == "block"
