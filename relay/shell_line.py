@@ -462,9 +462,10 @@ class KeyReader:
             if final in _EDIT_SS3:
                 return Key("edit", raw)
             return Key("accept" if final == ord("M") else "other", raw)
-        # A Meta key or a bare Escape: vi command mode may follow.
+        # A Meta key or a bare Escape: vi command mode may follow (Escape then ``v``
+        # is edit-and-execute there).
         self._vi = True
-        return Key("other", raw)
+        return Key("execute" if raw[1:] == b"v" else "other", raw)
 
     def _control(self, raw: bytes) -> Key:
         byte = raw[0]

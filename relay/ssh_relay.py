@@ -1164,7 +1164,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     async def _start_line(self) -> None:
         """The first keystroke of a line: the prompt ends where the cursor is."""
-        if self._line.break_pending or not self._last_output:
+        # Output still coming (the last command's, the prompt) would be read as part
+        # of the line: a line typed right behind it starts once it has gone quiet.
+        recent = time.monotonic() - self._last_output < _ECHO_QUIET
+        if self._line.break_pending or not self._last_output or recent:
             await self._await_prompt()
         self._line.mark_input_start()
         self._echoed = False
@@ -1177,9 +1180,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self._send_key(data)
 
     async def _await_prompt(self) -> None:
-        """Typeahead: the shell has not answered the last line with a line break yet.
-        The next line starts once it has and its output went quiet (bounded); started
-        before, the line is unsure and decided as opaque."""
+        """Typeahead: the shell has not answered the last line with a line break yet,
+        or its output is still coming. The next line starts once it has and its output
+        went quiet (bounded); started before, the line is unsure and decided as
+        opaque."""
         # Before the shell's first output (the login banner, the first prompt) a
         # session may take seconds to start.
         first = not self._last_output
