@@ -386,6 +386,15 @@ _KEY = re.compile(
 )
 
 
+def _char_len(data: bytes) -> int:
+    """Length of the first UTF-8 character of ``data`` (1 for an invalid byte)."""
+    lead = data[0]
+    size = 2 if lead >= 0xC0 else 1
+    size = 3 if lead >= 0xE0 else size
+    size = 4 if lead >= 0xF0 else size
+    return min(size, len(data))
+
+
 @dataclass(frozen=True)
 class Key:
     """One keystroke (or a run of printable ones) and what it may do to the line."""
@@ -427,23 +436,39 @@ class KeyReader:
         for m in _KEY.finditer(data):
             kind = m.lastgroup
             raw = m.group()
+            if kind == "text" and self._prefix is not None and len(raw) > 1:
+                # Only the first character belongs to the prefix key.
+                first = _char_len(raw)
+                keys.append(self._after_prefix(self._classify(kind, raw[:first]), raw[:first]))
+                raw = raw[first:]
+            if kind == "text" and self._vi and len(raw) > 1 and b"v" in raw:
+                # vi command mode: each letter is a command, and ``v`` executes.
+                for part in re.split(rb"(v)", raw):
+                    if part:
+                        keys.append(self._after_prefix(self._classify(kind, part), part))
+                continue
             if kind == "part":
                 if len(raw) < 64:
                     self._pending = raw
                 else:
                     keys.append(Key("other", raw))
                 continue
-            prefix, self._prefix = self._prefix, None
-            key = self._classify(kind, raw)
-            if prefix is not None:
-                if prefix == b"\x18" and raw == b"\x05":
-                    key = Key("execute", raw)
-                elif key.kind != "execute":
-                    # Whatever follows a prefix is a command of its own (Ctrl-V inserts
-                    # it literally: a newline so inserted is not a submission).
-                    key = Key("other", raw, unsure=prefix == b"\x16")
-            keys.append(key)
+            keys.append(self._after_prefix(self._classify(kind, raw), raw))
         return keys
+
+    def _after_prefix(self, key: Key, raw: bytes) -> Key:
+        prefix, self._prefix = self._prefix, None
+        if key.kind == "other" and raw in (b"\x18", b"\x16"):
+            self._prefix = raw  # Ctrl-X, Ctrl-V: the next key is theirs
+        if prefix is None:
+            return key
+        if prefix == b"\x18" and raw == b"\x05":
+            return Key("execute", raw)
+        if key.kind == "execute":
+            return key
+        # Whatever follows a prefix is a command of its own (Ctrl-V inserts it
+        # literally: a newline so inserted is not a submission).
+        return Key("other", raw, unsure=prefix == b"\x16")
 
     def _classify(self, kind: str | None, raw: bytes) -> Key:
         if kind == "paste":
@@ -485,8 +510,6 @@ class KeyReader:
             return Key("eof", raw)
         if raw == b"\x03":
             return Key("interrupt", raw)
-        if raw in (b"\x18", b"\x16"):  # Ctrl-X prefix, Ctrl-V quoted insert
-            self._prefix = raw
         return Key("other", raw)
 
 
