@@ -395,6 +395,17 @@ def _char_len(data: bytes) -> int:
     return min(size, len(data))
 
 
+def _partial_char(data: bytes) -> int:
+    """How many bytes at the end of ``data`` start a UTF-8 character not complete yet."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return 0
+        if byte >= 0xC0:  # a lead byte: complete if the character fits
+            return back if _char_len(data[-back:] + b"\x80\x80\x80") > back else 0
+    return 0
+
+
 @dataclass(frozen=True)
 class Key:
     """One keystroke (or a run of printable ones) and what it may do to the line."""
@@ -436,11 +447,20 @@ class KeyReader:
         for m in _KEY.finditer(data):
             kind = m.lastgroup
             raw = m.group()
+            if kind == "text" and m.end() == len(data):
+                cut = _partial_char(raw)
+                if cut:
+                    # A character cut by the end of the chunk: completed by the next one.
+                    self._pending, raw = raw[-cut:], raw[:-cut]
+                    if not raw:
+                        continue
             if kind == "text" and self._prefix is not None and len(raw) > 1:
                 # Only the first character belongs to the prefix key.
                 first = _char_len(raw)
                 keys.append(self._after_prefix(self._classify(kind, raw[:first]), raw[:first]))
                 raw = raw[first:]
+                if not raw:
+                    continue
             if kind == "text" and self._vi and len(raw) > 1 and b"v" in raw:
                 # vi command mode: each letter is a command, and ``v`` executes.
                 for part in re.split(rb"(v)", raw):
