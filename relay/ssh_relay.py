@@ -55,6 +55,9 @@ _GIT_BINARY = re.compile(rf"git[- ](?:upload-pack|receive-pack|upload-archive) {
 # The legacy scp protocol as OpenSSH's `scp -O` starts it on the remote side.
 _SCP = re.compile(rf"scp(?: -[rpdv])* -[tf](?: -[rpdv])* (?:-- )?{_PATH_ARG}")
 _GIT = re.compile(r"^\s*git[ -]")
+# Commands that rebind keys or the terminal's control characters.
+_REBIND = frozenset({"bind", "bindkey", "zle"})
+_STTY_READ = frozenset({"size", "-a", "--all", "-g", "--save", "sane"})
 # Bash's history expansion (an interactive shell only): `!!`, `!-2`, `!rm` run text
 # from the history, which the line does not show.
 _HISTORY = re.compile(r"!(?![\s=(]|$)")
@@ -980,7 +983,9 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     def _decide(self, command: str) -> Decision:
         """The policy's decision on a command or line; starting an interpreter whose
-        input cannot be checked as shell is opaque unless a rule decided it."""
+        input cannot be checked as shell is opaque unless a rule decided it, and so is a
+        PTY line that changes what keys do (the line model reads keys as the defaults
+        bind them: a rebound Enter or Ctrl-C would run what it did not see)."""
         decision = self.ctx.policy.decide_shell(
             target=self.target.name, groups=self.ident.groups, command=command
         )
@@ -989,6 +994,12 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             if analysis.interpreter == "other":
                 program = analysis.commands[0].program if analysis.commands else "it"
                 return self._opaque(f"starts {program}, an interpreter whose input is not checked")
+            if self.mode == "pty":
+                for cmd in analysis.commands:
+                    if cmd.program in _REBIND or (
+                        cmd.program == "stty" and not set(cmd.argv[1:]) <= _STTY_READ
+                    ):
+                        return self._opaque(f"{cmd.program} changes what keys do")
         return decision
 
     def _opaque(self, reason: str) -> Decision:

@@ -486,18 +486,36 @@ def test_keys_sent_in_one_burst(relay: Relay, victim: Path) -> None:
     assert re.search(rb"\rburst-one\r\n", tty.out)
 
 
-def test_an_ignored_discard_does_not_let_enter_run_the_line(relay: Relay, victim: Path) -> None:
+REBINDS = [
+    "stty intr undef",
+    """bind '"\\C-m": "\\C-a rm -rf x; \\C-j"'""",
+    "bindkey -s '^M' x",
+]
+
+
+@pytest.mark.parametrize("line", REBINDS)
+def test_lines_that_rebind_keys_are_opaque(relay: Relay, line: str) -> None:
     tty = Tty(relay, "locked")
     tty.bash_prompt()
+    tty.send(line.encode() + b"\r")
+    tty.expect(b"blocked by rule castgate:opaque (")
+    tty.send(b"stty sane\r")  # resetting the settings is fine
+    tty.expect(b"cg> ", count=2)
+    tty.send(b"echo rebind-ok\r")
+    tty.ran(b"rebind-ok")
+    tty.exit()
+
+
+def test_an_ignored_discard_does_not_let_enter_run_the_line(relay: Relay, victim: Path) -> None:
+    tty = Tty(relay)  # web: stty intr undef is held for approval
+    tty.bash_prompt()
     tty.send(b"stty intr undef\r")
+    approve(relay, tty.approval_id())
     tty.expect(b"cg> ", count=2)
     tty.send(f"rm -rf {victim}\r".encode())
     tty.expect(b"blocked by rule no-rm-rf")
     tty.send(b"\r")  # the relay's Ctrl-C did not discard the line
-    tty.expect(b"blocked by rule castgate:opaque")
-    # Until the shell answers with a line break, no line is trusted again.
-    tty.send(b"\x15echo after-undef\r")
-    tty.expect(b"blocked by rule castgate:opaque", count=2)
+    tty.expect(b"(rule castgate:opaque), waiting (the shell did not answer")
     tty.proc.terminate()
     tty.finish()
     assert victim.exists()
