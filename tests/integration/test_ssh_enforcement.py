@@ -625,3 +625,13 @@ def test_scp_and_sftp_where_allowed_are_byte_exact(relay: Relay, tmp_path: Path)
     assert VISA not in text
     assert not [e for e in events(cast) if e[1] in "io"]
     assert any("binary stream, not recorded" in str(e[2]) for e in events(cast))
+
+
+def test_scp_client_where_legacy_scp_is_not_allowed(
+    relay: Relay, pan_file: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "fetched.txt"
+    res = _scp(relay, f"web@127.0.0.1:{pan_file}", str(dest))
+    assert res.returncode != 0
+    assert not dest.exists()
+    assert b"the legacy scp protocol is not enabled for target web" in res.stderr
