@@ -28,6 +28,10 @@ from __future__ import annotations
 
 import codecs
 import re
+from dataclasses import dataclass
+from typing import Literal
+
+from relay.shell_parse import analyze
 
 # Printable characters (everything but C0 controls and DEL), and SGR (colour) sequences
 # among them, which move nothing: one run, placed in bulk.
@@ -79,6 +83,7 @@ class ShellLine:
         self._pos = 0
         self._base: int | None = None
         self._unsure = False
+        self._break_pending = False
 
     def resize(self, width: int) -> None:
         """The terminal changed width: a line being typed is redrawn unpredictably."""
@@ -92,10 +97,36 @@ class ShellLine:
         return self._base is not None
 
     def mark_input_start(self) -> None:
-        """The first keystroke of a new command is being sent: the prompt ends here."""
+        """The first keystroke of a new command is being sent: the prompt ends here.
+        Sent before the shell answered the last submission with a line break, the
+        keystroke is typeahead: where the next prompt ends is unknown, so is the line."""
         if self._base is None:
             self._base = self._pos
-            self._unsure = False
+            self._unsure = self._break_pending
+
+    def expect_break(self) -> None:
+        """A line was submitted or discarded: until the shell's output shows a line
+        break, the shell may still be on it (the key was rebound, Ctrl-C ignored)."""
+        self._break_pending = True
+
+    @property
+    def break_pending(self) -> bool:
+        """True while the line break ``expect_break`` waits for has not been seen."""
+        return self._break_pending
+
+    def mark_unsure(self) -> None:
+        """The line can no longer be read (a key the model cannot follow was sent)."""
+        if self._base is not None:
+            self._unsure = True
+
+    def peek(self) -> str | None:
+        """The command being typed, as ``submitted`` would return it, without ending
+        it; None when the model cannot tell."""
+        if self._base is None:
+            return ""
+        if self._unsure:
+            return None
+        return "".join(self._cells[self._base :]).strip()
 
     def submitted(self) -> str | None:
         """The command after the prompt, or None when the model cannot tell."""
@@ -126,6 +157,8 @@ class ShellLine:
         """Process shell output."""
         text = self._pending + self._dec.decode(data)
         self._pending = ""
+        if self._break_pending and self._base is None and "\n" in text:
+            self._break_pending = False
         if self._base is not None and self._unsure:
             return  # this command line is unreadable whatever follows: save the work
         if self._in_string:
@@ -186,6 +219,12 @@ class ShellLine:
             self._pos = col
         else:
             self._pos += self.width
+            if self._row_start() >= len(self._cells):
+                # A line editor moves down only within the rows its line occupies; a
+                # line feed onto a row the line never reached is output (a background
+                # job, an accepted line, a completion list): from here the model cannot
+                # tell the shell's line from what else was printed.
+                self._unsure = True
 
     def _put_run(self, run: str) -> None:
         """Printable characters at the cursor, as a terminal with autowrap draws them."""
@@ -313,9 +352,284 @@ class TypedLine:
             text = text[: max(room, 0)]
         self._buf.extend(text)
 
+    def peek(self) -> tuple[str, bool]:
+        """(line, reliable), without resetting."""
+        return "".join(self._buf).strip(), self.reliable
+
     def take(self) -> tuple[str, bool]:
         """(line, reliable); resets."""
         line, ok = "".join(self._buf).strip(), self.reliable
         self._buf.clear()
         self.reliable = True
         return line, ok
+
+
+# -- keystrokes ----------------------------------------------------------------------
+
+KeyKind = Literal["edit", "accept", "operate", "eof", "interrupt", "other", "execute"]
+
+# Keys that only edit the line in place in every line editor castgate models (readline
+# in emacs mode, zle, a cooked tty): the echo shows their effect, nothing runs.
+_EDIT_CONTROLS = frozenset(b"\x01\x02\x05\x06\x08\x09\x0b\x0c\x0e\x10\x15\x17\x19\x7f")
+_EDIT_CSI = re.compile(rb"\x1b\[(?:1;[2-8])?[ABCDHF]|\x1b\[[1-8](?:;[2-8])?~")
+_EDIT_SS3 = frozenset(b"ABCDHF")
+_KEY = re.compile(
+    rb"(?P<paste>\x1b\[20[01]~)"
+    rb"|(?P<csi>\x1b\[[0-?]*[ -/]*[@-~])"
+    rb"|(?P<ss3>\x1bO[\x20-\x7e])"
+    # An escape sequence cut by the end of the chunk: completed by the next one.
+    rb"|(?P<part>\x1b(?:\[[0-?]*[ -/]*|O)?\Z)"
+    rb"|(?P<meta>\x1b[\x00-\xff])"
+    rb"|(?P<text>[^\x00-\x1f\x7f]+)"
+    rb"|(?P<ctl>[\x00-\x1f\x7f])",
+    re.S,
+)
+
+
+def _char_len(data: bytes) -> int:
+    """Length of the first UTF-8 character of ``data`` (1 for an invalid byte)."""
+    lead = data[0]
+    size = 2 if lead >= 0xC0 else 1
+    size = 3 if lead >= 0xE0 else size
+    size = 4 if lead >= 0xF0 else size
+    return min(size, len(data))
+
+
+def _partial_char(data: bytes) -> int:
+    """How many bytes at the end of ``data`` start a UTF-8 character not complete yet."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return 0
+        if byte >= 0xC0:  # a lead byte: complete if the character fits
+            return back if _char_len(data[-back:] + b"\x80\x80\x80") > back else 0
+    return 0
+
+
+@dataclass(frozen=True)
+class Key:
+    """One keystroke (or a run of printable ones) and what it may do to the line."""
+
+    kind: KeyKind
+    data: bytes
+    unsure: bool = False
+    """After this key the model cannot follow the line (a newline inserted literally)."""
+
+
+class KeyReader:
+    """Sorts an interactive shell's keystrokes by what they can do: ``edit`` keys
+    (printable text, BS/DEL, Tab, arrows, Home/End, Ctrl-A/B/E/F/K/L/N/P/U/W/Y) only
+    change the line in place and pass unchecked; ``accept`` (CR, Ctrl-J, keypad Enter)
+    runs it; ``operate`` (Ctrl-O, operate-and-get-next) runs it and draws the next
+    history line; ``eof`` (Ctrl-D) exits on an empty line; ``interrupt`` (Ctrl-C)
+    discards it; ``execute`` (Ctrl-X Ctrl-E, and ``v`` after an Escape: edit and
+    execute) runs what an editor makes of it. Every other key is ``other``: a key the
+    relay does not model might run the line (a binding, Meta-Enter, a vi-mode
+    command), so the line is checked before it is sent. After a bare Escape or a Meta
+    key the editor may be in vi command mode, where letters are commands: until the
+    line ends, printable keys are ``other`` too."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._paste = False
+        self._vi = False
+        self._prefix: bytes | None = None
+
+    def line_ended(self) -> None:
+        """The line was submitted or discarded: a new one starts in insert mode."""
+        self._vi = False
+        self._prefix = None
+
+    def feed(self, data: bytes) -> list[Key]:
+        """Split keystrokes; a sequence cut at the end waits for the next call."""
+        data, self._pending = self._pending + data, b""
+        keys: list[Key] = []
+        for m in _KEY.finditer(data):
+            kind = m.lastgroup
+            raw = m.group()
+            if kind == "text" and m.end() == len(data):
+                cut = _partial_char(raw)
+                if cut:
+                    # A character cut by the end of the chunk: completed by the next one.
+                    self._pending, raw = raw[-cut:], raw[:-cut]
+                    if not raw:
+                        continue
+            if kind == "text" and self._prefix is not None and len(raw) > 1:
+                # Only the first character belongs to the prefix key.
+                first = _char_len(raw)
+                keys.append(self._after_prefix(self._classify(kind, raw[:first]), raw[:first]))
+                raw = raw[first:]
+                if not raw:
+                    continue
+            if kind == "text" and self._vi and len(raw) > 1 and b"v" in raw:
+                # vi command mode: each letter is a command, and ``v`` executes.
+                for part in re.split(rb"(v)", raw):
+                    if part:
+                        keys.append(self._after_prefix(self._classify(kind, part), part))
+                continue
+            if kind == "part":
+                if len(raw) < 64:
+                    self._pending = raw
+                else:
+                    keys.append(Key("other", raw))
+                continue
+            keys.append(self._after_prefix(self._classify(kind, raw), raw))
+        return keys
+
+    def _after_prefix(self, key: Key, raw: bytes) -> Key:
+        prefix, self._prefix = self._prefix, None
+        if key.kind == "other" and raw in (b"\x18", b"\x16"):
+            self._prefix = raw  # Ctrl-X, Ctrl-V: the next key is theirs
+        if prefix is None:
+            return key
+        if prefix == b"\x18" and raw == b"\x05":
+            return Key("execute", raw)
+        if key.kind == "execute":
+            return key
+        # Whatever follows a prefix is a command of its own (Ctrl-V inserts it
+        # literally: a newline so inserted is not a submission).
+        return Key("other", raw, unsure=prefix == b"\x16")
+
+    def _classify(self, kind: str | None, raw: bytes) -> Key:
+        if kind == "paste":
+            self._paste = raw == b"\x1b[200~"
+            return Key("edit", raw)
+        if kind == "text":
+            if not self._vi:
+                return Key("edit", raw)
+            return Key("execute" if b"v" in raw else "other", raw)
+        if kind == "ctl":
+            return self._control(raw)
+        if kind == "csi":
+            return Key("edit" if _EDIT_CSI.fullmatch(raw) else "other", raw)
+        if kind == "ss3":
+            final = raw[2]
+            if final in _EDIT_SS3:
+                return Key("edit", raw)
+            return Key("accept" if final == ord("M") else "other", raw)
+        # A Meta key or a bare Escape: vi command mode may follow (Escape then ``v``
+        # is edit-and-execute there).
+        self._vi = True
+        return Key("execute" if raw[1:] == b"v" else "other", raw)
+
+    def _control(self, raw: bytes) -> Key:
+        byte = raw[0]
+        if self._paste:
+            # Pasted text is inserted literally; a pasted newline does not run the line
+            # but makes it a multi-line buffer the model cannot read.
+            if raw in (b"\r", b"\n"):
+                return Key("other", raw, unsure=True)
+            return Key("edit", raw)
+        if raw in (b"\r", b"\n"):
+            return Key("accept", raw)
+        if byte in _EDIT_CONTROLS:
+            return Key("edit", raw)
+        if raw == b"\x0f":
+            return Key("operate", raw)
+        if raw == b"\x04":
+            return Key("eof", raw)
+        if raw == b"\x03":
+            return Key("interrupt", raw)
+        return Key("other", raw)
+
+
+# -- stdin of a shell without a PTY --------------------------------------------------
+
+UnitKind = Literal["command", "blank", "opaque", "continuation"]
+MAX_UNIT_LINES = 1000
+MAX_UNIT_BYTES = 256 << 10
+
+
+@dataclass(frozen=True)
+class ScriptUnit:
+    """What a shell reading commands from its stdin parses and runs as one piece."""
+
+    kind: UnitKind
+    data: bytes
+    """The bytes to forward to the shell if the unit is allowed, newlines included."""
+    reason: str | None = None
+    """Why the unit is opaque."""
+
+    @property
+    def text(self) -> str:
+        """The unit as text, without its final newline."""
+        return self.data.decode("utf-8", "replace").removesuffix("\n")
+
+
+class StdinScript:
+    """Cuts the stdin of a shell without a PTY into the units the shell runs: complete
+    lines, joined while ``analyze`` says more lines would complete them (an open
+    quote, ``for ... do`` without ``done``, a here-document's body up to its
+    delimiter, so the body is never checked as commands). Bounded: a unit past
+    ``max_lines`` lines or ``max_bytes`` bytes is opaque, and the rest of its last line
+    follows it as a ``continuation`` (the same decision applies)."""
+
+    def __init__(self, max_lines: int = MAX_UNIT_LINES, max_bytes: int = MAX_UNIT_BYTES) -> None:
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self._unit = bytearray()
+        self._lines = 0
+        self._partial = bytearray()
+        self._rest_of_line = False
+
+    def feed(self, data: bytes) -> list[ScriptUnit]:
+        """Take stdin bytes; returns the units they complete, in order."""
+        out: list[ScriptUnit] = []
+        if self._rest_of_line:
+            nl = data.find(b"\n")
+            rest, data = (data, b"") if nl < 0 else (data[: nl + 1], data[nl + 1 :])
+            if rest:
+                out.append(ScriptUnit("continuation", rest))
+            if nl < 0:
+                return out
+            self._rest_of_line = False
+        start = 0
+        while (nl := data.find(b"\n", start)) >= 0:
+            self._partial += data[start : nl + 1]
+            start = nl + 1
+            self._line_done(out)
+        self._partial += data[start:]
+        if len(self._unit) + len(self._partial) > self.max_bytes:
+            out.append(self._opaque(f"a line longer than {self.max_bytes} bytes"))
+            self._rest_of_line = True
+        return out
+
+    def finish(self) -> list[ScriptUnit]:
+        """End of input: what is left is a unit of its own (a last line without a
+        newline runs too); still incomplete, it is opaque."""
+        if not (self._unit or self._partial):
+            return []
+        data = bytes(self._unit + self._partial)
+        self._unit.clear()
+        self._partial.clear()
+        self._lines = 0
+        text = data.decode("utf-8", "replace")
+        if not text.strip():
+            return [ScriptUnit("blank", data)]
+        if analyze(text).incomplete:
+            return [ScriptUnit("opaque", data, "incomplete at the end of the input")]
+        return [ScriptUnit("command", data)]
+
+    def _line_done(self, out: list[ScriptUnit]) -> None:
+        self._unit += self._partial
+        self._partial.clear()
+        self._lines += 1
+        text = self._unit.decode("utf-8", "replace")
+        if self._lines == 1 and not text.strip():
+            out.append(ScriptUnit("blank", bytes(self._unit)))
+            self._unit.clear()
+            self._lines = 0
+            return
+        if not analyze(text.removesuffix("\n")).incomplete:
+            out.append(ScriptUnit("command", bytes(self._unit)))
+            self._unit.clear()
+            self._lines = 0
+        elif self._lines >= self.max_lines or len(self._unit) > self.max_bytes:
+            out.append(self._opaque(f"a construct longer than {self.max_lines} lines"))
+
+    def _opaque(self, reason: str) -> ScriptUnit:
+        unit = ScriptUnit("opaque", bytes(self._unit + self._partial), reason)
+        self._unit.clear()
+        self._partial.clear()
+        self._lines = 0
+        return unit

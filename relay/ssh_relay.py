@@ -33,7 +33,8 @@ from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
 from relay.operator import OPERATOR_ROLES, OPERATOR_USER, OperatorSession
 from relay.policy import Decision
-from relay.shell_line import ShellLine, TypedLine
+from relay.shell_line import Key, KeyReader, ScriptUnit, ShellLine, StdinScript, TypedLine
+from relay.shell_parse import analyze
 from replay.castfile import MAX_SIZE as MAX_TERMINAL
 
 log = logging.getLogger("castgate.ssh")
@@ -46,13 +47,24 @@ ENCRYPTION = [
     "aes128-ctr",
     "aes256-ctr",
 ]
-# Pack data and file transfers: passed through byte for byte, recorded as metadata.
-_BINARY = re.compile(r"^\s*(git[ -](upload-pack|receive-pack|upload-archive)|scp )")
+# Pack data and file transfers pass through byte for byte, recorded as metadata, only
+# for these exact commands: one path argument, single-quoted without quotes inside or a
+# plain word, never an option. Anything else is a normal masked, recorded command.
+_PATH_ARG = r"(?:'(?!-)[^']*'|[A-Za-z0-9_./~@:+][A-Za-z0-9_./~@:+,=-]*)"
+_GIT_BINARY = re.compile(rf"git[- ](?:upload-pack|receive-pack|upload-archive) {_PATH_ARG}")
+# The legacy scp protocol as OpenSSH's `scp -O` starts it on the remote side.
+_SCP = re.compile(rf"scp(?: -[rpdv])* -[tf](?: -[rpdv])* (?:-- )?{_PATH_ARG}")
 _GIT = re.compile(r"^\s*git[ -]")
+# Commands that rebind keys or the terminal's control characters.
+_REBIND = frozenset({"bind", "bindkey", "zle"})
+_STTY_READ = frozenset({"size", "-a", "--all", "-g", "--save", "sane"})
+# Bash's history expansion (an interactive shell only): `!!`, `!-2`, `!rm` run text
+# from the history, which the line does not show.
+_HISTORY = re.compile(r"!(?![\s=(]|$)")
 ENV_ALLOW = re.compile(r"^(LANG|LC_[A-Z]+|GIT_PROTOCOL|TZ)$")
-_SUBMIT = re.compile(rb"[\r\n]")
 _ECHO_QUIET = 0.03
 _ECHO_MAX = 0.5
+_FIRST_PROMPT_MAX = 5.0
 # Keystrokes queued behind a shell line that waits for its policy decision (an approval
 # can take minutes): past the high mark the agent's channel stops being read, so its SSH
 # window, not the relay's memory, holds the rest.
@@ -393,6 +405,13 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self._input: asyncio.Queue[bytes | None] | None = None
         self._line = ShellLine(80)
         self._typed = TypedLine()
+        self._keyreader = KeyReader()
+        # How the channel's input is taken: "pty" (keystrokes, the echo line model),
+        # "stdin" (a shell reading commands from stdin: line-checked), "record" (an
+        # interpreter the relay cannot check: input recorded), None (data to a command).
+        self.mode: str | None = None
+        self._scp = False
+        self._unit_allowed = False
         self._last_output = 0.0
         self._last_input = 0.0
         self._echoed = False
@@ -441,7 +460,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             return False
         self.kind = "exec"
         self.command = command
-        self.binary = bool(_BINARY.match(command))
+        self._scp = bool(_SCP.fullmatch(command))
+        self.binary = bool(_GIT_BINARY.fullmatch(command)) or (self._scp and self.target.allow_scp)
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
@@ -481,7 +501,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                 self._input_paused = True
                 self.chan.pause_reading()
         else:
-            self._record_input(data)
+            if self.mode == "record":
+                self._safe(lambda rec: rec.input(data))
+            else:
+                self._record_input(data)
             self.up_chan.write(data)
 
     def eof_received(self) -> bool:
@@ -547,7 +570,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self.chan.write(data, datatype)
             return
         stream = "err" if datatype == asyncssh.EXTENDED_DATA_STDERR else "out"
-        if self._input is not None:
+        if self.mode == "pty":
             self._line.feed(data)
             self._last_output = time.monotonic()
             if self._line.awaiting:
@@ -733,7 +756,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         """A message from the relay, shown in the agent's terminal (or stderr) and kept
         in the recording as part of what the agent saw."""
         data = text.encode()
-        if self.term_type is not None and self.kind == "shell":
+        if self.mode == "pty":
             data = b"\r\n" + data  # the cursor sits after the echoed command line
             masked = self._safe(lambda rec: rec.output(data)) if self.rec else data
             if masked:
@@ -798,6 +821,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             {"kind": self.kind, "command": self.masked_command},
             session_id=self.id,
         )
+        refusal = self._choose_mode()
+        if refusal is not None:
+            await self._refuse(*refusal)
+            return
         if self.kind == "exec" and self.command is not None:
             if not await self._exec_allowed(self.command):
                 return
@@ -844,11 +871,13 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._flush_all()
             self.chan.exit(255)
             return
-        if self.kind == "shell" and self.term_type is not None:
+        input_task: asyncio.Future[None] | None = None
+        if self.mode == "pty":
             self._input = asyncio.Queue()
             input_task = asyncio.ensure_future(self._shell_input())
-        else:
-            input_task = None
+        elif self.mode == "stdin":
+            self._input = asyncio.Queue()
+            input_task = asyncio.ensure_future(self._stdin_input())
         for item in self._early:
             if item is None:
                 self.eof_received()
@@ -883,6 +912,106 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             else:
                 self.chan.exit(self.exit_status if self.exit_status is not None else 255)
 
+    def _choose_mode(self) -> tuple[str, str, str] | None:
+        """How this channel's input is taken; or (rule, marker, message) when the
+        target refuses this kind of channel."""
+        target = self.target
+        pty = self.term_type is not None
+        if self.kind == "shell":
+            if pty:
+                self.mode = "pty"
+            elif target.shell_without_pty == "refuse":
+                return (
+                    "castgate:shell-without-pty",
+                    "refused: shell without a PTY",
+                    f"a shell without a PTY is not allowed on target {target.name}; "
+                    "use a PTY (ssh -t) or an exec command",
+                )
+            else:
+                self.mode = "stdin"
+            return None
+        if self.kind != "exec" or self.command is None or self.binary:
+            return None
+        if self._scp:
+            return (
+                "castgate:scp",
+                "refused: legacy scp protocol",
+                f"the legacy scp protocol is not enabled for target {target.name} "
+                "(allow_scp); use sftp (scp without -O) where it is allowed",
+            )
+        interpreter = analyze(self.command).interpreter
+        if interpreter is not None and target.interpreters == "refuse":
+            return (
+                "castgate:interpreters",
+                "refused: interpreter",
+                f"starting an interactive interpreter is not allowed on target {target.name}",
+            )
+        if interpreter == "other":
+            self.mode = "record"
+        elif pty:
+            # Whatever runs under a PTY may be a shell (bash -i, sudo -i, su, ssh):
+            # lines submitted in it are checked like a shell's.
+            self.mode = "pty"
+        elif interpreter == "shell":
+            if target.shell_without_pty == "refuse":
+                return (
+                    "castgate:shell-without-pty",
+                    "refused: shell without a PTY",
+                    f"a shell reading commands from stdin is not allowed on target "
+                    f"{target.name}; use a PTY (ssh -t)",
+                )
+            self.mode = "stdin"
+        return None
+
+    async def _refuse(self, rule: str, marker: str, message: str) -> None:
+        """A channel the target does not allow: logged like a blocked command."""
+        self._safe(lambda rec: rec.marker(marker))
+        self._to_agent(f"castgate: {message}\r\n")
+        self._command_id = await asyncio.to_thread(
+            self.ctx.spool.add_command,
+            self.id,
+            self.masked_command,
+            kind="exec" if self.kind == "exec" else "shell",
+            action="block",
+            rule=rule,
+        )
+        await self.ctx.event(
+            "command.blocked",
+            self.ident.name,
+            "failure",
+            self.server.peer,
+            f"ssh:{self.target.name}",
+            {"rule": rule, "command": self.masked_command},
+            session_id=self.id,
+        )
+        await self._finish_command("blocked")
+        self._flush_all()
+        self.chan.exit(126)
+
+    def _decide(self, command: str) -> Decision:
+        """The policy's decision on a command or line; starting an interpreter whose
+        input cannot be checked as shell is opaque unless a rule decided it, and so is a
+        PTY line that changes what keys do (the line model reads keys as the defaults
+        bind them: a rebound Enter or Ctrl-C would run what it did not see)."""
+        decision = self.ctx.policy.decide_shell(
+            target=self.target.name, groups=self.ident.groups, command=command
+        )
+        if decision.action == "allow" and decision.rule is None:
+            analysis = analyze(command)
+            if analysis.interpreter == "other":
+                program = analysis.commands[0].program if analysis.commands else "it"
+                return self._opaque(f"starts {program}, an interpreter whose input is not checked")
+            if self.mode == "pty":
+                for cmd in analysis.commands:
+                    if cmd.program in _REBIND or (
+                        cmd.program == "stty" and not set(cmd.argv[1:]) <= _STTY_READ
+                    ):
+                        return self._opaque(f"{cmd.program} changes what keys do")
+        return decision
+
+    def _opaque(self, reason: str) -> Decision:
+        return self.ctx.policy.scoped(self.target.name, self.ident.groups).opaque(reason)
+
     async def _exec_allowed(self, command: str) -> bool:
         masked = self.masked_command
         kind = "git" if _GIT.match(command) else "exec"
@@ -890,9 +1019,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._safe(lambda rec: rec.command_line(command))
         elif self.binary:
             self._safe(lambda rec: rec.marker(f"{kind}: {masked} (binary stream, not recorded)"))
-        decision = self.ctx.policy.decide_shell(
-            target=self.target.name, groups=self.ident.groups, command=command
-        )
+        decision = self._decide(command)
         allowed = await self._apply(decision, masked, kind)
         if not allowed:
             self._flush_all()
@@ -914,9 +1041,14 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             return True
         rule = decision.rule
         assert rule is not None
+        why = (
+            f" ({decision.reason})"
+            if decision.reason and decision.reason != decision.rule_name
+            else ""
+        )
         if decision.action == "block":
-            self._safe(lambda rec: rec.marker(f"blocked: {rule.name}"))
-            self._to_agent(f"castgate: blocked by rule {rule.name}: {masked}\r\n")
+            self._safe(lambda rec: rec.marker(f"blocked: {rule.name}{why}"))
+            self._to_agent(f"castgate: blocked by rule {rule.name}{why}: {masked}\r\n")
             await ctx.event(
                 "command.blocked",
                 self.ident.name,
@@ -937,7 +1069,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                 lambda rec: rec.marker(f"approval #{approval_id} requested (rule {rule.name})")
             )
             self._to_agent(
-                f"castgate: approval #{approval_id} required (rule {rule.name}), waiting\r\n"
+                f"castgate: approval #{approval_id} required (rule {rule.name}), waiting{why}\r\n"
             )
             self._flush_all()
 
@@ -1000,8 +1132,9 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                 )
 
     async def _shell_input(self) -> None:
-        """Keystrokes of an interactive shell, in order: everything goes straight to
-        the target except Enter, which first puts the echoed line through the policy."""
+        """Keystrokes of a PTY session, in order: keys that only edit the line go
+        straight to the target; a key that may run the line (Enter, and any key the
+        relay does not model) first puts the echoed line through the policy."""
         assert self._input is not None and self.up_chan is not None
         up = self.up_chan
         while True:
@@ -1009,33 +1142,84 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             if data is None:
                 up.write_eof()
                 return
-            self._queued_in -= len(data)
-            if self._input_paused and self._queued_in < _INPUT_LOW:
-                self._input_paused = False
-                self.chan.resume_reading()
-            pos = 0
-            for m in _SUBMIT.finditer(data):
-                if m.start() > pos:
-                    self._keys(data[pos : m.start()])
-                await self._submit(m.group())
-                pos = m.end()
-            if pos < len(data):
-                self._keys(data[pos:])
+            self._dequeued(data)
+            for key in self._keyreader.feed(data):
+                await self._key(key)
 
-    def _keys(self, data: bytes) -> None:
-        assert self.up_chan is not None
-        if b"\x03" in data or b"\x04" in data:
+    def _dequeued(self, data: bytes) -> None:
+        self._queued_in -= len(data)
+        if self._input_paused and self._queued_in < _INPUT_LOW:
+            self._input_paused = False
+            self.chan.resume_reading()
+
+    async def _key(self, key: Key) -> None:
+        kind = key.kind
+        if kind == "edit":
+            await self._keys(key.data)
+        elif kind == "accept":
+            await self._submit(key.data)
+        elif kind == "operate":
+            # Operate-and-get-next would then draw the next history line as if typed,
+            # before any keystroke marks where the line starts: sent as a plain Enter.
+            await self._submit(b"\r")
+        elif kind == "interrupt":
             self._line.abandon()
+            self._line.expect_break()
+            self._keyreader.line_ended()
             self._typed.take()
             self._echoed = False
+            self._hold_keys(key.data)
+            self._send_key(key.data)
+        elif kind == "eof" and not self._line.awaiting and not self._line.break_pending:
+            self._send_key(key.data)  # Ctrl-D on an empty line: the shell exits
         else:
-            if not self._line.awaiting:
-                self._line.mark_input_start()
-                self._echoed = False
-            self._typed.feed(data)
+            await self._check_key(key)
+
+    def _send_key(self, data: bytes) -> None:
+        assert self.up_chan is not None
         self._last_input = time.monotonic()
-        self._hold_keys(data)
         self.up_chan.write(data)
+
+    async def _start_line(self) -> None:
+        """The first keystroke of a line: the prompt ends where the cursor is."""
+        # Output still coming (the last command's, the prompt) would be read as part
+        # of the line: a line typed right behind it starts once it has gone quiet.
+        recent = time.monotonic() - self._last_output < _ECHO_QUIET
+        if self._line.break_pending or not self._last_output or recent:
+            await self._await_prompt()
+        self._line.mark_input_start()
+        self._echoed = False
+
+    async def _keys(self, data: bytes) -> None:
+        if not self._line.awaiting:
+            await self._start_line()
+        self._typed.feed(data)
+        self._hold_keys(data)
+        self._send_key(data)
+
+    async def _await_prompt(self) -> None:
+        """Typeahead: the shell has not answered the last line with a line break yet,
+        or its output is still coming. The next line starts once it has and its output
+        went quiet (bounded); started before, the line is unsure and decided as
+        opaque."""
+        # Before the shell's first output (the login banner, the first prompt) a
+        # session may take seconds to start.
+        first = not self._last_output
+        deadline = time.monotonic() + (_FIRST_PROMPT_MAX if first else _ECHO_MAX)
+        while time.monotonic() < deadline:
+            quiet = time.monotonic() - self._last_output >= _ECHO_QUIET
+            if self._last_output and not self._line.break_pending and quiet:
+                return
+            await asyncio.sleep(_ECHO_QUIET / 3)
+
+    async def _wait_echo(self) -> None:
+        """Let the echo of the last keystrokes arrive before reading the line."""
+        deadline = self._last_input + _ECHO_MAX
+        while time.monotonic() < deadline:
+            last = max(self._last_output, self._last_input)
+            if self._echoed and time.monotonic() - last >= _ECHO_QUIET:
+                break
+            await asyncio.sleep(_ECHO_QUIET / 3)
 
     def _hold_keys(self, data: bytes) -> None:
         """Keystrokes are kept (input = "all") only once the terminal has echoed them:
@@ -1052,76 +1236,168 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             keys, self._held_keys = bytes(self._held_keys), bytearray()
             self._record_input(keys)
 
-    async def _submit(self, key: bytes) -> None:
-        assert self.up_chan is not None
-        if not self._line.awaiting:
-            self._record_input(key)
-            self.up_chan.write(key)
-            return
-        # Let the echo of the last keystrokes arrive before reading the line.
-        deadline = self._last_input + _ECHO_MAX
-        while time.monotonic() < deadline:
-            last = max(self._last_output, self._last_input)
-            if self._echoed and time.monotonic() - last >= _ECHO_QUIET:
-                break
-            await asyncio.sleep(_ECHO_QUIET / 3)
-        echoed = self._echoed
-        line = self._line.submitted()
-        typed, reliable = self._typed.take()
-        self._echoed = False
+    @staticmethod
+    def _judge_line(
+        line: str | None, typed: str, reliable: bool, echoed: bool
+    ) -> tuple[str, str | None]:
+        """The line to decide and, when the relay cannot tell what the shell will run,
+        why (the line is then opaque)."""
+        if line is None:
+            return (typed if reliable else ""), (
+                "the relay lost track of the line (output or a redraw it cannot follow)"
+            )
+        if not echoed:
+            if reliable:
+                return typed, None
+            return "", "typed without echo, with keys the relay cannot replay"
+        if reliable and typed != line:
+            return line, "the echo does not match the keys typed (output while typing?)"
+        if _HISTORY.search(line):
+            return line, "history expansion runs text the line does not show"
+        return line, None
+
+    async def _decide_line(
+        self, text: str, opaque: str | None, echoed: bool, decision: Decision | None = None
+    ) -> bool:
+        """Log, record and enforce the decision on a shell line; True when it may run."""
         if echoed:
-            self._release_keys()
-        else:
-            self._held_keys.clear()
-        command = line if echoed else (typed if reliable else None)
-        if command is None:
-            await self._unreadable_line()
-            return
-        if not command:
-            self._record_input(key)
-            self.up_chan.write(key)
-            return
-        if echoed:
-            masked = self.ctx.masker.mask(command)
-            if self.ctx.cfg.recording.input == "commands":
-                self._safe(lambda rec: rec.command_line(command))
+            masked = self.ctx.masker.mask(text) if text else f"({opaque})"
+            if text and self.ctx.cfg.recording.input == "commands":
+                self._safe(lambda rec: rec.command_line(text))
         else:
             # Typed without echo (a password prompt, or `stty -echo`): the policy still
             # sees it; the recording and the command log never keep it.
             masked = "(input hidden: terminal echo off)"
             self._safe(lambda rec: rec.marker("input hidden (terminal echo off)"))
-        decision = self.ctx.policy.decide_shell(
-            target=self.target.name, groups=self.ident.groups, command=command
-        )
+        if decision is None:
+            decision = self._opaque(opaque) if opaque is not None else self._decide(text)
         allowed = await self._apply(decision, masked, "shell")
-        if allowed:
-            self._record_input(key)
-            self.up_chan.write(key)
-        else:
-            # Discard the line at the target: the shell prints a fresh prompt.
-            self.up_chan.write(b"\x03")
-            self._line.abandon()
-        if self._command_id is not None and decision.action == "allow":
+        if allowed and self._command_id is not None:
             await self._finish_command("submitted")
+        return allowed
 
-    async def _unreadable_line(self) -> None:
-        """Fail closed: a line the relay could not read is never submitted."""
+    def _discard_line(self) -> None:
+        """The line was refused: discard it at the target, where the shell prints a
+        fresh prompt. Until the shell answers with a line break, the model does not
+        trust that it did (Ctrl-C can be ignored)."""
         assert self.up_chan is not None
         self.up_chan.write(b"\x03")
-        self._safe(lambda rec: rec.marker("refused: unreadable command line"))
-        self._to_agent(
-            "castgate: could not read the submitted line reliably (it was redrawn across "
-            "the screen); it was not run. Type it again.\r\n"
-        )
-        self._command_id = await asyncio.to_thread(
-            self.ctx.spool.add_command,
-            self.id,
-            "(unreadable command line)",
-            kind="shell",
-            action="block",
-            rule="castgate:unreadable-line",
-        )
-        await self._finish_command("blocked")
+        self._line.abandon()
+        self._line.expect_break()
+        self._keyreader.line_ended()
+
+    async def _submit(self, key: bytes) -> None:
+        assert self.up_chan is not None
+        if not self._line.awaiting:
+            if self._line.break_pending:
+                await self._await_prompt()
+            if not self._line.break_pending:
+                self._record_input(key)  # Enter on an empty line
+                self._send_key(key)
+                self._line.expect_break()
+                return
+            # The shell never answered the last line's Enter or discard: that line may
+            # still be in its editor, and this Enter would run it.
+            self._keyreader.line_ended()
+            self._typed.take()
+            reason = "the shell did not answer the previous line; it may still be pending"
+            if await self._decide_line("", reason, echoed=True):
+                self._record_input(key)
+                self._send_key(key)
+                self._line.expect_break()
+            else:
+                self._discard_line()
+            return
+        await self._wait_echo()
+        echoed = self._echoed
+        line = self._line.submitted()
+        typed, reliable = self._typed.take()
+        self._keyreader.line_ended()
+        self._echoed = False
+        if echoed:
+            self._release_keys()
+        else:
+            self._held_keys.clear()
+        text, opaque = self._judge_line(line, typed, reliable, echoed)
+        if opaque is None and not text:
+            self._record_input(key)
+            self._send_key(key)
+            self._line.expect_break()
+            return
+        if await self._decide_line(text, opaque, echoed):
+            self._record_input(key)
+            self._send_key(key)
+            self._line.expect_break()
+        else:
+            self._discard_line()
+
+    async def _check_key(self, key: Key) -> None:
+        """A key the relay does not model (Ctrl-D on a line, Meta and Ctrl-X keys,
+        vi-mode commands, function keys): it may run the line, so the line is checked
+        first; an edit-and-execute key is opaque (an editor decides what runs)."""
+        assert self.up_chan is not None
+        if not self._line.awaiting:
+            await self._start_line()
+        else:
+            await self._wait_echo()
+        echoed = self._echoed
+        typed, reliable = self._typed.peek()
+        text, opaque = self._judge_line(self._line.peek(), typed, reliable, echoed or not typed)
+        if key.kind == "execute":
+            opaque = "edit-and-execute: an editor decides what runs"
+        decision = None
+        if opaque is None and text:
+            decision = self._decide(text)
+        checked = opaque is not None or (decision is not None and decision.action != "allow")
+        if checked and not await self._decide_line(text, opaque, echoed or not typed, decision):
+            self._typed.take()
+            self._echoed = False
+            self._discard_line()
+            return
+        self._typed.feed(key.data)
+        self._hold_keys(key.data)
+        self._send_key(key.data)
+        if key.unsure or key.kind == "execute":
+            self._line.mark_unsure()
+
+    async def _stdin_input(self) -> None:
+        """Stdin of a shell without a PTY is its command stream: each unit the shell
+        would run is decided before any byte of it reaches the target; one waiting for
+        approval holds what follows, in order."""
+        assert self._input is not None and self.up_chan is not None
+        script = StdinScript()
+        while True:
+            data = await self._input.get()
+            if data is not None:
+                self._dequeued(data)
+            units = script.finish() if data is None else script.feed(data)
+            for unit in units:
+                await self._stdin_unit(unit)
+            if data is None:
+                self.up_chan.write_eof()
+                return
+
+    async def _stdin_unit(self, unit: ScriptUnit) -> None:
+        assert self.up_chan is not None
+        if unit.kind == "continuation":
+            if self._unit_allowed:
+                self.up_chan.write(unit.data)
+            return
+        if unit.kind == "blank":
+            self.up_chan.write(unit.data)
+            return
+        text = unit.text
+        if self.ctx.cfg.recording.input != "none":
+            self._safe(lambda rec: rec.command_line(text))
+        if unit.kind == "opaque":
+            decision = self._opaque(unit.reason or "cannot be parsed")
+        else:
+            decision = self._decide(text)
+        self._unit_allowed = await self._apply(decision, self.ctx.masker.mask(text), "shell")
+        if self._unit_allowed:
+            self.up_chan.write(unit.data)
+            if self._command_id is not None:
+                await self._finish_command("submitted")
 
     async def _finish(self) -> None:
         self.ctx.live.pop(self.id, None)

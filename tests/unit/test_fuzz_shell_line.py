@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.shell_line import _MAX_CELLS, ShellLine, TypedLine
+from relay.shell_line import _MAX_CELLS, KeyReader, ShellLine, StdinScript, TypedLine
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -158,3 +158,91 @@ def test_an_escape_string_split_across_chunks_is_skipped_whole() -> None:
         line.mark_input_start()
         line.feed(b"\r$ rm -rf /tmp/x")  # readline redraws from column 0
         assert line.submitted() == "rm -rf /tmp/x"
+
+
+keystrokes = st.lists(
+    st.one_of(
+        st.text(alphabet="abc -/'\"", min_size=1, max_size=8).map(str.encode),
+        st.sampled_from(
+            [
+                b"\r",
+                b"\n",
+                b"\x01",
+                b"\x03",
+                b"\x04",
+                b"\x0f",
+                b"\x16",
+                b"\x18",
+                b"\x7f",
+                b"\x1b",
+                b"\x1b[A",
+                b"\x1b[3~",
+                b"\x1b[15~",
+                b"\x1bOM",
+                b"\x1bOA",
+                b"\x1bb",
+                b"\x1bv",
+                b"\x1b\r",
+                b"\x1b[200~",
+                b"\x1b[201~",
+                "é".encode(),
+            ]
+        ),
+    ),
+    max_size=30,
+).map(b"".join)
+
+
+def _printable(data: bytes) -> bool:
+    return all(b >= 0x20 and b != 0x7F for b in data)
+
+
+def _keys(reader: KeyReader, pieces: list[bytes]) -> list[tuple[str, bytes, bool]]:
+    """The keys read, with runs of printable text that a cut split joined again."""
+    out: list[tuple[str, bytes, bool]] = []
+    for piece in pieces:
+        for key in reader.feed(piece):
+            last = out[-1] if out else None
+            if (
+                last is not None
+                and last[0] == key.kind
+                and _printable(last[1])
+                and _printable(key.data)
+            ):
+                out[-1] = (key.kind, last[1] + key.data, False)
+            else:
+                out.append((key.kind, key.data, key.unsure))
+    return out
+
+
+@FAST
+@given(keys=keystrokes, cut=cuts)
+def test_how_keystrokes_are_cut_never_changes_what_they_may_do(keys: bytes, cut: list[int]) -> None:
+    """Keys read whole, in chunks or byte by byte sort the same way; no byte is lost
+    (a sequence cut at the end waits) and nothing but CR, LF and keypad Enter is taken
+    for a plain submission."""
+    whole = _keys(KeyReader(), [keys])
+    assert _keys(KeyReader(), chunked(keys, cut)) == whole
+    sent = b"".join(data for _, data, _ in whole)
+    assert keys.startswith(sent) and len(keys) - len(sent) <= 3
+    assert all(data in (b"\r", b"\n", b"\x1bOM") for kind, data, _ in whole if kind == "accept")
+
+
+@FAST
+@given(
+    lines=st.lists(
+        st.sampled_from(["echo a", "", "echo 'open", "close'", "ls -l", "x" * 30]), max_size=20
+    ),
+    cut=cuts,
+)
+def test_how_stdin_is_cut_never_changes_the_units(lines: list[str], cut: list[int]) -> None:
+    data = "\n".join(lines).encode()
+
+    def run(pieces: list[bytes]) -> list[tuple[str, bytes]]:
+        script = StdinScript()
+        units = [u for p in pieces for u in script.feed(p)] + script.finish()
+        return [(u.kind, u.data) for u in units]
+
+    whole = run([data])
+    assert run(chunked(data, cut)) == whole
+    assert b"".join(d for _, d in whole) == data  # every byte in exactly one unit
