@@ -221,13 +221,37 @@ class ScopedPolicy:
         self, command: str | None = None, sql_nodes: Collection[str] | None = None
     ) -> Decision:
         """Decide a command (SQL text with its parse-tree node names, or a plain text
-        searched by ``command`` regexes)."""
+        searched by ``command`` regexes).
+
+        A block or approve rule's ``sql`` nodes match anywhere in the tree. An allow
+        rule's match one statement kind at a time: every kind of statement the text holds
+        (``WITH d AS (DELETE ...) SELECT ...`` holds a DeleteStmt and a SelectStmt) is
+        decided on its own and the most severe decision wins, so an allow rule for
+        SelectStmt does not let a DELETE inside a SELECT through in allowlist mode."""
+        units = (
+            [n for n in sql_nodes if n.endswith("Stmt") and n != "RawStmt"]
+            if sql_nodes is not None
+            else []
+        )
+        if not units:
+            return self._decide_unit(command, sql_nodes, None)
+        return _worst(self._decide_unit(command, sql_nodes, u) for u in sorted(units))
+
+    def _decide_unit(
+        self, command: str | None, sql_nodes: Collection[str] | None, unit: str | None
+    ) -> Decision:
         for rx, nodes, has_argv, decision in self._rules:
             if rx is None and not nodes and not has_argv:
                 return decision  # scoped by target/group only
             if rx is not None and command is not None and rx.search(command):
                 return decision
-            if nodes and sql_nodes is not None and not nodes.isdisjoint(sql_nodes):
+            if not nodes or sql_nodes is None:
+                continue
+            if decision.action == "allow" and unit is not None:
+                qualified = {n for n in sql_nodes if n.startswith(unit + ":")}
+                if unit in nodes or not nodes.isdisjoint(qualified):
+                    return decision
+            elif not nodes.isdisjoint(sql_nodes):
                 return decision
         return self.default
 

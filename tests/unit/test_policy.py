@@ -292,3 +292,29 @@ def test_argv_with_a_path_names_that_file() -> None:
     # A script of the same name elsewhere (one the agent wrote) is another program.
     assert _shell("./hc.sh", 'default = "block"', rules)[0] == "block"
     assert _shell("hc.sh", 'default = "block"', rules)[0] == "block"
+
+
+def test_sql_allow_rules_allow_one_statement_kind_at_a_time() -> None:
+    from relay.pg.sql import analyze as analyze_sql
+
+    p = _target_policy(
+        'default = "block"',
+        '[[rules]]\nname = "no-unbounded"\nsql = ["DeleteStmt:no-where"]\naction = "block"\n'
+        '[[rules]]\nname = "reads"\nsql = ["SelectStmt"]\naction = "allow"\n'
+        '[[rules]]\nname = "deletes"\nsql = ["DeleteStmt"]\naction = "allow"',
+    )
+    scoped = p.scoped("web", ["agents"])
+
+    def rule(sql: str) -> str | None:
+        return scoped.decide(sql, analyze_sql(sql).nodes).rule_name
+
+    assert rule("SELECT * FROM cards WHERE id = 1") == "reads"
+    # A write inside a read is decided as a write: allowlist mode holds.
+    assert rule("WITH d AS (UPDATE cards SET pan = '' RETURNING 1) SELECT * FROM d") == (
+        "castgate:default"
+    )
+    assert rule("INSERT INTO log SELECT * FROM cards") == "castgate:default"
+    # Each kind allowed: allowed (the first statement kind's rule is named).
+    assert rule("WITH d AS (DELETE FROM cards WHERE id = 1 RETURNING 1) SELECT 1") == "deletes"
+    # A block rule still matches anywhere.
+    assert rule("WITH d AS (DELETE FROM cards RETURNING 1) SELECT 1") == "no-unbounded"
