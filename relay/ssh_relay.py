@@ -29,6 +29,7 @@ from recorder.session import SessionRecorder
 from recorder.store import StoreError
 from relay.approvals import Outcome
 from relay.coalesce import coalesce
+from relay.connlimit import Ticket
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
 from relay.operator import OPERATOR_ROLES, OPERATOR_USER, OperatorSession
@@ -125,6 +126,7 @@ class RelayServer(asyncssh.SSHServer):
         self.peer = "?"
         self.conn: asyncssh.SSHServerConnection | None = None
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
+        self._ticket: Ticket | None = None
         self.sessions: set[RelaySession] = set()
 
     # -- connection and authentication -------------------------------------------
@@ -134,8 +136,19 @@ class RelayServer(asyncssh.SSHServer):
         coalesce(conn)
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        admitted = self.ctx.connections.admit("ssh", str(peer[0]) if peer else "?")
+        if isinstance(admitted, str):
+            # After this callback: asyncssh sends the disconnect once it can.
+            asyncio.get_running_loop().call_soon(
+                conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS, f"castgate: {admitted}"
+            )
+        else:
+            self._ticket = admitted
 
     def connection_lost(self, exc: Exception | None) -> None:
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            self.ctx.connections.release(ticket)
         if self._upstream is not None:
             task = self._upstream
             if task.done() and not task.cancelled() and task.exception() is None:

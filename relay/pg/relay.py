@@ -2141,9 +2141,48 @@ class PgListener:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """asyncio.start_server callback: one client connection."""
+        peer = writer.get_extra_info("peername")
+        admitted = self.ctx.connections.admit("postgres", str(peer[0]) if peer else "?")
+        if isinstance(admitted, str):
+            await _refuse_connection(reader, writer, f"castgate: {admitted}")
+            return
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.ctx.connections.release(admitted)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = PgSession(self.ctx, self, reader, writer)
         self.sessions.add(session)
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+
+
+_NEGOTIATIONS = (80877103, 80877104)  # SSLRequest, GSSENCRequest
+_REFUSAL_READ_S = 10.0
+
+
+async def _refuse_connection(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, why: str
+) -> None:
+    """Refuse a connection past the limits with a FATAL 53300 the client shows: the
+    answer comes where a client reads one, after its startup packet (an SSLRequest or
+    GSSENCRequest first is declined), within a short bound."""
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+        async with asyncio.timeout(_REFUSAL_READ_S):
+            for _ in range(3):
+                length, code = struct.unpack("!II", await reader.readexactly(8))
+                if code in _NEGOTIATIONS and length == 8:
+                    writer.write(b"N")
+                    continue
+                if 8 <= length <= 10_000:
+                    await reader.readexactly(length - 8)
+                break
+    with contextlib.suppress(OSError):
+        writer.write(p.error_response("53300", why, severity="FATAL"))
+        await writer.drain()
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()

@@ -6,6 +6,8 @@ so in a bounded number of lines."""
 from __future__ import annotations
 
 import socket
+import struct
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -94,3 +96,39 @@ def test_the_open_file_limit_becomes_a_clean_refusal_and_open_sessions_go_on(
     # Once they are gone, everyone is served again.
     _serving(limited)
     assert not [e for e in limited.logs if "Too many open files" in str(e)]
+
+
+def _startup(user: str = "ci-agent", db: str = "appdb") -> bytes:
+    params = f"user\0{user}\0database\0{db}\0\0".encode()
+    return struct.pack("!II", 8 + len(params), 196608) + params
+
+
+def test_ssh_and_postgres_cap_what_one_address_holds(limited: Relay) -> None:
+    with ExitStack() as stack:
+        # 20 connections from one address that never finish their handshakes.
+        for port in (limited.port, limited.pg_port):
+            for _ in range(20):
+                stack.enter_context(
+                    socket.create_connection(
+                        ("127.0.0.1", port), timeout=60, source_address=("127.0.0.2", 0)
+                    )
+                )
+        # The 21st from that address is refused in each protocol's own words.
+        res = subprocess.run(
+            ["ssh", "-b", "127.0.0.2", *limited.ssh_args(), "web@127.0.0.1", "true"],
+            capture_output=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert res.returncode == 255 and b"too many connections" in res.stderr, res.stderr
+        with socket.create_connection(
+            ("127.0.0.1", limited.pg_port), timeout=60, source_address=("127.0.0.2", 0)
+        ) as pg:
+            pg.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")  # SSLRequest: declined
+            assert pg.recv(1) == b"N"
+            pg.sendall(_startup())
+            answer = _answer(pg)
+        assert answer[:1] == b"E" and b"C53300\0" in answer and b"too many" in answer, answer
+        # Another address is served.
+        _serving(limited)
+    wait_for(lambda: any(e.get("msg") == "relay.connections_refused" for e in limited.logs), 30)
