@@ -85,7 +85,7 @@ class LimitsConfig(_Section):
     connections: int = Field(default=4096, ge=1, le=1_000_000)
     """Connections all peers together may hold open (SSH, PostgreSQL and API together);
     lowered further to what the open-file limit leaves room for, less ``fd_reserve``."""
-    connections_per_source: int = Field(default=256, ge=1, le=1_000_000)
+    connections_per_source: int = Field(default=1024, ge=1, le=1_000_000)
     """Connections one source address may hold open."""
     fd_reserve: int = Field(default=64, ge=8, le=100_000)
     """Open-file descriptors kept back for sessions already open (casts, the store)."""
