@@ -71,7 +71,7 @@ from relay.pg.upstream import (
     resolve_mask_columns,
     simple_query,
 )
-from relay.pg.values import CopyBinaryMasker, Malformed, parameter_types
+from relay.pg.values import CopyBinaryMasker, Malformed, Unmaskable, parameter_types
 from relay.policy import Decision, ScopedPolicy
 
 log = logging.getLogger("castgate.pg")
@@ -1870,6 +1870,14 @@ class PgSession:
                 binary = self._copy.feed(msg.body, self.rec.input_counts if self.rec else None)
             except Malformed as exc:
                 raise p.ProtocolError(f"malformed binary COPY data: {exc}") from None
+            except Unmaskable as exc:
+                raise SessionEnd(
+                    "0A000",
+                    f"castgate: {exc} may hold a card number the relay cannot mask in the "
+                    "binary format; the session ends (COPY in text or CSV format)",
+                    "refused binary copy",
+                    {"reason": "binary COPY field that may hold a card number"},
+                ) from None
             if binary is msg.body:
                 return None
             return p.message(b"d", binary) if binary else b""

@@ -26,6 +26,7 @@ without a card number must reach the client byte for byte as the server sent it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -101,6 +102,11 @@ _MIN_NUMBER = 10**12  # fewer digits than 13 hold no card number
 
 class Malformed(ValueError):
     """A binary value does not have its type's layout."""
+
+
+class Unmaskable(ValueError):
+    """A value may hold a card number in a form the relay cannot mask without knowing
+    its type (an untyped eight-byte field of a binary COPY)."""
 
 
 # -- classification ------------------------------------------------------------------------
@@ -714,7 +720,10 @@ class CopyBinaryMasker:
     and a tuple cut between two messages waits for its end.
 
     A binary int8 or float8 field cannot be told from a timestamp or any other eight
-    bytes: those pass (a text or csv COPY is masked by content)."""
+    bytes, so it can be neither masked nor made NULL without corrupting other data: an
+    eight-byte field that, read as int8 or as float8, is a card number raises
+    ``Unmaskable`` (the relay ends the session; a text or csv COPY is masked by
+    content). Other eight-byte fields pass."""
 
     def __init__(self, masker: Masker) -> None:
         self.masker = masker
@@ -767,6 +776,8 @@ class CopyBinaryMasker:
                     break
                 if length > 0:
                     v = buf[f + 4 : f + 4 + length]
+                    if length == 8 and self._eight_bytes_hold_a_card(v):
+                        raise Unmaskable("an eight-byte field of a binary COPY")
                     new = mask_binary(0, v, self.masker, counts)
                     if new is not v and new != v:
                         fields.append((f - pos, length, new))
@@ -780,6 +791,13 @@ class CopyBinaryMasker:
             raise Malformed("data after the COPY binary trailer")
         self._buf = buf[pos:]
         return b"".join(out)
+
+    def _eight_bytes_hold_a_card(self, v: bytes) -> bool:
+        for oid in (INT8_OID, FLOAT8_OID):
+            with contextlib.suppress(Malformed):
+                if _mask_number(oid, v, self.masker, None) is None:
+                    return True
+        return False
 
     def finish(self) -> bytes:
         """What is left at CopyDone (nothing, in a well-formed stream): held bytes
