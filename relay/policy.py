@@ -228,11 +228,15 @@ class ScopedPolicy:
         (``WITH d AS (DELETE ...) SELECT ...`` holds a DeleteStmt and a SelectStmt) is
         decided on its own and the most severe decision wins, so an allow rule for
         SelectStmt does not let a DELETE inside a SELECT through in allowlist mode."""
-        units = (
-            [n for n in sql_nodes if n.endswith("Stmt") and n != "RawStmt"]
-            if sql_nodes is not None
-            else []
-        )
+        if sql_nodes is None:
+            # (Every statement a rule needs no tree for, on the PostgreSQL fast path.)
+            for rx, nodes, has_argv, decision in self._rules:
+                if rx is None and not nodes and not has_argv:
+                    return decision
+                if rx is not None and command is not None and rx.search(command):
+                    return decision
+            return self.default
+        units = [n for n in sql_nodes if n.endswith("Stmt") and n != "RawStmt"]
         if not units:
             return self._decide_unit(command, sql_nodes, None)
         return _worst(self._decide_unit(command, sql_nodes, u) for u in sorted(units))
