@@ -426,13 +426,16 @@ class Masker:
 
     # -- hold-back -----------------------------------------------------------------
 
-    def _hold_from(self, buf: bytes, base: int) -> tuple[int, int]:
+    def _hold_from(self, buf: bytes, base: int, digit: bool = True) -> tuple[int, int]:
         """Where the held tail starts (>= ``base``) and where the run touching the end
-        starts (the context to keep once released; ``len(buf)`` if there is none)."""
+        starts (the context to keep once released; ``len(buf)`` if there is none).
+        ``digit``: False when ``buf`` has no byte that could belong to a digit."""
         n = len(buf)
         hold = n
         tail = n
-        if self._pan or self._c.track1 is not None:
+        # (No digit anywhere, context included: no run can be open. The memchr test
+        # spares bulk output without digits an RE2 pass over every chunk.)
+        if digit and (self._pan or self._c.track1 is not None):
             m = _TAIL.search(buf)
             if m:
                 tail = m.start()
@@ -595,7 +598,8 @@ class StreamMasker:
         base = len(ctx)
         buf = ctx + self._held + data if (ctx or self._held) else data
         n = len(buf)
-        hold, tail = m._hold_from(buf, base)
+        digit = _has_digit(buf)
+        hold, tail = m._hold_from(buf, base, digit)
         if final:
             # A deadline does not release a character cut by the chunk (the terminal
             # cannot show it before its last byte anyway): it may be a digit, the first
@@ -606,7 +610,7 @@ class StreamMasker:
             self._kept = hold < n
         elif n - hold > MAX_HOLD:
             hold = n
-        if _has_digit(buf) or (_custom_possible(m, buf) and m.custom_in(buf)):
+        if digit or (_custom_possible(m, buf) and m.custom_in(buf)):
             stars, later = m._find(buf, base, hold, self._ctx_stars, self.counts, self._left)
         else:
             # Every built-in detector needs digits: a chunk without any (binary zeros,
