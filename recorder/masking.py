@@ -404,7 +404,7 @@ class Masker:
     ) -> None:
         sc = panscan.scan(buf, start, end)
         blocked = None
-        hexy = _hex_positions(buf, start, end, left)
+        hexy = _hex_positions(buf, start, end, left) if _hex_possible(buf, start, end) else ()
         if hexy:
             blocked = {k for k, g in enumerate(sc.groups) if any(d.pos in hexy for d in g)}
         for digits in panscan.card_numbers(sc, blocked):
@@ -494,6 +494,21 @@ def _char_cut(buf: bytes, base: int) -> int:
         if b < 0x80:
             break
     return n
+
+
+_HEX_OR_DASH = frozenset(b"0123456789abcdefABCDEF-")
+
+
+def _hex_possible(buf: bytes, start: int, end: int) -> bool:
+    """False when no UUID or hex string can overlap ``buf[start:end]``: one would need
+    a hex letter or four dashes, and a candidate holds neither unless a hex character
+    or dash touches it from outside (or it lies at an edge of what is known)."""
+    if start == 0 or end >= len(buf):
+        return True
+    if buf[start - 1] in _HEX_OR_DASH or buf[end] in _HEX_OR_DASH:
+        return True
+    seg = buf[start:end]
+    return seg.count(b"-") >= 4 or _HEX_LETTER.search(seg) is not None
 
 
 def _hex_positions(buf: bytes, start: int, end: int, left: bytes) -> set[int]:
