@@ -346,15 +346,20 @@ def test_binary_copy_of_an_eight_byte_card_number_ends_the_session(binvals: PgRe
         # Positive control: eight-byte values that are no card number pass exactly.
         with conn.cursor() as cur, cur.copy(query.format("now()", "timestamptz")) as copy:
             assert b"".join(bytes(b) for b in copy)
-        direct = b""
-        with psycopg.connect(binvals.direct_dsn, autocommit=True) as d, d.cursor() as cur:
-            with cur.copy(query.format(12345, "int8")) as copy:
-                direct = b"".join(bytes(b) for b in copy)
+        with (
+            psycopg.connect(binvals.direct_dsn, autocommit=True) as d,
+            d.cursor() as cur,
+            cur.copy(query.format(12345, "int8")) as copy,
+        ):
+            direct = b"".join(bytes(b) for b in copy)
         with conn.cursor() as cur, cur.copy(query.format(12345, "int8")) as copy:
             assert b"".join(bytes(b) for b in copy) == direct
     for kind in ("int8", "float8"):
-        with psycopg.connect(binvals.dsn(), autocommit=True) as conn, conn.cursor() as cur:
-            with pytest.raises(psycopg.errors.FeatureNotSupported, match="cannot mask"):
-                with cur.copy(query.format(PAN, kind)) as copy:
-                    for _ in copy:
-                        pass
+        with (
+            psycopg.connect(binvals.dsn(), autocommit=True) as conn,
+            conn.cursor() as cur,
+            pytest.raises(psycopg.errors.FeatureNotSupported, match="cannot mask"),
+            cur.copy(query.format(PAN, kind)) as copy,
+        ):
+            for _ in copy:
+                pass
