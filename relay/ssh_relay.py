@@ -115,6 +115,10 @@ class _Upstream(asyncssh.SSHClientSession[bytes]):
         self.owner.target_closed(exc)
 
 
+# Seconds past a token's expiry before its connection is closed (its sessions end at the
+# expiry itself).
+_EXPIRY_GRACE_S = 10.0
+
 class RelayServer(asyncssh.SSHServer):
     """One agent connection: authentication and session admission."""
 
@@ -127,6 +131,7 @@ class RelayServer(asyncssh.SSHServer):
         self.conn: asyncssh.SSHServerConnection | None = None
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
         self._ticket: Ticket | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self.sessions: set[RelaySession] = set()
 
     # -- connection and authentication -------------------------------------------
@@ -146,6 +151,9 @@ class RelayServer(asyncssh.SSHServer):
             self._ticket = admitted
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         ticket, self._ticket = self._ticket, None
         if ticket is not None:
             self.ctx.connections.release(ticket)
@@ -241,6 +249,21 @@ class RelayServer(asyncssh.SSHServer):
                 **self.ctx.identity_detail(ident),
             },
         )
+        deadline = self.ctx.token_deadline(ident)
+        if deadline is not None:
+            # The connection ends with its token: its sessions end at the deadline
+            # (each with its message and marker); the connection a little after, so an
+            # idle one (``ssh -N``, a multiplexing master) does not outlive it.
+            delay = max(0.0, deadline - time.time()) + _EXPIRY_GRACE_S
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        ident, conn = self.identity, self.conn
+        if ident is None or conn is None:
+            return
+        message = self.ctx.token_expired(ident, self.peer, f"ssh:{self.target_name}")
+        conn.disconnect(asyncssh.DISC_BY_APPLICATION, message)
 
     # -- admission ---------------------------------------------------------------
 

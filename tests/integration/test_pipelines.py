@@ -508,3 +508,33 @@ def test_sessions_end_with_their_token(pipes: Pipelines, postgres_server: Postgr
         if "your token expired" in (pipes.relay.recordings() / f"{r['id']}.cast").read_text()
     ]
     assert set(marked) >= cut_ids
+
+
+def test_an_idle_ssh_connection_ends_with_its_token(pipes: Pipelines) -> None:
+    # No channel at all (what `ssh -N` or a multiplexing master holds): the connection
+    # itself is closed once the token is past its expiry.
+    short = pipes.short(_expiring(pipes, "7102", 4))
+    lost: list[Exception | None] = []
+
+    class Client(asyncssh.SSHClient):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.append(exc)
+
+    async def idle() -> None:
+        conn, _client = await asyncssh.create_connection(
+            Client,
+            "127.0.0.1",
+            pipes.relay.port,
+            username="web",
+            password=short,
+            preferred_auth="password",
+            client_keys=None,
+            known_hosts=pipes.relay.known_hosts_obj(),
+            config=[],
+            agent_path=None,
+        )
+        # (A bound so a relay that never closes fails the test instead of hanging it.)
+        await asyncio.wait_for(conn.wait_closed(), 120)
+
+    asyncio.run(idle())
+    assert len(lost) == 1  # closed by the relay (without the limit: the bound above)
