@@ -119,6 +119,7 @@ class _Upstream(asyncssh.SSHClientSession[bytes]):
 # expiry itself).
 _EXPIRY_GRACE_S = 10.0
 
+
 class RelayServer(asyncssh.SSHServer):
     """One agent connection: authentication and session admission."""
 
