@@ -527,7 +527,7 @@ _ARRAY_TOKENS = re.compile(rb"([{},])")
 
 
 def mask_number_array_text(v: bytes, masker: Masker, counts: Counter[str] | None = None) -> bytes:
-    """A text-format array of numbers (``{4111111111111111,7}``): an element holding
+    """A text-format array of numbers (``{<card number>,7}``): an element holding
     a card number becomes NULL, as a number does in a row (stars are no number)."""
     new = masker.mask_bytes(v, counts)
     if new is v or new == v:
