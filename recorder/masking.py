@@ -240,6 +240,11 @@ class Masker:
         """A masker for one byte stream (one direction of one session)."""
         return StreamMasker(self, hold_deadline)
 
+    @property
+    def custom_names(self) -> tuple[str, ...]:
+        """Names of the custom secret patterns (the detectors besides ``pan``/``track``)."""
+        return tuple(name for name, _f, _p in self._c.customs)
+
     def custom_in(self, data: bytes) -> bool:
         """True when a custom pattern matches somewhere in ``data``."""
         c = self._c

@@ -15,6 +15,10 @@ from recorder.masking import Masker, StreamMasker
 from recorder.recording import CastWriter
 
 _ERASE = (0x7F, 0x08)
+_BUILTIN = frozenset({"pan", "track"})
+# Where custom secrets were shown is kept per occurrence up to this many, then counted:
+# a log full of tokens must not grow the manifest without bound.
+MAX_SECRET_POSITIONS = 1000
 _NEWLINES = (0x0D, 0x0A)
 HIDDEN_MARKER = "input hidden (terminal echo off)"
 
@@ -60,6 +64,14 @@ class SessionRecorder:
         self._on_output = on_output
         self.live = live
         self.input_counts: Counter[str] = Counter()
+        self._customs = frozenset(masker.custom_names)
+        self._seen_total = 0
+        self._seen: Counter[str] = Counter()
+        # Custom secret patterns masked in what the session showed: detector, time and
+        # cast line of the output event that carried them (issue: "secret shown to the
+        # agent, masked", per detector and position).
+        self.secrets_shown: list[dict[str, Any]] = []
+        self.secrets_shown_dropped = 0
 
     def pending(self, stream: str = "out") -> bool:
         """True while output of ``stream`` is held back for more bytes or the deadline."""
@@ -73,9 +85,38 @@ class SessionRecorder:
             total += s.counts
         return total
 
+    def _mask_total(self) -> int:
+        total = self._in.counts.total() + self.input_counts.total()
+        for st in self._streams.values():
+            total += st.counts.total()
+        return total
+
+    def _settle_counts(self) -> Counter[str]:
+        """What was masked since the last look, per custom detector; moves the baseline."""
+        counts = self.counts
+        grew = Counter({k: n - self._seen[k] for k, n in counts.items() if k in self._customs})
+        self._seen = counts
+        self._seen_total = counts.total()
+        return +grew
+
+    def _note_shown(self) -> None:
+        if not self._customs or self._mask_total() == self._seen_total:
+            return
+        grew = self._settle_counts()
+        if not grew:
+            return
+        at = round(self.writer.elapsed(), 6)
+        line = self.writer.lines
+        for detector, n in sorted(grew.items()):
+            if len(self.secrets_shown) >= MAX_SECRET_POSITIONS:
+                self.secrets_shown_dropped += n
+                continue
+            self.secrets_shown.append({"detector": detector, "t": at, "line": line, "count": n})
+
     def _emit(self, masked: bytes) -> bytes:
         if masked:
             self.writer.output(masked)
+            self._note_shown()
             if self._on_output is not None:
                 self._on_output(masked)
             if self.live is not None:
@@ -110,6 +151,7 @@ class SessionRecorder:
         self._hidden = False
         if self.input_mode == "all":
             masked = self._in.feed(data)
+            self._settle_input()
             if masked:
                 self.writer.input(masked)
             return
@@ -129,9 +171,15 @@ class SessionRecorder:
     def command_line(self, line: str) -> str:
         """Record a submitted command line (masked); returns the masked text."""
         masked = self.masker.mask(line, self.input_counts)
+        self._settle_input()
         if self.input_mode != "none":
             self.writer.input(masked + "\n")
         return masked
+
+    def _settle_input(self) -> None:
+        # What the agent typed (or a marker quoting it) is not something it was shown.
+        if self._customs and self._mask_total() != self._seen_total:
+            self._settle_counts()
 
     def resize(self, cols: int, rows: int) -> None:
         """Record a terminal size change."""
@@ -142,6 +190,7 @@ class SessionRecorder:
     def marker(self, text: str) -> None:
         """Record a policy marker (masked: it may quote a command)."""
         masked = self.masker.mask(text, self.input_counts)
+        self._settle_input()
         self.writer.marker(masked)
         if self.live is not None:
             self.live.marker(masked)
@@ -154,7 +203,10 @@ class SessionRecorder:
         rest = self._in.flush()
         if rest and self.input_mode == "all":
             self.writer.input(rest)
-        info = {"masking_counts": dict(self.counts)}
+        info: dict[str, Any] = {"masking_counts": dict(self.counts)}
+        if self.secrets_shown or self.secrets_shown_dropped:
+            info["secrets_shown"] = self.secrets_shown
+            info["secrets_shown_dropped"] = self.secrets_shown_dropped
         if extra:
             info.update(extra)
         self.manifest = self.writer.close(reason, info)

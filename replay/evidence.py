@@ -31,7 +31,7 @@ import re
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,11 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
         ("3.4.1", "3.3.1", "3.5.1"),
         "card numbers and track data masked before they left the relay",
     ),
+    "secrets_shown": (
+        ("8.6.2", "7.2.5"),
+        "secrets (custom patterns: API keys, tokens) the session showed the agent, masked: "
+        "detector, time and cast line of each; the values are never kept",
+    ),
     "recording": (
         ("10.3.2", "10.3.4", "10.2.1.1"),
         "the recording's SHA-256, hash chain and the verdict on its signed manifest",
@@ -137,6 +142,15 @@ FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
         "audit events of the session (authentication, start and end, reads of the recording)",
     ),
 }
+
+
+def _secrets_shown(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Where the session showed custom secrets (masked), from its signed manifest."""
+    positions = manifest.get("secrets_shown")
+    return {
+        "positions": positions if isinstance(positions, list) else [],
+        "not_itemised": int(manifest.get("secrets_shown_dropped") or 0),
+    }
 
 
 class EvidenceError(CastgateError):
@@ -201,6 +215,7 @@ def audit_record(
     """The audit record of one session, every field mapped to PCI DSS requirements."""
     sid = str(row["id"])
     cast = cast_file(cfg, row)
+    signed: dict[str, Any] = {}
     recording: dict[str, Any] = {
         "cast": cast.name if cast else None,
         "lines": row.get("lines"),
@@ -221,9 +236,10 @@ def audit_record(
         sidecar = manifest_path(cast)
         if sidecar.exists():
             try:
-                signed = json.loads(sidecar.read_text(encoding="utf-8"))
+                loaded = json.loads(sidecar.read_text(encoding="utf-8"))
             except ValueError:
-                signed = {}
+                loaded = {}
+            signed = loaded if isinstance(loaded, dict) else {}
             recording.update(
                 manifest_file_sha256=signed.get("file_sha256"),
                 signed_by=signed.get("key_id"),
@@ -234,6 +250,7 @@ def audit_record(
     stored = store.get_manifest(sid)
     if stored is not None:
         recording["store_manifest_final_hash"] = stored.get("final_hash")
+    shown = _secrets_shown(signed or stored or {})
     commands = [
         {
             "at": c["at"],
@@ -297,6 +314,7 @@ def audit_record(
         "commands": commands,
         "approvals": approvals,
         "masking_counts": row.get("masking_counts") or {},
+        "secrets_shown": shown,
         "recording": recording,
         "audit_events": events,
     }
@@ -489,6 +507,7 @@ def run_record_of(run: dict[str, Any], sessions: Sequence[Session]) -> dict[str,
     credentials: list[dict[str, Any]] = []
     masking: dict[str, int] = {}
     shown_secrets: dict[str, int] = {}
+    shown_where: list[dict[str, Any]] = []
     session_list: list[dict[str, Any]] = []
     for s in sessions:
         row, fields = s.row, s.record["fields"]
@@ -578,6 +597,11 @@ def run_record_of(run: dict[str, Any], sessions: Sequence[Session]) -> dict[str,
         for c in fields["credentials_used"]["value"]:
             credentials.append({**c, "session": sid})
             entry(c["at"], "credential.use", credential={k: v for k, v in c.items() if k != "at"})
+        for pos in fields["secrets_shown"]["value"]["positions"]:
+            t = float(pos.get("t") or 0)
+            at = start + timedelta(seconds=t) if isinstance(start, datetime) else None
+            shown_where.append({**pos, "session": sid})
+            entry(at, "secret.shown", detector=pos.get("detector"), count=pos.get("count"))
         counts = fields["masking_counts"]["value"] or {}
         for detector, n in counts.items():
             masking[detector] = masking.get(detector, 0) + int(n)
@@ -621,6 +645,8 @@ def run_record_of(run: dict[str, Any], sessions: Sequence[Session]) -> dict[str,
             "credentials": credentials,
             # Custom secret patterns masked in what the agent was shown, per detector.
             "masked_secret_patterns": shown_secrets,
+            # ... and where: each occurrence's session, time and cast line.
+            "shown_masked": shown_where,
         },
         "timeline": timeline,
         "pci_dss": {
@@ -690,6 +716,9 @@ def _timeline_html(run: dict[str, Any]) -> str:
             detail = ", ".join(
                 f"{k} {cred[k]}" for k in ("env", "key_file", "fingerprint") if cred.get(k)
             )
+        elif kind == "secret.shown":
+            what = f"secret shown to the agent, masked: {e.get('detector')}"
+            detail = f"{e.get('count')} occurrence(s)"
         elif kind == "session.start":
             what = f"{e.get('identity')} -> {e.get('target')} ({e.get('protocol')})"
             detail = str(e.get("title") or "")

@@ -355,6 +355,16 @@ def test_people_and_pipelines_through_one_relay(
         "appdb",
     }
     assert record["secrets_read"]["masked_secret_patterns"] == {"stripe-key": 1}
+    # ... and where it was shown: the session, the time and the cast line of the output.
+    [where] = record["secrets_read"]["shown_masked"]
+    assert (where["detector"], where["count"], where["session"]) == ("stripe-key", 1, sid)
+    shown_cast = next((out / "sessions").glob(f"*/{sid}.cast"))
+    shown_event = json.loads(shown_cast.read_text().splitlines()[where["line"] - 1])
+    assert shown_event[1] == "o" and "*" * len(STRIPE) in shown_event[2]
+    assert shown_event[0] == pytest.approx(where["t"], abs=1e-3)
+    [shown_entry] = [e for e in timeline if e["kind"] == "secret.shown"]
+    assert shown_entry["replay"].endswith(f"#t={round(where['t'], 3)}")
+    assert "secret shown to the agent, masked: stripe-key" in (out / "index.html").read_text()
     assert {"8.6.1", "8.6.2", "8.2.1", "7.2.5", "10.2.1", "10.2.2", "6.5.1"} <= set(
         record["pci_dss"]
     )

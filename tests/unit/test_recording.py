@@ -9,9 +9,9 @@ import pytest
 
 from recorder.asciicast import EventEncoder
 from recorder.integrity import Verdict, chain_path, manifest_path, verify_cast
-from recorder.masking import Masker, luhn_complete
+from recorder.masking import CustomPattern, Masker, MaskPolicy, luhn_complete
 from recorder.recording import CastWriter, RecordingError
-from recorder.session import HIDDEN_MARKER, SessionRecorder
+from recorder.session import HIDDEN_MARKER, MAX_SECRET_POSITIONS, SessionRecorder
 from recorder.signing import SigningKey
 
 KEY = SigningKey.generate()
@@ -205,6 +205,46 @@ def test_session_recorder_masks_output_and_input(tmp_path: Path) -> None:
     assert ["i", "ls\n"] in [e[1:] for e in events]
     assert pan not in (tmp_path / "a.cast").read_text()
     assert rec.counts["pan"] == 2
+
+
+def test_session_recorder_records_where_custom_secrets_were_shown(tmp_path: Path) -> None:
+    key = "sk_live_" + "Ab3dEf6hIj9lMn2pQr5tUv8x"
+    masker = Masker(MaskPolicy(patterns=(CustomPattern("stripe-key", r"sk_live_[A-Za-z0-9]{24}"),)))
+    w = write_cast(tmp_path / "a.cast", events=0)
+    rec = SessionRecorder(w, masker, input_mode="commands")
+    rec.input(f"echo {key}\r".encode())  # typed by the agent: not something it was shown
+    rec.output(b"plain\r\n")
+    rec.output(f"got {key} and {key}\r\n".encode())
+    rec.output(f"err {key}\r\n".encode(), "err")
+    rec.close()
+    lines = read_lines(tmp_path / "a.cast")
+    assert rec.counts["stripe-key"] == 4  # the typed one counts as masked, not as shown
+    assert [(p["detector"], p["count"]) for p in rec.secrets_shown] == [
+        ("stripe-key", 2),
+        ("stripe-key", 1),
+    ]
+    stars = "*" * len(key)
+    events = [json.loads(lines[p["line"] - 1]) for p in rec.secrets_shown]  # lines count from 1
+    assert [e[1:] for e in events] == [
+        ["o", f"got {stars} and {stars}\r\n"],
+        ["o", f"err {stars}\r\n"],
+    ]
+    assert [e[0] for e in events] == pytest.approx([p["t"] for p in rec.secrets_shown], abs=1e-3)
+    manifest = json.loads(manifest_path(tmp_path / "a.cast").read_text())
+    assert manifest["secrets_shown"] == rec.secrets_shown
+    assert key not in (tmp_path / "a.cast").read_text()
+
+
+def test_secret_positions_are_bounded(tmp_path: Path) -> None:
+    key = "sk_live_" + "Ab3dEf6hIj9lMn2pQr5tUv8x"
+    masker = Masker(MaskPolicy(patterns=(CustomPattern("stripe-key", r"sk_live_[A-Za-z0-9]{24}"),)))
+    rec = SessionRecorder(write_cast(tmp_path / "a.cast", events=0), masker)
+    for _ in range(MAX_SECRET_POSITIONS + 5):
+        rec.output(f"{key}\r\n".encode())
+    rec.close()
+    assert len(rec.secrets_shown) == MAX_SECRET_POSITIONS and rec.secrets_shown_dropped == 5
+    manifest = json.loads(manifest_path(tmp_path / "a.cast").read_text())
+    assert manifest["secrets_shown_dropped"] == 5
 
 
 def test_threaded_writer_seals_the_same_verifiable_cast(tmp_path: Path) -> None:
