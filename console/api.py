@@ -65,6 +65,11 @@ class ApiClient:
         )["approvals"]
         return rows
 
+    async def approval(self, approval_id: int) -> dict[str, Any]:
+        """One request in full (its context and payload hash where the relay has them)."""
+        row: dict[str, Any] = await self.request("GET", f"/api/v1/approvals/{approval_id}")
+        return row
+
     async def decide(self, approval_id: int, approve: bool, reason: str | None) -> dict[str, Any]:
         """Approve or deny; the approval row with its decisions."""
         verb = "approve" if approve else "deny"

@@ -53,6 +53,7 @@ class ConsoleApp(App[None]):
         self._clock = clock
         self.pending: list[dict[str, Any]] = []
         self._known: set[int] | None = None
+        self.rang = 0  # terminal bells rung for new requests
         self._last_error: str | None = None
 
     def now(self) -> datetime:
@@ -77,6 +78,9 @@ class ConsoleApp(App[None]):
         self._last_error = None
         ids = {int(r["id"]) for r in rows}
         if self._known is not None:
+            if ids - self._known:
+                self.rang += 1
+                self.bell()  # an approver may be looking at another window
             for r in rows:
                 if int(r["id"]) not in self._known:
                     self.notify(

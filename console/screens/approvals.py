@@ -1,4 +1,5 @@
-"""Approvals: the pending queue, refreshed live; ``a`` approves, ``d`` denies."""
+"""Approvals: the pending queue, refreshed live; ``a`` approves, ``d`` denies, ``enter``
+opens the request in full (``ApprovalDetailScreen``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Header, Static
 
 from console.messages import ApprovalsChanged
+from console.screens.approval_detail import ApprovalDetailScreen, describe_decision
 from console.screens.base import ConsoleScreen
 from console.screens.live import clean
 from console.screens.reason import ReasonScreen
@@ -37,17 +39,6 @@ def approval_cells(row: dict[str, Any]) -> tuple[str, ...]:
         _time(row.get("expires_at")),
         decisions,
     )
-
-
-def describe_decision(row: dict[str, Any]) -> str:
-    """One line: the request's status and who decided it."""
-    who = ", ".join(
-        f"{d.get('approver')} ({d.get('decision')}"
-        + (f": {d.get('reason')}" if d.get("reason") else "")
-        + ")"
-        for d in row.get("decisions") or []
-    )
-    return f"approval #{row.get('id')} {row.get('status')}: {row.get('command')}  by {who}"
 
 
 class ApprovalsScreen(ConsoleScreen):
@@ -105,6 +96,13 @@ class ApprovalsScreen(ConsoleScreen):
         for i, cells in enumerate(shown):
             if keep is not None and cells[0] == str(keep):
                 table.move_cursor(row=i)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a request: what exactly it would run, with the session beside it."""
+        key = event.row_key.value
+        row = next((r for r in self.rows if str(r["id"]) == str(key)), None)
+        if row is not None:
+            self.app.push_screen(ApprovalDetailScreen(row))
 
     def selected_id(self) -> int | None:
         """The id of the request under the cursor."""

@@ -20,9 +20,10 @@ HELP = """\
 | Ctrl+P | anywhere | command palette |
 | / | sessions | filter as you type (Esc clears) |
 | Enter | sessions | open: live watch, or the player for a finished session |
-| a | approvals | approve the selected request |
-| d | approvals | deny it, with a reason |
-| Esc, q | live, player | back |
+| a | approvals, request | approve the selected request |
+| d | approvals, request | deny it, with a reason |
+| Enter | approvals | the request in full: what it would run, its SHA-256, the session's screen, the time left |
+| Esc, q | live, player, request | back |
 | space | player | play / pause |
 | . | player | step one event |
 | ← → | player | seek 5 s back / forward |

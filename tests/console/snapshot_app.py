@@ -55,6 +55,65 @@ APPROVALS: list[dict[str, Any]] = [
     }
 ]
 
+# Held requests in full, as the relay describes them (issue #22's context).
+PUSH_APPROVAL: dict[str, Any] = {
+    **APPROVALS[0],
+    "id": 18,
+    "target": "gitsrv",
+    "rule": "push-needs-approval",
+    "command": "git-receive-pack '/srv/payments.git'",
+    "payload_sha256": "5f" * 32,
+    "context": {
+        "kind": "git-push",
+        "refs": [
+            {
+                "ref": "refs/heads/main",
+                "old": "1" * 40,
+                "new": "2" * 40,
+                "change": "forced",
+                "commits": [
+                    {
+                        "sha": "2" * 40,
+                        "author": "ci-agent",
+                        "date": "2025-03-14T09:20:00+00:00",
+                        "subject": "payments: retry declined captures",
+                    },
+                    {
+                        "sha": "3" * 40,
+                        "author": "ci-agent",
+                        "date": "2025-03-14T09:10:00+00:00",
+                        "subject": f"fixtures: test card {MASKED}",
+                    },
+                ],
+                "diffstat": {
+                    "files": [
+                        {"path": "src/capture.py", "added": 12, "removed": 3},
+                        {"path": "tests/test_capture.py", "added": 40, "removed": 0},
+                    ]
+                },
+            },
+            {"ref": "refs/tags/v1.4", "old": "0" * 40, "new": "2" * 40, "change": "created"},
+        ],
+    },
+}
+
+SQL_APPROVAL: dict[str, Any] = {
+    **APPROVALS[0],
+    "id": 19,
+    "session_id": "s-live-0001",
+    "target": "appdb",
+    "rule": "deletes-need-approval",
+    "command": "DELETE FROM orders WHERE state = $1 AND pan = $2",
+    "payload_sha256": "a7" * 32,
+    "context": {
+        "kind": "sql",
+        "statement": "DELETE FROM orders WHERE state = $1 AND pan = $2",
+        "parameters": ["stale", MASKED],
+        "touches": [{"operation": "delete", "table": "orders"}],
+        "estimate": {"rows": 512, "cost": 38.5, "node": "Delete on orders", "error": None},
+    },
+}
+
 SCREEN = (
     "\x1b[1;32mdeploy@web\x1b[0m:~$ cat orders.csv\r\n"
     f"order-1,card {MASKED},12/26\r\n"
@@ -83,6 +142,12 @@ class FakeApi(ApiClient):
 
     async def approvals(self, status: str = "pending") -> list[dict[str, Any]]:
         return [dict(a) for a in APPROVALS]
+
+    async def approval(self, approval_id: int) -> dict[str, Any]:
+        for row in (*APPROVALS, PUSH_APPROVAL, SQL_APPROVAL):
+            if int(row["id"]) == approval_id:
+                return dict(row)
+        raise KeyError(approval_id)
 
     async def download_cast(self, session_id: str, dest: Path) -> Path:
         dest.write_text(CAST + "\n")

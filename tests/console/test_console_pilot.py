@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import DataTable, Input, Label, Static
 
 from console.api import ApiClient
 from console.app import ConsoleApp
+from console.screens.approval_detail import ApprovalDetailScreen
 from console.screens.approvals import ApprovalsScreen
 from console.screens.live import LiveScreen
 from console.screens.player import PlayerScreen
@@ -196,6 +197,53 @@ def test_deny_with_a_reason_refuses_the_held_command(relay: Relay) -> None:
             assert code == 126
             assert b"denied by alice: change freeze" in held.err
             assert b"should-not-run" not in held.out
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("approve", [True, False], ids=["approve", "deny"])
+def test_decide_from_the_request_in_full(relay: Relay, approve: bool) -> None:
+    async def scenario() -> None:
+        app = console(relay)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app._known is not None)  # the first poll is done
+            held = Held(relay, f"systemctl restart app 2>/dev/null; echo detail-{approve}")
+            try:
+                await until(pilot, lambda: held.approval_id() is not None, 20)
+                aid = held.approval_id()
+                await until(pilot, lambda: app.rang == 1)  # a new request rings the bell
+                await pilot.press("f3")
+                table = app.screen.query_one("#approvals", DataTable)
+                await until(pilot, lambda: str(aid) in [r[0] for r in table_rows(table)])
+                table.move_cursor(row=[r[0] for r in table_rows(table)].index(str(aid)))
+                await pilot.press("enter")
+                await until(pilot, lambda: isinstance(app.screen, ApprovalDetailScreen))
+                detail = app.screen
+                assert isinstance(detail, ApprovalDetailScreen) and detail.approval_id == aid
+                request = str(detail.query_one("#request", Static).render())
+                assert f"approval #{aid}" in request and "systemctl restart app" in request
+                status = lambda: str(detail.query_one("#status", Label).render())  # noqa: E731
+                await until(pilot, lambda: "left" in status())
+                # The session's screen beside it: the relay's own notice to the agent.
+                view = detail.query_one("#term", TerminalView)
+                await until(pilot, lambda: f"approval #{aid}" in view.screen_text())
+                assert not held.out
+                if approve:
+                    await pilot.press("a")
+                else:
+                    await pilot.press("d")
+                    await until(pilot, lambda: isinstance(app.screen, ReasonScreen))
+                    await pilot.press(*"not now", "enter")
+                code = await asyncio.to_thread(held.finish)
+            finally:
+                held.kill() if held.proc.returncode is None else None
+            if approve:
+                assert code == 0 and f"detail-{approve}".encode() in held.out
+            else:
+                assert code == 126 and b"denied by alice: not now" in held.err
+                assert b"detail-" not in held.out
+            verb = "approved" if approve else "denied"
+            await until(pilot, lambda: f"approval #{aid} {verb}" in status())
 
     run(scenario)
 

@@ -9,11 +9,19 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 
+from console.screens.approval_detail import ApprovalDetailScreen, render_request, time_left
 from console.screens.live import LiveScreen
 from console.screens.player import PlayerScreen
 from console.widgets.terminal_view import TerminalView, row_segments
 from replay.terminal import new_terminal
-from tests.console.snapshot_app import MASKED, SESSIONS, make_app
+from tests.console.snapshot_app import (
+    MASKED,
+    NOW,
+    PUSH_APPROVAL,
+    SESSIONS,
+    SQL_APPROVAL,
+    make_app,
+)
 
 SIZE = (120, 30)
 Compare = Callable[..., bool]
@@ -41,6 +49,40 @@ def test_live_screen(snap_compare: Compare) -> None:
         assert f"card {MASKED}" in view.screen_text()
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=open_live)
+
+
+@pytest.mark.parametrize("row", [PUSH_APPROVAL, SQL_APPROVAL], ids=["git-push", "sql"])
+def test_approval_detail_screen(snap_compare: Compare, row: dict[str, Any]) -> None:
+    async def open_detail(pilot: Pilot[Any]) -> None:
+        await _settle(pilot)
+        pilot.app.push_screen(ApprovalDetailScreen(row))
+        await _settle(pilot)
+        screen = pilot.app.screen
+        assert isinstance(screen, ApprovalDetailScreen)
+        assert f"card {MASKED}" in screen.query_one("#term", TerminalView).screen_text()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=open_detail)
+
+
+def test_what_an_approver_reads() -> None:
+    push = render_request(PUSH_APPROVAL).plain
+    assert "refs/heads/main  1111111111 -> 2222222222  forced" in push
+    assert "22222222 2025-03-14 ci-agent: payments: retry declined captures" in push
+    assert "src/capture.py | +12 -3" in push and "2 file(s), +52 -3" in push
+    assert "refs/tags/v1.4  (none) -> 2222222222  created" in push
+    assert f"sha256 {'5f' * 32}" in push
+    sql = render_request(SQL_APPROVAL).plain
+    assert "$1 = 'stale'" in sql and f"$2 = '{MASKED}'" in sql
+    assert "touches: delete orders" in sql
+    assert "estimate: about 512 row(s), Delete on orders, cost 38.5" in sql
+    failed = {**SQL_APPROVAL, "context": {**SQL_APPROVAL["context"], "estimate": {"error": "boom"}}}
+    assert "estimate: no estimate: boom" in render_request(failed).plain
+    # An older relay's request: the command alone. Control characters never pass.
+    bare = {"id": 3, "rule": "r", "command": "rm -rf /tmp/x\x1b]0;pwned\x07"}
+    assert "rm -rf /tmp/x ]0;pwned " in render_request(bare).plain
+    assert time_left(SQL_APPROVAL, NOW) == "9m 00s left"
+    assert time_left({"expires_at": "2025-03-14T09:00:00+00:00"}, NOW) == "expired"
+    assert time_left({}, NOW) == "no expiry"
 
 
 def test_player_screen_at_a_marker(snap_compare: Compare) -> None:
