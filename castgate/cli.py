@@ -131,6 +131,14 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 def _cmd_approvals(args: argparse.Namespace) -> int:
     from castgate.client import cmd_approvals
 
+    if args.action == "show":
+        from castgate.client import cmd_approval_show
+
+        if args.id is None:
+            raise CliError("approvals show: which request? (castgate approvals show ID)")
+        return cmd_approval_show(_api(args), args.id, args.json)
+    if args.id is not None:
+        raise CliError("approvals: an id goes after 'show' (castgate approvals show ID)")
     return cmd_approvals(_api(args), args.all, args.json)
 
 
@@ -226,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("session")
     s.set_defaults(func=_cmd_watch)
 
-    s = client("approvals", "list pending approval requests")
+    s = client("approvals", "list pending approval requests; 'show ID': one in full")
+    s.add_argument("action", nargs="?", choices=["show"], help="show one request in full")
+    s.add_argument("id", nargs="?", type=int)
     s.add_argument("--json", action="store_true")
     s.add_argument("--all", action="store_true", help="decided ones too")
     s.set_defaults(func=_cmd_approvals)

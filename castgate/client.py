@@ -13,6 +13,7 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,22 @@ def cmd_approvals(api: Api, show_all: bool, as_json: bool) -> int:
                 f"expires {_fmt_time(r.get('expires_at'))}  {r['command']}"
             )
         )
+    return 0
+
+
+def cmd_approval_show(api: Api, approval_id: int, as_json: bool) -> int:
+    """One request in full: what exactly it would run, its SHA-256, its decisions."""
+    from console.request_text import render_request, time_left
+    from relay.live import printable
+
+    row = api.request("GET", f"/api/v1/approvals/{approval_id}")
+    if as_json:
+        print(json.dumps(row, indent=2))
+        return 0
+    print(render_request(row).plain, end="")
+    print(f"status {row.get('status')}, {time_left(row, datetime.now(UTC))}")
+    for d in row.get("decisions") or []:
+        print(printable(f"  {d.get('approver')} {d.get('decision')}: {d.get('reason') or ''}"))
     return 0
 
 

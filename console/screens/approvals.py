@@ -12,7 +12,8 @@ from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Header, Static
 
 from console.messages import ApprovalsChanged
-from console.screens.approval_detail import ApprovalDetailScreen, describe_decision
+from console.request_text import describe_decision
+from console.screens.approval_detail import ApprovalDetailScreen
 from console.screens.base import ConsoleScreen
 from console.screens.live import clean
 from console.screens.reason import ReasonScreen

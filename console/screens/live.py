@@ -12,17 +12,15 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Header, Label, Log, Static
 
+from console.request_text import clean
 from console.screens.base import ConsoleScreen
 from console.widgets.terminal_view import TerminalView
 from replay.castfile import parse_size
 from replay.terminal import new_terminal
 
+__all__ = ["LiveScreen", "clean"]
+
 FRAME_INTERVAL = 1 / 30
-
-
-def clean(text: str) -> str:
-    """Control characters out of text shown outside the terminal model."""
-    return "".join(c if c.isprintable() else " " for c in text)
 
 
 class LiveScreen(ConsoleScreen):

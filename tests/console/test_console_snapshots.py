@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 
-from console.screens.approval_detail import ApprovalDetailScreen, render_request, time_left
+from console.request_text import render_request, time_left
+from console.screens.approval_detail import ApprovalDetailScreen
 from console.screens.live import LiveScreen
 from console.screens.player import PlayerScreen
 from console.widgets.terminal_view import TerminalView, row_segments
@@ -66,6 +67,10 @@ def test_approval_detail_screen(snap_compare: Compare, row: dict[str, Any]) -> N
 
 def test_what_an_approver_reads() -> None:
     push = render_request(PUSH_APPROVAL).plain
+    assert push.splitlines()[:2] == [
+        "approval #18  rule push-needs-approval  ci-agent@gitsrv",
+        "git-receive-pack '/srv/payments.git'",
+    ]
     assert "refs/heads/main  1111111111 -> 2222222222  forced" in push
     assert "22222222 2025-03-14 ci-agent: payments: retry declined captures" in push
     assert "src/capture.py | +12 -3" in push and "2 file(s), +52 -3" in push

@@ -96,6 +96,9 @@ def test_session_record_and_cast_reads_are_audited(relay: Relay) -> None:
     assert 'castgate_events_total{kind="recording.read",outcome="success"}' in metrics
 
 
+CASTGATE = str(Path(os.sys.executable).parent / "castgate")
+
+
 def live_session(relay: Relay, title_part: str) -> str:
     """The id of the live session whose title contains ``title_part``."""
     found: list[str] = []
@@ -121,6 +124,34 @@ def test_cli_approve_releases_the_held_command(relay: Relay) -> None:
         timeout=30,
     )
     assert f"#{aid}" in listed.stdout and "systemctl restart app" in listed.stdout
+    shown = subprocess.run(
+        [CASTGATE, "approvals", "show", str(aid), "-c", str(relay.config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith(f"approval #{aid}  rule ") and "ci-agent@web" in lines[0]
+    assert lines[1].startswith("systemctl restart app")
+    assert lines[-1].startswith("status pending, ") and lines[-1].endswith("s left")
+    as_json = subprocess.run(
+        [CASTGATE, "approvals", "show", str(aid), "--json", "-c", str(relay.config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert json.loads(as_json.stdout)["id"] == aid
+    missing = subprocess.run(
+        [CASTGATE, "approvals", "show", "-c", str(relay.config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert missing.returncode != 0 and "which request?" in missing.stderr
     decided_at = time.monotonic()
     res = subprocess.run(
         [
