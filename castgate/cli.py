@@ -171,7 +171,9 @@ def _cmd_console(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from castgate.demo import run_demo
 
-    return run_demo(Path(args.dir) if args.dir else None, console=not args.no_console)
+    return run_demo(
+        Path(args.dir) if args.dir else None, console=not args.no_console, keep=args.keep
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the embedded default end to end")
     s.add_argument("--dir", help="working directory (default: a new temporary one)")
     s.add_argument("--no-console", action="store_true", help="do not open the console at the end")
+    s.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the relay and its targets running after the script, until Ctrl-C",
+    )
     s.set_defaults(func=_cmd_demo)
 
     add_replay_commands(sub)

@@ -278,13 +278,34 @@ def _stop_relay(relay: subprocess.Popen[bytes]) -> None:
         relay.wait(10)
 
 
-def run_demo(workdir: Path | None = None, console: bool = True) -> int:
-    """Run the demo; returns the process exit status."""
+def run_demo(workdir: Path | None = None, console: bool = True, keep: bool = False) -> int:
+    """Run the demo; returns the process exit status. ``keep``: after the script, leave
+    the relay and its targets running until a signal ends the demo."""
     with _sigterm_as_exit(), contextlib.ExitStack() as stack:
-        return _run(workdir, console, stack)
+        return _run(workdir, console, keep, stack)
 
 
-def _run(workdir: Path | None, console: bool, stack: contextlib.ExitStack) -> int:
+def _sessions_settled(api: str, alice: str, within: float = 60.0) -> None:
+    """Wait until the relay has ended (and sealed) every session of the script."""
+    deadline = time.monotonic() + within
+    while _api(api, alice, "/api/v1/sessions?live=true")["sessions"]:
+        if time.monotonic() > deadline:
+            raise DemoError(f"the relay still has live sessions after {within:g} s")
+        time.sleep(0.05)
+
+
+def _keep_running(listen: dict[str, str], config: Path) -> None:
+    host, _, port = listen["ssh"].rpartition(":")
+    _say(
+        f"\nThe relay keeps running (Ctrl-C stops it and its targets):\n"
+        f"  castgate sessions -c {config}\n"
+        f"  ssh -p {port} web@{host}    # with the demo's agent key or token"
+    )
+    while True:
+        signal.pause()  # SIGINT, SIGTERM and SIGHUP end the demo through their handlers
+
+
+def _run(workdir: Path | None, console: bool, keep: bool, stack: contextlib.ExitStack) -> int:
     base = workdir or Path(tempfile.mkdtemp(prefix="castgate-demo-"))
     _say(f"castgate demo in {base}\n")
     res = init_dir(base)
@@ -338,7 +359,7 @@ def _run(workdir: Path | None, console: bool, stack: contextlib.ExitStack) -> in
             raise
         except Exception as exc:  # psycopg's errors: one line, not a traceback
             raise DemoError(f"PostgreSQL through the relay: {_line(exc)}") from None
-    time.sleep(0.5)  # let the relay seal the last cast
+    _sessions_settled(api, alice)  # the last cast is sealed before it is verified
     sessions = _api(api, alice, "/api/v1/sessions")["sessions"]
     _say("== castgate sessions")
     for s in sessions:
@@ -355,6 +376,8 @@ def _run(workdir: Path | None, console: bool, stack: contextlib.ExitStack) -> in
         from console.app import run as run_console
 
         run_console(api, alice)
+    if keep:
+        _keep_running(listen, config)
     stack.close()  # relay, PostgreSQL and the SSH target stop before the last words
     _say(f"\nFiles are in {base}: castgate.toml, data/recordings/*.cast, data/castgate.db")
     _say(
