@@ -120,6 +120,11 @@ class _Upstream(asyncssh.SSHClientSession[bytes]):
 _EXPIRY_GRACE_S = 10.0
 
 
+# How long a connection over a cap may take to reach authentication, where it is told
+# why it is refused; then it is closed without being told.
+REFUSAL_GRACE_S = 5.0
+
+
 class RelayServer(asyncssh.SSHServer):
     """One agent connection: authentication and session admission."""
 
@@ -133,6 +138,8 @@ class RelayServer(asyncssh.SSHServer):
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
         self._ticket: Ticket | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._refused: str | None = None  # over a connection cap: the reason
+        self._refusal: asyncio.TimerHandle | None = None
         self.sessions: set[RelaySession] = set()
 
     # -- connection and authentication -------------------------------------------
@@ -144,14 +151,27 @@ class RelayServer(asyncssh.SSHServer):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         admitted = self.ctx.connections.admit("ssh", str(peer[0]) if peer else "?")
         if isinstance(admitted, str):
-            # After this callback: asyncssh sends the disconnect once it can.
-            asyncio.get_running_loop().call_soon(
-                conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS, f"castgate: {admitted}"
-            )
+            # The refusal is sent when the client asks to authenticate: the key exchange
+            # is done and the client waits for an answer, so it reads the reason. Sent
+            # at once, it raced the client's own KEXINIT: the relay's close turned that
+            # into a reset that discarded the reason unread (seen on a loaded machine).
+            # A client that never gets that far is closed after REFUSAL_GRACE_S anyway.
+            self._refused = f"castgate: {admitted}"
+            self._refusal = asyncio.get_running_loop().call_later(REFUSAL_GRACE_S, self._refuse_now)
         else:
             self._ticket = admitted
 
+    def _refuse_now(self) -> None:
+        if self._refusal is not None:
+            self._refusal.cancel()
+            self._refusal = None
+        if self.conn is not None and self._refused is not None:
+            self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, self._refused)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refusal is not None:
+            self._refusal.cancel()
+            self._refusal = None
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -167,9 +187,13 @@ class RelayServer(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.target_name = username
-        return True
+        if self._refused is not None:
+            self._refuse_now()
+        return True  # never "no authentication needed", refused or not
 
     def _throttled(self, method: str) -> bool:
+        if self._refused is not None:
+            return True  # over a connection cap: no credential is even looked at
         if self.ctx.limiter.blocked(self.peer):
             self.ctx.emit(
                 "auth",

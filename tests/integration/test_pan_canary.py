@@ -82,7 +82,12 @@ webhook = "http://127.0.0.1:{hook.server_address[1]}/hook"
             ) as conn:
                 proc = await conn.create_process(term_type="xterm", term_size=(120, 30))
                 proc.stdin.write(f"echo typed {disc}\r")
-                await asyncio.sleep(0.5)
+                # The command's output line, before the next line is typed: typed ahead
+                # of the echo, "exit" would be opaque and held (a sleep here lost that
+                # race on a loaded machine).
+                got = ""
+                while not re.search(r"[\r\n]typed ", got):  # the output, not the echo
+                    got += await asyncio.wait_for(proc.stdout.read(4096), 120)
                 proc.stdin.write("exit\r")
                 await proc.wait()
 
