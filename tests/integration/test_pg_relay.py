@@ -335,13 +335,18 @@ def test_a_client_that_stops_reading_holds_the_target_back(pg_relay: PgRelay) ->
         until(b"Z")
         start = _rss_mb(relay.proc.pid)
         sock.sendall(proto.query("SELECT repeat('x', 1000) FROM generate_series(1, 300000)"))
-        time.sleep(3)
+        # The server ends up waiting to write (the relay stopped reading): wait for it
+        # to get there rather than for a fixed time.
         with psycopg.connect(pg_relay.direct_dsn, autocommit=True) as admin:
-            waiting = admin.execute(
-                "SELECT wait_event FROM pg_stat_activity WHERE query LIKE 'SELECT repeat%'"
-            ).fetchall()
+
+            def waiting() -> bool:
+                rows = admin.execute(
+                    "SELECT wait_event FROM pg_stat_activity WHERE query LIKE 'SELECT repeat%'"
+                ).fetchall()
+                return rows == [("ClientWrite",)]
+
+            wait_for(waiting, 60)
         held = _rss_mb(relay.proc.pid)
-        assert waiting == [("ClientWrite",)]
         assert held - start < 64, (start, held)
         rows = 0
         done = False

@@ -62,7 +62,14 @@ def test_psql_ctrl_c_cancels_through_the_relay(pg_relay: PgRelay) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)
+    # Ctrl-C once the statement runs on the server (psql ignores none of it before).
+    with psycopg.connect(pg_relay.direct_dsn, autocommit=True) as admin:
+
+        def running() -> bool:
+            q = "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
+            return admin.execute(q).fetchone() is not None
+
+        wait_for(running, 60)
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends; psql answers with a CancelRequest
     out, err = proc.communicate(timeout=20)
