@@ -92,7 +92,9 @@ class AdvertParser:
             adv.version = 1
             return
         if text == b"version 2":
-            raise AdvertError("protocol v2 advertisement: receive-pack speaks v0/v1 only")
+            raise AdvertError(
+                "protocol v2 advertisement (read here: v0/v1; receive-pack has no v2)"
+            )
         refpart, nul, caps = text.partition(b"\0")
         if self._first:
             self._first = False

@@ -11,11 +11,11 @@ raw text: the relay masks them before they leave it, as it masks everything else
 from __future__ import annotations
 
 import difflib
-import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from dulwich.diff_tree import tree_changes
@@ -101,7 +101,7 @@ def open_push_store(request: PushRequest, base: DiskObjectStore, path: str) -> D
     Raises:
         DescribeError: the pack is damaged or refers to objects neither has.
     """
-    os.makedirs(path, exist_ok=True)
+    Path(path).mkdir(parents=True, exist_ok=True)
     store = DiskObjectStore.init(path)
     store.add_alternate_path(base.path)
     if request.pack_offset is None:

@@ -44,7 +44,7 @@ def fetch_request(advert: Advertisement, wants: list[str], haves: Iterable[str] 
     if not wants:
         return FLUSH
     offered = advert.caps
-    caps = [c for c in ("ofs-delta", "side-band-64k", "no-progress") if c in offered]
+    caps: list[str] = [c for c in ("ofs-delta", "side-band-64k", "no-progress") if c in offered]
     if "object-format" in offered:
         caps.append(f"object-format={offered['object-format']}")
     if "agent" in offered:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dulwich.object_store import DiskObjectStore
+from dulwich.objects import ObjectID
 
-from relay.gitpush.advert import Advertisement, AdvertError, AdvertParser
+from relay.gitpush.advert import AdvertError, Advertisement, AdvertParser
 from relay.gitpush.fetch import FetchError, FetchResponse, fetch_request, wants_for
 from relay.gitpush.pktline import PktError
 
@@ -57,7 +58,7 @@ async def fetch_into(
         except (AdvertError, PktError) as exc:
             raise FetchError(str(exc)) from None
     advert = parser.advert
-    wants = [oid for oid in wants_for(advert) if oid.encode("ascii") not in store]
+    wants = [oid for oid in wants_for(advert) if ObjectID(oid.encode("ascii")) not in store]
     writer.write(fetch_request(advert, wants, list(haves)))
     await writer.drain()
     if not wants:

@@ -41,7 +41,8 @@ class HeldBytes:
             self._mem += data
             return
         if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="castgate-push-", dir=self._dir)
+            # Owned by this object until close(), not a with block.
+            self._file = tempfile.TemporaryFile(prefix="castgate-push-", dir=self._dir)  # noqa: SIM115
             self._file.write(self._mem)
             self._mem = bytearray()
         self._file.seek(0, 2)

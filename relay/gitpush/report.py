@@ -5,6 +5,11 @@ does: `unpack ok`, then `ng <ref> <reason>` for every ref, so `git push` prints
 report-status and report-status-v2 are the same for refusals (v2 only adds `option`
 lines after an `ok`). With side-band-64k the report travels in band 1 and a message in
 band 2 shows as `remote: ...`; receive-pack ends a side-band answer with a flush.
+
+The target's receive-pack, which has sent its advertisement and waits for commands,
+gets `TARGET_CANCEL` (an empty command list: it exits 0 and says nothing); cutting its
+channel instead makes it print "fatal: the remote end hung up unexpectedly" on stderr,
+which the relay forwards.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from relay.gitpush.advert import raw_name
 from relay.gitpush.pktline import FLUSH, MAX_DATA, encode
 from relay.gitpush.receive import PushRequest
 
+# What the target gets when the push is refused: no commands, so nothing happens.
+TARGET_CANCEL = FLUSH
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
 _MAX_REASON = 400
 _SIDEBAND_64K = MAX_DATA - 1

@@ -253,7 +253,9 @@ def test_tags_and_several_refs_at_once(world: GitWorld) -> None:
 
 
 def test_thin_pack_resolved_against_the_target(world: GitWorld) -> None:
-    body = b"".join(b"line %d of a file long enough to be sent as a delta\n" % i for i in range(3000))
+    body = b"".join(
+        b"line %d of a file long enough to be sent as a delta\n" % i for i in range(3000)
+    )
     world.commit("big file", {"big.txt": body})
     world.push("main")
     world.commit("one line", {"big.txt": body.replace(b"line 1500 ", b"LINE 1500 ")})
