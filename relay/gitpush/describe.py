@@ -128,6 +128,22 @@ def describe(request: PushRequest, store: BaseObjectStore, base: BaseObjectStore
     )
 
 
+def unreadable(request: PushRequest, reason: str) -> PushSummary:
+    """The summary of a complete push whose pack could not be read (DescribeError, or
+    the target's objects could not be fetched): the ref updates as asked, no commits."""
+    return PushSummary(
+        sha256=request.sha256,
+        size=request.size,
+        updates=[
+            RefUpdate(c.ref, c.old, c.new, c.kind, tag=c.ref.startswith("refs/tags/"))
+            for c in request.commands
+        ],
+        push_options=list(request.push_options),
+        objects=request.pack.objects if request.pack else 0,
+        unreadable=reason,
+    )
+
+
 def _update(cmd: Command, store: BaseObjectStore, base: BaseObjectStore) -> RefUpdate:
     upd = RefUpdate(cmd.ref, cmd.old, cmd.new, cmd.kind, tag=cmd.ref.startswith("refs/tags/"))
     if cmd.kind == "delete":

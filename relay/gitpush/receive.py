@@ -174,6 +174,11 @@ class ReceivePack:
         except (_Opaque, PktError, PackError) as exc:
             self._fail(str(exc))
 
+    def client_eof(self) -> None:
+        """The client closed its side: a request cut short is opaque."""
+        if self.state is not State.COMPLETE and self.state is not State.OPAQUE:
+            self._fail(f"the client's request ended early (in its {self.state.value})")
+
     def _fail(self, reason: str) -> None:
         self.state = State.OPAQUE
         self.opaque_reason = reason

@@ -69,6 +69,7 @@ def harness_main() -> int:
         while not machine.complete and not machine.opaque:
             data = os.read(0, _READ)
             if not data:
+                machine.client_eof()
                 break
             machine.client_bytes(data)
         if not machine.complete:

@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 from dulwich.object_store import DiskObjectStore
 
-from relay.gitpush.describe import PushSummary, describe, open_push_store
+from relay.gitpush.describe import (
+    DescribeError,
+    PushSummary,
+    describe,
+    open_push_store,
+    unreadable,
+)
 from relay.gitpush.fetchio import fetch_into
 from relay.gitpush.pktline import PktDecoder
 from relay.gitpush.receive import ReceivePack, State
@@ -269,8 +275,6 @@ def test_thin_pack_resolved_against_the_target(world: GitWorld) -> None:
 
 
 def test_thin_pack_without_the_target_objects_is_unreadable(world: GitWorld) -> None:
-    from relay.gitpush.describe import DescribeError
-
     body = b"".join(b"row %d, padding padding padding padding\n" % i for i in range(3000))
     world.commit("big file", {"big.txt": body})
     world.push("main")
@@ -278,8 +282,12 @@ def test_thin_pack_without_the_target_objects_is_unreadable(world: GitWorld) -> 
     empty = DiskObjectStore.init(str(world.root / "empty"))
     world.stores.append(empty)
     machine = hold(world.push("main"))
-    with pytest.raises(DescribeError, match="pack not readable"):
+    with pytest.raises(DescribeError, match="pack not readable") as err:
         open_push_store(machine.request, empty, str(world.root / "p"))
+    shown = unreadable(machine.request, str(err.value))
+    (upd,) = shown.updates
+    assert (upd.ref, upd.kind, upd.commits) == ("refs/heads/main", "update", [])
+    assert shown.unreadable.startswith("pack not readable")
 
 
 def test_empty_commit_and_existing_commit_on_a_new_branch(world: GitWorld) -> None:
