@@ -344,3 +344,20 @@ def test_fifty_megabyte_pack_is_spooled_with_memory_bounded(world: GitWorld) -> 
     (stat,) = upd.files
     assert (stat.path, stat.binary) == ("blob.bin", True)
     machine.close()
+
+
+def test_push_from_a_shallow_clone_sends_shallow_lines(world: GitWorld) -> None:
+    for i in range(3):
+        world.commit(f"c{i}", {"f": b"%d\n" % i})
+    world.push("main")
+    shallow = world.root / "shallow"
+    world.git("clone", "-q", "--depth", "1", "-b", "main", f"file://{world.target}", str(shallow))
+    graft = world.target_ref("refs/heads/main")
+    world.work = shallow
+    world.commit("from a shallow clone", {"f": b"3\n"})
+    base = world.base()
+    machine = hold(world.push("main"))
+    assert machine.request.shallow == [graft]
+    (upd,) = summary(world, machine, base).updates
+    assert upd.kind == "fast-forward"
+    assert [c.subject for c in upd.commits] == ["from a shallow clone"]
