@@ -235,7 +235,7 @@ def test_delete_only_push_has_no_pack(world: GitWorld) -> None:
 
 
 def test_tags_and_several_refs_at_once(world: GitWorld) -> None:
-    world.commit("one", {"f": b"1\n"})
+    world.commit("one", {"f": b"1\n", "README": b"untouched\n"})
     world.push("main")
     world.commit("two", {"f": b"1\n2\n"})
     world.git("tag", "-a", "v1", "-m", "release 1", cwd=world.work)

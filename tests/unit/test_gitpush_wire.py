@@ -288,8 +288,12 @@ def test_refusal_in_old_sideband_uses_small_packets(pushed: tuple[Captured, byte
     cap, _ = pushed
     m = hold(cap)
     m.request.capabilities = ("report-status", "side-band")
-    out = refusal(m.request, "x" * 390, message="y" * 390 * 3)
-    assert all(p is None or len(p) <= 996 for p in _decode(out))
+    m.request.commands = m.request.commands * 10  # a report of over 1000 bytes
+    out = refusal(m.request, "x" * 390)
+    packets = _decode(out)
+    assert all(p is None or len(p) <= 996 for p in packets)
+    inner = _decode(b"".join(p[1:] for p in packets if p is not None and p[:1] == b"\x01"))
+    assert inner.count(b"ng refs/heads/main " + b"x" * 390 + b"\n") == 10
 
 
 # --- the fetch answer ----------------------------------------------------------------------
