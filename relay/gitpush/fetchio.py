@@ -34,6 +34,12 @@ class FetchResult:
     wants: list[str]
     pack_bytes: int
 
+    @property
+    def tips(self) -> list[str]:
+        """What the store now has: the `haves` of the next fetch into it (the target's
+        tips move, so the store's own objects cannot be found from the next advertisement)."""
+        return wants_for(self.advertisement)
+
 
 async def fetch_into(
     reader: ByteReader,
@@ -43,7 +49,9 @@ async def fetch_into(
     haves: Iterable[str] = (),
     spool_dir: str | None = None,
 ) -> FetchResult:
-    """Fetch into `store` every object of the target's refs that `store` lacks.
+    """Fetch into `store` every object of the target's refs that `store` lacks; the
+    advertised tips it has, and `haves` (the `tips` of the last fetch into it), tell
+    upload-pack what to leave out.
 
     Raises:
         FetchError: the exchange failed (the push is then described as unreadable).
@@ -58,8 +66,12 @@ async def fetch_into(
         except (AdvertError, PktError) as exc:
             raise FetchError(str(exc)) from None
     advert = parser.advert
-    wants = [oid for oid in wants_for(advert) if ObjectID(oid.encode("ascii")) not in store]
-    writer.write(fetch_request(advert, wants, list(haves)))
+    tips = wants_for(advert)
+    wants = [oid for oid in tips if ObjectID(oid.encode("ascii")) not in store]
+    # Tips the store already has are haves: a store kept between pushes then costs only
+    # what changed on the target since, not a clone each time.
+    known = [oid for oid in tips if oid not in wants]
+    writer.write(fetch_request(advert, wants, [*known, *haves]))
     await writer.drain()
     if not wants:
         return FetchResult(advert, wants, 0)

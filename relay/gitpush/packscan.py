@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 OBJ_COMMIT, OBJ_TREE, OBJ_BLOB, OBJ_TAG, OBJ_OFS_DELTA, OBJ_REF_DELTA = 1, 2, 3, 4, 6, 7
 TYPE_NAMES = {1: "commit", 2: "tree", 3: "blob", 4: "tag", 6: "ofs-delta", 7: "ref-delta"}
 _INFLATE_CHUNK = 256 * 1024
+_INFLATE_SLICE = 16 * 1024
 _HEADER = struct.Struct("!4sII")
 # Larger than any header git writes (type/size varint, then an offset varint or a base id).
 _MAX_OBJ_HEADER = 10 + 10 + 32
@@ -67,29 +68,25 @@ class PackScanner:
         pos = 0
         while pos < len(view) and not self.done:
             if self._state == "inflate":
-                pos += self._inflate(view[pos:])
-                continue
-            # Fixed or short fields: gather into the buffer, parse when complete.
-            take = min(len(view) - pos, self._want() - len(self._buf))
-            self._buf += view[pos : pos + take]
-            pos += take
-            self._step()
+                # A bounded slice: zlib copies what follows the stream's end into
+                # unused_data, so handing it the rest of a large chunk for each of many
+                # small objects would be quadratic.
+                pos += self._inflate(view[pos : pos + _INFLATE_SLICE])
+            elif self._state == "object":
+                pos = self._object(view, pos)
+            else:
+                # Fixed-size fields: gather into the buffer, parse when complete.
+                size = _HEADER.size if self._state == "header" else self._hash_len
+                take = min(len(view) - pos, size - len(self._buf))
+                self._buf += view[pos : pos + take]
+                pos += take
+                if len(self._buf) == size:
+                    self._fixed()
         self.stats.size += pos
         return bytes(view[pos:])
 
-    def _want(self) -> int:
+    def _fixed(self) -> None:
         if self._state == "header":
-            return _HEADER.size
-        if self._state == "trailer":
-            return self._hash_len
-        # An object header: parse what there is; gather one byte more at a time only
-        # when it is incomplete (headers are a few bytes).
-        return len(self._buf) + 1 if self._buf else 1
-
-    def _step(self) -> None:
-        if self._state == "header":
-            if len(self._buf) < _HEADER.size:
-                return
             magic, version, count = _HEADER.unpack(self._buf)
             if magic != b"PACK" or version not in (2, 3):
                 raise PackError("not a git pack (bad header)")
@@ -99,27 +96,43 @@ class PackScanner:
             self._buf.clear()
             self._count = self._left = count
             self._state = "object" if count else "trailer"
-        elif self._state == "object":
-            parsed = self._object_header(bytes(self._buf))
-            if parsed is None:
-                if len(self._buf) > _MAX_OBJ_HEADER:
-                    raise PackError("damaged pack (object header too long)")
-                return
-            self._check.update(self._buf)
-            self._buf.clear()
-            self._z = zlib.decompressobj()
-            self._inflated = 0
-            self._state = "inflate"
-        elif self._state == "trailer":
-            if len(self._buf) < self._hash_len:
-                return
-            if bytes(self._buf) != self._check.digest():
-                raise PackError("damaged pack (checksum mismatch)")
-            self._buf.clear()
-            self.done = True
+            return
+        if bytes(self._buf) != self._check.digest():
+            raise PackError("damaged pack (checksum mismatch)")
+        self._buf.clear()
+        self.done = True
 
-    def _object_header(self, b: bytes) -> tuple[int, int] | None:
-        """(type, size) of the object header at the start of `b`, or None if incomplete."""
+    def _object(self, view: memoryview, pos: int) -> int:
+        """Parse an object header at `pos` (or finish one begun in the previous chunk);
+        returns the new position."""
+        if self._buf:
+            take = min(len(view) - pos, _MAX_OBJ_HEADER - len(self._buf))
+            self._buf += view[pos : pos + take]
+            head: bytes | memoryview = bytes(self._buf)
+            pos += take
+            carried = len(self._buf)
+        else:
+            head = view[pos : pos + _MAX_OBJ_HEADER]
+            carried = 0
+        length = self._object_header(head)
+        if length is None:
+            if len(head) >= _MAX_OBJ_HEADER:
+                raise PackError("damaged pack (object header too long)")
+            if not carried:
+                self._buf += head
+                pos += len(head)
+            return pos
+        self._check.update(head[:length])
+        # Bytes gathered past the header are still in this chunk: go back to them.
+        pos = pos - carried + length if carried else pos + length
+        self._buf.clear()
+        self._z = zlib.decompressobj()
+        self._inflated = 0
+        self._state = "inflate"
+        return pos
+
+    def _object_header(self, b: bytes | memoryview) -> int | None:
+        """The length of the object header at the start of `b`, or None if incomplete."""
         if not b:
             return None
         c = b[0]
@@ -153,13 +166,10 @@ class PackScanner:
                 return None
             i += self._hash_len
             self.stats.ref_delta_bases += 1
-        if i != len(b):
-            # Gathered one byte at a time: only complete when the last byte ends it.
-            return None
         self._declared = size
         name = TYPE_NAMES[kind]
         self.stats.by_type[name] = self.stats.by_type.get(name, 0) + 1
-        return kind, size
+        return i
 
     def _inflate(self, view: memoryview) -> int:
         z = self._z

@@ -75,11 +75,13 @@ class PktDecoder:
             raise PktError(f"pkt-line length {n} out of range")
         if len(buf) - pos < n:
             return None
+        data = bytes(buf[pos + 4 : pos + n])
         self._pos = pos + n
         if self._pos > 65536:
+            # Drop what was decoded, so a long stream does not keep its whole past.
             del buf[: self._pos]
             self._pos = 0
-        return Pkt(bytes(buf[pos + 4 : pos + n]))
+        return Pkt(data)
 
     def packets(self) -> Iterator[Pkt]:
         while (pkt := self.next()) is not None:

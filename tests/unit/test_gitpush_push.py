@@ -27,7 +27,7 @@ from relay.gitpush.describe import (
     open_push_store,
     unreadable,
 )
-from relay.gitpush.fetchio import fetch_into
+from relay.gitpush.fetchio import FetchResult, fetch_into
 from relay.gitpush.pktline import PktDecoder
 from relay.gitpush.receive import ReceivePack, State
 
@@ -129,8 +129,11 @@ class GitWorld:
         """The target's objects now, fetched with the real upload-pack."""
         store = DiskObjectStore.init(str(self.root / name))
         self.stores.append(store)
+        self.fetch(store)
+        return store
 
-        async def run() -> None:
+    def fetch(self, store: DiskObjectStore, haves: list[str] | None = None) -> FetchResult:
+        async def run() -> FetchResult:
             proc = await asyncio.create_subprocess_exec(
                 "git",
                 "upload-pack",
@@ -140,12 +143,12 @@ class GitWorld:
                 env=self.env,
             )
             assert proc.stdin is not None and proc.stdout is not None
-            await fetch_into(proc.stdout, proc.stdin, store)
+            result = await fetch_into(proc.stdout, proc.stdin, store, haves=haves or ())
             proc.stdin.close()
             assert await proc.wait() == 0
+            return result
 
-        asyncio.run(run())
-        return store
+        return asyncio.run(run())
 
 
 def hold(cap: Captured, chunk: int = 4096, **kw: int) -> ReceivePack:
@@ -361,3 +364,20 @@ def test_push_from_a_shallow_clone_sends_shallow_lines(world: GitWorld) -> None:
     (upd,) = summary(world, machine, base).updates
     assert upd.kind == "fast-forward"
     assert [c.subject for c in upd.commits] == ["from a shallow clone"]
+
+
+def test_a_kept_store_fetches_only_what_changed(world: GitWorld) -> None:
+    big = os.urandom(200_000)
+    world.commit("large", {"big.bin": big})
+    world.push("main")
+    store = DiskObjectStore.init(str(world.root / "kept"))
+    world.stores.append(store)
+    first = world.fetch(store)
+    assert first.pack_bytes > 200_000
+    tip = world.commit("small", {"small.txt": b"s\n"})
+    world.push("main")
+    again = world.fetch(store, haves=first.tips)
+    assert again.wants == [tip] and again.pack_bytes < 2_000
+    assert tip.encode() in store
+    unchanged = world.fetch(store, haves=again.tips)
+    assert unchanged.wants == [] and unchanged.pack_bytes == 0

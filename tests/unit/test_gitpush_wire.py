@@ -60,6 +60,15 @@ def test_pktline_round_trip_and_specials() -> None:
     assert dec.rest() == b"000"
 
 
+def test_pktline_long_stream_at_once() -> None:
+    """More than the decoder keeps of its past: every packet intact, in order."""
+    packets = [bytes([i % 251]) * (1000 + i * 37 % 64000) for i in range(300)]
+    dec = PktDecoder()
+    dec.feed(b"".join(encode(p) for p in packets) + FLUSH)
+    out = list(dec.packets())
+    assert [p.data for p in out[:-1]] == packets and out[-1].is_flush
+
+
 @pytest.mark.parametrize("head", [b"000z", b"0003", b"fff1", b"\xff\xff\xff\xff"])
 def test_pktline_bad_lengths(head: bytes) -> None:
     dec = PktDecoder()
