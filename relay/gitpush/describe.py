@@ -118,7 +118,7 @@ def open_push_store(request: PushRequest, base: DiskObjectStore, path: str) -> D
 def describe(request: PushRequest, store: BaseObjectStore, base: BaseObjectStore) -> PushSummary:
     """What the push does. `store` has the push's objects and the target's, `base` the
     target's alone (what decides which commits are new)."""
-    updates = [_update(cmd, store, base) for cmd in request.commands]
+    updates = [_safe_update(cmd, store, base) for cmd in request.commands]
     return PushSummary(
         sha256=request.sha256,
         size=request.size,
@@ -142,6 +142,17 @@ def unreadable(request: PushRequest, reason: str) -> PushSummary:
         objects=request.pack.objects if request.pack else 0,
         unreadable=reason,
     )
+
+
+def _safe_update(cmd: Command, store: BaseObjectStore, base: BaseObjectStore) -> RefUpdate:
+    """One update described, or its bare ref update with a note: an object missing from
+    both stores (a shallow target, a pack that lies) never stops the others."""
+    try:
+        return _update(cmd, store, base)
+    except (KeyError, ValueError, AssertionError) as exc:
+        upd = RefUpdate(cmd.ref, cmd.old, cmd.new, cmd.kind, tag=cmd.ref.startswith("refs/tags/"))
+        upd.note = f"not fully readable: {type(exc).__name__}: {exc}"[:300]
+        return upd
 
 
 def _update(cmd: Command, store: BaseObjectStore, base: BaseObjectStore) -> RefUpdate:

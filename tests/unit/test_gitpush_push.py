@@ -381,3 +381,16 @@ def test_a_kept_store_fetches_only_what_changed(world: GitWorld) -> None:
     assert tip.encode() in store
     unchanged = world.fetch(store, haves=again.tips)
     assert unchanged.wants == [] and unchanged.pack_bytes == 0
+
+
+def test_objects_missing_from_both_stores_give_a_note_not_a_crash(world: GitWorld) -> None:
+    world.commit("one", {"f": b"1\n"})
+    world.push("main")
+    world.commit("empty on top")
+    empty = DiskObjectStore.init(str(world.root / "empty"))
+    world.stores.append(empty)
+    machine = hold(world.push("main"))
+    store = open_push_store(machine.request, empty, str(world.root / "p"))
+    world.stores.append(store)
+    (upd,) = describe(machine.request, store, empty).updates
+    assert upd.ref == "refs/heads/main" and upd.note.startswith("not fully readable: KeyError")
