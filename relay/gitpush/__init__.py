@@ -7,4 +7,8 @@ machine (commands, capabilities, push options, pack; held bytes and their SHA-25
 pack and a store of the target's objects), `fetch` is the I/O-free upload-pack request and
 response that fills that store, and `fetchio` the one async function that runs it over a
 byte channel.
+
+Protocol v2 has no push: git sends GIT_PROTOCOL=version=2 to receive-pack too, which
+ignores it and answers in v0 (v1 when asked for version=1); any v2 packet here is opaque.
+A signed push (push-cert) is opaque too: it is not read.
 """
