@@ -90,7 +90,7 @@ class Logged:
 
 @dataclass(slots=True)
 class ServerStep:
-    """What one read from the target comes to."""
+    """What one read from the target comes to (``send`` may be the read itself)."""
 
     send: bytes | bytearray = b""  # to the client
     items: list[tuple[Any, ...]] | None = None  # transcript items (None: no transcript)
@@ -183,6 +183,8 @@ class PgMachine:
             b"A": self._on_notification,
             b"S": self._on_parameter_status,
             b"V": self._on_function_result,
+            b"G": self._pass,  # CopyInResponse: the client's rows go as typed
+            b"W": self._pass,  # CopyBothResponse: its CopyData is masked as COPY's
         }
 
     # -- the client's side ---------------------------------------------------------------
@@ -376,7 +378,10 @@ class PgMachine:
                 continue
             assert type(msg) is p.Message  # (for mypy: the only other kind)
             handler = handlers.get(msg.type)
-            instead = None if handler is None else handler(msg, step)
+            if handler is None:
+                # A message the relay does not know could carry anything: not passed.
+                raise p.ProtocolError(f"unexpected message type {msg.type!r} from the target")
+            instead = handler(msg, step)
             if instead is None:
                 # Passed on unchanged.
                 if out is None:
@@ -409,6 +414,9 @@ class PgMachine:
             head.rows += run.nrows
         cols = self.columns
         return (cols.rows if cols is not None else self.masking.plain_rows).mask_run(run, counts)
+
+    def _pass(self, msg: p.Message, step: ServerStep) -> bytes | None:
+        return None
 
     def _on_row_description(self, msg: p.Message, step: ServerStep) -> bytes | None:
         fields, cols, masked = self.masking.row_description(msg.body)

@@ -329,7 +329,7 @@ class PgSession:
             data = b""
             if step is None:
                 try:
-                    data = await asyncio.wait_for(self.cw.read(8192), steps._STARTUP_READ_S)
+                    data = await asyncio.wait_for(self.cw.read(8192), steps.STARTUP_READ_S)
                 except TimeoutError:
                     raise p.ProtocolError("startup timed out") from None
                 if not data:

@@ -45,8 +45,8 @@ _PASS_PARAMS = {
     "IntervalStyle",
     "search_path",
 }
-_STARTUP_READ_S = 30.0
-_PASSWORD_READ_S = 60.0
+STARTUP_READ_S = 30.0
+PASSWORD_READ_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ async def read_password(pipe: Pipe, data: bytes) -> tuple[bytes, bytes]:
     early = bytearray()
     while password is None:
         if not data:
-            data = await asyncio.wait_for(pipe.read(8192), _PASSWORD_READ_S)
+            data = await asyncio.wait_for(pipe.read(8192), PASSWORD_READ_S)
             if not data:
                 raise ConnectionError("client closed during authentication")
         for msg in msgs.feed(data):
