@@ -78,14 +78,9 @@ class SessionEnd(Exception):
         self.event = event
 
 
-@dataclass(slots=True)
-class Logged:
-    """A query-log row of an allowed request: its masked text and how it ended."""
-
-    text: str
-    status: str
-    rows: int | None = None
-    duration: float | None = None
+# A query-log row of an allowed request: its masked text, how it ended (the command
+# tag, "error", ...), rows and milliseconds when known. (A tuple: one a statement.)
+Logged = tuple[str, str, int | None, float | None]
 
 
 @dataclass(slots=True)
@@ -200,9 +195,9 @@ class PgMachine:
         msgs = dec.feed(data)
         step = ClientStep()
         said = step.said
-        fast = self.client_message
+        fast, query = self.client_message, self._fast_query
         for msg in msgs:
-            extra = fast(msg, said)
+            extra = query(msg, said) if msg.type == b"Q" else fast(msg, said)
             if extra is None:
                 step.slow = [msg, *msgs]
                 break
@@ -362,9 +357,16 @@ class PgMachine:
         same = 0
         step = ServerStep(items=[] if transcribe else None, counts=counts)
         items = step.items
+        masking = self.masking
         for msg in dec.feed_runs(data):
             if type(msg) is RowRun:
-                rows = self._rows(msg, pending, items, counts)
+                head = pending[0] if pending else None
+                if type(head) is Execute or type(head) is Query:
+                    head.rows += msg.nrows
+                    if self.columns is None and type(head) is Execute:
+                        self.columns = self._execute_columns(head, items)
+                cols = self.columns
+                rows = (cols.rows if cols is not None else masking.plain_rows).mask_run(msg, counts)
                 if items is not None:
                     items.append((ROWS, rows, msg.nrows))
                     step.row_bytes += len(rows)
@@ -392,34 +394,29 @@ class PgMachine:
                 if out is None:
                     out = bytearray(data[:same])
                 out += instead
-        step.send = _passed(data, same, out)
+        if out is not None:
+            step.send = out
+        else:
+            step.send = data if same == len(data) else data[:same]
         return step
 
-    def _rows(
-        self,
-        run: RowRun,
-        pending: deque[Pending],
-        items: list[tuple[Any, ...]] | None,
-        counts: Any,
-    ) -> bytes:
-        head = pending[0] if pending else None
-        if isinstance(head, Execute):
-            head.rows += run.nrows
-            if self.columns is None:
-                self.columns = self.masking.execute_columns(head, self.prepared)
-                if items is not None and self.columns is not None:
-                    # Its RowDescription went to Describe: the table starts here.
-                    items.append((COLUMNS, self.columns))
-        elif isinstance(head, Query):
-            head.rows += run.nrows
-        cols = self.columns
-        return (cols.rows if cols is not None else self.masking.plain_rows).mask_run(run, counts)
+    def _execute_columns(
+        self, head: Execute, items: list[tuple[Any, ...]] | None
+    ) -> Columns | None:
+        cols = self.masking.execute_columns(head, self.prepared)
+        if items is not None and cols is not None:
+            # Its RowDescription went to Describe: the table starts here.
+            items.append((COLUMNS, cols))
+        return cols
 
     def _pass(self, msg: p.Message, step: ServerStep) -> bytes | None:
         return None
 
     def _on_row_description(self, msg: p.Message, step: ServerStep) -> bytes | None:
-        fields, cols, masked = self.masking.row_description(msg.body)
+        seen = self.masking.descriptions.get(msg.body)
+        if seen is None:
+            seen = self.masking.row_description(msg.body)
+        fields, cols, masked = seen
         pending = self.pending
         head = pending[0] if pending else None
         if isinstance(head, Describe):
@@ -436,18 +433,21 @@ class PgMachine:
         return None if masked is None else p.message(b"T", masked)
 
     def _on_command_complete(self, msg: p.Message, step: ServerStep) -> bytes | None:
-        tag, count, masked = self.masking.command_complete(msg.body)
+        done = self.masking.completes.get(msg.body)
+        if done is None:
+            done = self.masking.command_complete(msg.body)
+        tag, count, masked = done
         pending = self.pending
         head = pending[0] if pending else None
         elapsed = 0.0
         if isinstance(head, Execute):
             pending.popleft()
             elapsed = (time.monotonic() - head.started) * 1000
-            step.logs.append(Logged(head.text, tag, count, elapsed))
+            step.logs.append((head.text, tag, count, elapsed))
         elif isinstance(head, Query):
             elapsed = (time.monotonic() - head.started) * 1000
             if head.log:
-                step.logs.append(Logged(head.text, tag, count, elapsed))
+                step.logs.append((head.text, tag, count, elapsed))
         if step.items is not None:
             step.items.append((COMPLETE, tag, elapsed))
         self.columns = None
@@ -504,16 +504,16 @@ class PgMachine:
             head = pending[0] if pending else None
             if isinstance(head, Query):
                 if head.log:
-                    step.logs.append(Logged(head.text, "error"))
+                    step.logs.append((head.text, "error", None, None))
             elif isinstance(head, FunctionCall):
-                step.logs.append(Logged(head.text, "error"))
+                step.logs.append((head.text, "error", None, None))
             elif head is not None and not isinstance(head, Sync):
                 # Extended protocol: the server skips to the next Sync. An Execute it
                 # skips failed too (a Bind's error, say): logged.
                 while pending and not isinstance(pending[0], Sync):
                     skipped = pending.popleft()
                     if isinstance(skipped, Execute):
-                        step.logs.append(Logged(skipped.text, "error"))
+                        step.logs.append((skipped.text, "error", None, None))
             self.columns = None
         if step.items is not None:
             step.items.append((ERROR, body, message, detail))
@@ -545,7 +545,7 @@ class PgMachine:
         if isinstance(head, Execute):
             pending.popleft()
             status = "suspended" if msg.type == b"s" else "empty"
-            step.logs.append(Logged(head.text, status, head.rows))
+            step.logs.append((head.text, status, head.rows, None))
             if step.items is not None:
                 # The rows so far are drawn (a client fetching in batches).
                 step.items.append((COMPLETE, "", (time.monotonic() - head.started) * 1000))
@@ -660,7 +660,7 @@ class PgMachine:
         value = p.parse_function_result(msg.body)
         masked = self.masking.mask_value(value, head.rettype, head.result_format)
         elapsed = (time.monotonic() - head.started) * 1000
-        step.logs.append(Logged(head.text, "function call", 1, elapsed))
+        step.logs.append((head.text, "function call", 1, elapsed))
         if step.items is not None:
             field_ = p.Field(head.name, 0, 0, head.rettype, head.result_format)
             row = p.data_row([masked])

@@ -1042,8 +1042,11 @@ class PgSession:
         )
         if step.send:
             self.cw.write(step.send)
-        for row in step.logs:
-            self._log(row.text, "allow", None, row.status, row.rows, row.duration)
+        if step.logs:
+            add, sid, now = self._qlog.add, self.id, time.time()
+            for text, status, rows, ms in step.logs:
+                # A tuple now, the store's row in the query log's thread.
+                add((sid, now, text, "allow", None, status, rows, ms))
         if step.items:
             # Transcript work waits until the client has its answer (it is for the
             # recording, not for the client), in the order the messages came.

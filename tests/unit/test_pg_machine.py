@@ -103,7 +103,7 @@ def test_simple_query_passes_as_it_came_and_is_logged_and_transcribed() -> None:
     answer += READY
     got = m.server_data(answer)
     assert got.send is answer  # nothing to mask: the read itself goes on
-    assert [(r.text, r.status, r.rows) for r in got.logs] == [("SELECT 1 AS n", "SELECT 1", 1)]
+    assert [r[:3] for r in got.logs] == [("SELECT 1 AS n", "SELECT 1", 1)]
     assert got.items is not None and [i[0] for i in got.items] == [COLUMNS, ROWS, COMPLETE]
     assert got.ready and not m.pending and m.txn_status == b"I"
 
@@ -148,9 +148,7 @@ def test_an_extended_pipeline_asks_for_the_columns_and_swallows_the_answer() -> 
     # The client never asked for a RowDescription: none reaches it.
     assert types(got.send) == [b"1", b"2", b"D", b"C", b"Z"]
     assert PAN.encode() not in got.send
-    assert [(r.text, r.status) for r in got.logs] == [
-        ("SELECT pan FROM cards WHERE id = $1", "SELECT 1")
-    ]
+    assert [r[:2] for r in got.logs] == [("SELECT pan FROM cards WHERE id = $1", "SELECT 1")]
     assert not m.pending
 
 
@@ -198,7 +196,7 @@ def test_an_error_mid_pipeline_skips_to_the_sync_and_the_next_pipeline_goes_on()
     # The failed pipeline's hidden Describe answer never came; the second's is swallowed.
     assert types(got.send) == [b"1", b"E", b"Z", b"1", b"2", b"D", b"C", b"Z"]
     assert PAN.encode() not in got.send and MASKED.encode() in got.send
-    assert [(r.text, r.status) for r in got.logs] == [
+    assert [r[:2] for r in got.logs] == [
         ("SELECT 1/0", "error"),
         ("SELECT 2", "SELECT 1"),
     ]
@@ -222,7 +220,7 @@ def test_copy_out_in_text_is_masked_by_content_and_copy_in_goes_as_typed() -> No
     step = m.client_data(typed)
     assert step.send is typed  # the database gets what the agent typed
     got = m.server_data(complete("COPY 1") + READY)
-    assert [(r.text, r.status) for r in got.logs] == [("COPY cards FROM STDIN", "COPY 1")]
+    assert [r[:2] for r in got.logs] == [("COPY cards FROM STDIN", "COPY 1")]
 
 
 def _binary_copy(*tuples: list[bytes]) -> bytes:
@@ -315,7 +313,7 @@ def test_messages_split_across_reads_come_out_whole_and_masked(chunk: int) -> No
     whole.client_data(query)
     assert bytes(got.send) == bytes(whole.server_data(answer).send)
     assert PAN.encode() not in got.send and types(got.send) == [b"T", b"D", b"D", b"C", b"Z"]
-    assert [(r.text, r.rows) for r in got.logs] == [("SELECT note FROM cards", 2)]
+    assert [(r[0], r[2]) for r in got.logs] == [("SELECT note FROM cards", 2)]
 
 
 def test_an_unknown_message_type_from_either_side_ends_the_session() -> None:
