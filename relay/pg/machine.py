@@ -20,7 +20,6 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from recorder.masking import Masker
@@ -83,25 +82,30 @@ class SessionEnd(Exception):
 Logged = tuple[str, str, int | None, float | None]
 
 
-@dataclass(slots=True)
 class ServerStep:
-    """What one read from the target comes to (``send`` may be the read itself)."""
+    """What one read from the target comes to (``send`` may be the read itself).
+    Valid until the next read is fed: the machine refills the same object."""
 
-    send: bytes | bytearray = b""  # to the client
-    items: list[tuple[Any, ...]] | None = None  # transcript items (None: no transcript)
-    logs: list[Logged] = field(default_factory=list)
-    row_bytes: int = 0  # of the DataRows among ``items``
-    ready: bool = False  # a ReadyForQuery came
-    counts: Any = None  # the masker's hit counter (the recording's)
+    __slots__ = ("counts", "items", "logs", "ready", "row_bytes", "send")
+
+    def __init__(self, items: list[tuple[Any, ...]] | None = None, counts: Any = None) -> None:
+        self.send: bytes | bytearray = b""  # to the client
+        self.items = items  # transcript items (None: no transcript)
+        self.logs: list[Logged] = []
+        self.row_bytes = 0  # of the DataRows among ``items``
+        self.ready = False  # a ReadyForQuery came
+        self.counts = counts  # the masker's hit counter (the recording's)
 
 
-@dataclass(slots=True)
 class ClientStep:
-    """What one read from the client comes to."""
+    """What one read from the client comes to; valid until the next read is fed."""
 
-    send: bytes | bytearray = b""  # to the target
-    said: list[str | Bound] = field(default_factory=list)  # statements sent, to transcribe
-    slow: list[p.Message] | None = None  # from the first message the session must handle
+    __slots__ = ("said", "send", "slow")
+
+    def __init__(self) -> None:
+        self.send: bytes | bytearray = b""  # to the target
+        self.said: list[str | Bound] = []  # statements sent, to transcribe
+        self.slow: list[p.Message] | None = None  # from the first message the session must handle
 
 
 def unsettled(raw: bytes) -> bool:
@@ -157,6 +161,8 @@ class PgMachine:
         self.txn_status = b"I"
         self._cdec = p.MessageDecoder()
         self._sdec = p.MessageDecoder()
+        self._cstep = ClientStep()
+        self._sstep = ServerStep([])
         # Target messages other than DataRows, by type: each returns the bytes to send
         # instead (b"" for nothing), or None to pass the message on as it came.
         self._server: dict[bytes, Callable[[p.Message, ServerStep], bytes | None]] = {
@@ -193,8 +199,12 @@ class PgMachine:
         out: bytearray | None = bytearray() if dec.buffered() else None
         same = 0
         msgs = dec.feed(data)
-        step = ClientStep()
+        # One step object per direction, refilled per read: a relayed statement
+        # allocates no more than it must (the collector's cost shows per statement).
+        step = self._cstep
         said = step.said
+        said.clear()
+        step.slow = None
         fast, query = self.client_message, self._fast_query
         for msg in msgs:
             extra = query(msg, said) if msg.type == b"Q" else fast(msg, said)
@@ -355,8 +365,18 @@ class PgMachine:
         # first change; until then ``same`` counts the bytes passed unchanged.
         out: bytearray | None = bytearray() if dec.buffered() else None
         same = 0
-        step = ServerStep(items=[] if transcribe else None, counts=counts)
+        step = self._sstep
         items = step.items
+        if not transcribe:
+            items = step.items = None
+        elif items is None:
+            items = step.items = []
+        else:
+            items.clear()
+        step.logs.clear()
+        step.row_bytes = 0
+        step.ready = False
+        step.counts = counts
         masking = self.masking
         for msg in dec.feed_runs(data):
             if type(msg) is RowRun:
