@@ -80,7 +80,7 @@ def _session(workdir: Path) -> tuple[PgSession, PgListener]:
     cfg.recordings_dir.mkdir(parents=True, exist_ok=True)
     ctx = RelayContext(cfg, Store.open(cfg.store_url()), SigningKey.load_or_create(cfg.keys_dir))
     listener = PgListener(ctx, "127.0.0.1", None)
-    session = PgSession(ctx, listener, None, _Sink())  # type: ignore[arg-type]
+    session = PgSession(ctx, listener, _Sink())  # type: ignore[arg-type]
     session.ident = Identity(bench_pg.AGENT, ("agents",), "token")
     session.target = next(t for t in cfg.targets if t.name == bench_pg.TARGET)
     session.up = _Upstream()  # type: ignore[assignment]

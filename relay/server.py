@@ -171,9 +171,7 @@ async def serve(
         if cfg.listen.postgres:
             host, port = split_address(cfg.listen.postgres, "postgres")
             pg = PgListener(ctx, host, server_context(cfg))
-            pg_server = await asyncio.start_server(
-                pg.handle, host, port, limit=1 << 20, reuse_port=shared
-            )
+            pg_server = await loop.create_server(pg.protocol, host, port, reuse_port=shared)
             sock = pg_server.sockets[0].getsockname()
             listening["postgres"] = f"{sock[0]}:{sock[1]}"
         if cfg.listen.api:

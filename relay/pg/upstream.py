@@ -5,6 +5,7 @@ and the catalogue lookup that turns ``mask_columns`` names into (table OID, colu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import ssl
@@ -15,6 +16,7 @@ import scramp
 
 from recorder.config import TargetConfig
 from relay.pg import protocol as p
+from relay.pg.pipe import Pipe
 
 
 class UpstreamError(Exception):
@@ -25,17 +27,21 @@ class UpstreamError(Exception):
 class Upstream:
     """An authenticated connection to the target, ready for queries."""
 
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    pipe: Pipe
     params: dict[str, str] = field(default_factory=dict)
     pid: int = 0
     key: bytes = b""
     status: bytes = b"I"
     leftover: list[p.Message] = field(default_factory=list)
 
+    @property
+    def writer(self) -> Pipe:
+        """Where what goes to the target is written (``write``, ``close``)."""
+        return self.pipe
 
-async def _read_messages(reader: asyncio.StreamReader, dec: p.MessageDecoder) -> list[p.Message]:
-    data = await reader.read(65536)
+
+async def _read_messages(pipe: Pipe, dec: p.MessageDecoder) -> list[p.Message]:
+    data = await pipe.read(65536)
     if not data:
         raise UpstreamError("the target closed the connection")
     return list(dec.feed(data))
@@ -54,22 +60,19 @@ async def connect(
     if not host:
         host, port = target.address, "5432"
     password = os.environ.get(target.password_env, "") if target.password_env else ""
+    loop = asyncio.get_running_loop()
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host.strip("[]"), int(port)), timeout
+        _transport, pipe = await asyncio.wait_for(
+            loop.create_connection(Pipe, host.strip("[]"), int(port)), timeout
         )
     except (OSError, TimeoutError) as exc:
         raise UpstreamError(f"cannot reach target {target.name}: {exc}") from None
     try:
         if target.tls != "disable":
-            writer.write(struct.pack("!ii", 8, p.SSL_REQUEST))
-            answer = await asyncio.wait_for(reader.readexactly(1), timeout)
+            pipe.write(struct.pack("!ii", 8, p.SSL_REQUEST))
+            answer = await asyncio.wait_for(pipe.readexactly(1), timeout)
             if answer == b"S":
-                ctx = ssl.create_default_context()
-                if target.tls != "verify-full":
-                    ctx.check_hostname = False
-                    ctx.verify_mode = ssl.CERT_NONE
-                await writer.start_tls(ctx, server_hostname=host.strip("[]"))
+                await _start_tls(pipe, target, host.strip("[]"), timeout)
             elif target.tls in ("require", "verify-full"):
                 raise UpstreamError(
                     f"target {target.name} does not offer TLS (tls = {target.tls!r})"
@@ -79,15 +82,15 @@ async def connect(
             "database": target.database or target.name,
         }
         params.update(client_params)
-        writer.write(p.startup_message(params))
-        up = Upstream(reader, writer)
+        pipe.write(p.startup_message(params))
+        up = Upstream(pipe)
         await asyncio.wait_for(_authenticate(up, target, password), timeout)
         return up
     except UpstreamError:
-        writer.close()
+        pipe.close()
         raise
     except (OSError, TimeoutError, asyncio.IncompleteReadError, p.ProtocolError) as exc:
-        writer.close()
+        pipe.close()
         # str(), not the exception: an exception is always truthy, and a timeout's
         # text is empty.
         why = str(exc) or (
@@ -98,12 +101,43 @@ async def connect(
         raise UpstreamError(f"target {target.name}: {why}") from None
 
 
+async def send_cancel(target: TargetConfig, pid: int, key: bytes, timeout: float = 10.0) -> None:
+    """Send a CancelRequest for the backend (``pid``, ``key``) of ``target``; a target
+    that cannot be reached is not retried (the statement runs on, as with psql's)."""
+    host, _, port = target.address.rpartition(":")
+    if not host:
+        host, port = target.address, "5432"
+    with contextlib.suppress(OSError, TimeoutError):
+        _r, w = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), timeout
+        )
+        w.write(p.cancel_request(pid, key))
+        await w.drain()
+        w.close()
+        await w.wait_closed()
+
+
+async def _start_tls(pipe: Pipe, target: TargetConfig, host: str, timeout: float) -> None:
+    ctx = ssl.create_default_context()
+    if target.tls != "verify-full":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if pipe.take():
+        raise UpstreamError(f"target {target.name} sent data before the TLS handshake")
+    assert pipe.transport is not None
+    transport = await asyncio.get_running_loop().start_tls(
+        pipe.transport, pipe, ctx, server_hostname=host, ssl_handshake_timeout=timeout
+    )
+    assert isinstance(transport, asyncio.Transport)
+    pipe.set_transport(transport)
+
+
 async def _authenticate(up: Upstream, target: TargetConfig, password: str) -> None:
     dec = p.MessageDecoder()
     scram: scramp.ScramClient | None = None
     user = target.user or "postgres"
     while True:
-        for msg in await _read_messages(up.reader, dec):
+        for msg in await _read_messages(up.pipe, dec):
             if msg.type == b"E":
                 raise UpstreamError(
                     f"target {target.name} refused the relay: {_error_text(msg.body)}"
@@ -149,18 +183,18 @@ async def _authenticate(up: Upstream, target: TargetConfig, password: str) -> No
                 return
             elif msg.type in (b"N", b"v"):
                 continue
-        await up.writer.drain()
+        await up.pipe.drain()
 
 
 async def simple_query(up: Upstream, sql: str) -> list[list[bytes | None]]:
     """Run one query on a connection that is idle; returns its rows (text format)."""
-    up.writer.write(p.query(sql))
-    await up.writer.drain()
+    up.pipe.write(p.query(sql))
+    await up.pipe.drain()
     dec = p.MessageDecoder()
     rows: list[list[bytes | None]] = []
     error = None
     while True:
-        for msg in await _read_messages(up.reader, dec):
+        for msg in await _read_messages(up.pipe, dec):
             if msg.type == b"D":
                 rows.append(p.parse_data_row(msg.body))
             elif msg.type == b"E":

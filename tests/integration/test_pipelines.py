@@ -459,6 +459,16 @@ def _expiring(pipes: Pipelines, run_id: str, seconds: int) -> str:
     return pipes.jwks.issuers["github"].mint(claims)
 
 
+def _sleeping(server: PostgresServer, needle: str) -> list[tuple[int]]:
+    """Backends of the target running a statement with ``needle`` in it."""
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        return conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = 'app' AND state = 'active' "
+            "AND query LIKE %s AND pid <> pg_backend_pid()",
+            (f"%{needle}%",),
+        ).fetchall()
+
+
 def test_sessions_end_with_their_token(pipes: Pipelines, postgres_server: PostgresServer) -> None:
     short = pipes.short(_expiring(pipes, "7100", 6))
 
@@ -491,14 +501,9 @@ def test_sessions_end_with_their_token(pipes: Pipelines, postgres_server: Postgr
     cut_pg = pipes.psql(jwt, "payments-deploy", "-c", "SELECT pg_sleep(120)")
     # Connected while valid (leeway), cut when the token runs out.
     assert cut_pg.returncode != 0 and "token expired" in cut_pg.stderr, cut_pg.stderr
-    # The relay's PostgreSQL close() drops the upstream connection without a
-    # CancelRequest, so the server's backend sleeps on until it next writes: end it here
-    # (the other modules recreate the database). Left to the PostgreSQL relay's owners.
-    with psycopg.connect(postgres_server.dsn(), autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = 'app' AND query LIKE '%pg_sleep(120)%'"
-        )
+    # The statement does not outlive its session: the relay cancels it on the target
+    # (a closed connection alone would leave the backend sleeping until it next writes).
+    wait_for(lambda: not _sleeping(postgres_server, "pg_sleep(120)"), 30)
 
     wait_for(lambda: _ended(pipes, "github:7100:1", 3) is not None, 30)
     wait_for(lambda: _ended(pipes, "github:7101:1", 2) is not None, 30)
