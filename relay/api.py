@@ -224,7 +224,7 @@ async def metrics(request: web.Request) -> web.Response:
         f"castgate_watchers {sum(len(s.watchers) for s in ctx.hub.streams.values())}",
         "# HELP castgate_approvals_pending Approval requests waiting for a decision.",
         "# TYPE castgate_approvals_pending gauge",
-        f"castgate_approvals_pending {len(ctx.broker._events)}",
+        f"castgate_approvals_pending {ctx.broker.held()}",
         "# HELP castgate_events_total Audit events written, by kind and outcome.",
         "# TYPE castgate_events_total counter",
     ]
