@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry
 
 from recorder.objectstore import ObjectStoreError, locate_cast
 from recorder.store import StoreError
@@ -28,6 +29,8 @@ from relay.approvals import ApprovalError
 from relay.context import RelayContext
 from relay.identity import AuthError, Identity
 from relay.live import LiveStream
+from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from relay.metrics import exposition, relay_registry
 
 log = logging.getLogger("castgate.api")
 
@@ -40,6 +43,7 @@ WS_MESSAGE_MAX = 4 * 1024
 figure: it is one more)."""
 
 ROLE_KEY = web.AppKey("ctx", RelayContext)
+METRICS_KEY = web.AppKey("metrics", CollectorRegistry)
 IDENT = "identity"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 10_000
@@ -171,94 +175,11 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
-def _fault_metrics(ctx: RelayContext) -> list[str]:
-    """Recording failures and the store spool (alerts for on-call)."""
-    spool = ctx.spool
-    lines = [
-        "# HELP castgate_recording_failures_total Sessions whose recording failed, by what "
-        "was done (terminated, refused, continued).",
-        "# TYPE castgate_recording_failures_total counter",
-    ]
-    for action in ("terminated", "refused", "continued"):
-        n = ctx.recording_failures[action]
-        lines.append(f'castgate_recording_failures_total{{action="{action}"}} {n}')
-    return [
-        *lines,
-        "# HELP castgate_store_available The audit store takes writes (0: they are spooled).",
-        "# TYPE castgate_store_available gauge",
-        f"castgate_store_available {int(spool.available)}",
-        "# HELP castgate_store_spool_pending Store writes waiting in the on-disk spool.",
-        "# TYPE castgate_store_spool_pending gauge",
-        f"castgate_store_spool_pending {spool.pending}",
-        "# HELP castgate_store_spooled_total Store writes spooled during outages.",
-        "# TYPE castgate_store_spooled_total counter",
-        f"castgate_store_spooled_total {spool.spooled}",
-        "# HELP castgate_store_replayed_total Spooled store writes replayed to the store.",
-        "# TYPE castgate_store_replayed_total counter",
-        f"castgate_store_replayed_total {spool.replayed}",
-        "# HELP castgate_store_rejected_total Spooled writes the store refused (kept aside).",
-        "# TYPE castgate_store_rejected_total counter",
-        f"castgate_store_rejected_total {spool.rejected}",
-    ]
-
-
 @requires("auditor", "admin")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format."""
-    ctx = _ctx(request)
-    lines = [
-        "# HELP castgate_up The relay is running.",
-        "# TYPE castgate_up gauge",
-        "castgate_up 1",
-        "# HELP castgate_live_sessions Sessions open now.",
-        "# TYPE castgate_live_sessions gauge",
-    ]
-    by_proto: dict[str, int] = {"ssh": 0, "postgres": 0}
-    for stream in ctx.hub.streams.values():
-        proto = str(stream.meta.get("protocol", "ssh"))
-        by_proto[proto] = by_proto.get(proto, 0) + 1
-    lines += [f'castgate_live_sessions{{protocol="{p}"}} {n}' for p, n in sorted(by_proto.items())]
-    lines += [
-        "# HELP castgate_watchers Live watchers connected.",
-        "# TYPE castgate_watchers gauge",
-        f"castgate_watchers {sum(len(s.watchers) for s in ctx.hub.streams.values())}",
-        "# HELP castgate_approvals_pending Approval requests waiting for a decision.",
-        "# TYPE castgate_approvals_pending gauge",
-        f"castgate_approvals_pending {ctx.broker.held()}",
-        "# HELP castgate_events_total Audit events written, by kind and outcome.",
-        "# TYPE castgate_events_total counter",
-    ]
-    for (kind, outcome), n in sorted(ctx.counters.items()):
-        lines.append(f'castgate_events_total{{kind="{kind}",outcome="{outcome}"}} {n}')
-    lines += _fault_metrics(ctx)
-    if ctx.uploader is not None:
-        up = ctx.uploader
-        lines += [
-            "# HELP castgate_uploads_total Casts shipped to object storage, by outcome.",
-            "# TYPE castgate_uploads_total counter",
-            f'castgate_uploads_total{{outcome="success"}} {up.uploaded}',
-            f'castgate_uploads_total{{outcome="failure"}} {up.failed}',
-            "# HELP castgate_upload_bytes_total Bytes of casts confirmed in object storage.",
-            "# TYPE castgate_upload_bytes_total counter",
-            f"castgate_upload_bytes_total {up.bytes}",
-            "# HELP castgate_uploads_pending Casts waiting for an upload (attempt).",
-            "# TYPE castgate_uploads_pending gauge",
-            f"castgate_uploads_pending {up.pending}",
-        ]
-    if ctx.cluster is not None:
-        status = ctx.cluster.status()
-        lines += [
-            "# HELP castgate_cluster_listening Listening for approval decisions of other relays.",
-            "# TYPE castgate_cluster_listening gauge",
-            f"castgate_cluster_listening {int(status['listening'])}",
-            "# HELP castgate_approval_notifications_total Decisions announced by LISTEN/NOTIFY.",
-            "# TYPE castgate_approval_notifications_total counter",
-            f"castgate_approval_notifications_total {status['notifications']}",
-            "# HELP castgate_cluster_listen_reconnects_total LISTEN connections lost.",
-            "# TYPE castgate_cluster_listen_reconnects_total counter",
-            f"castgate_cluster_listen_reconnects_total {status['reconnects']}",
-        ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    """Prometheus text format (relay/metrics.py)."""
+    body = exposition(request.app[METRICS_KEY])
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 @requires("auditor", "admin", "approver")
@@ -660,6 +581,7 @@ def build_app(ctx: RelayContext) -> web.Application:
     """The aiohttp application."""
     app = web.Application(middlewares=[errors], client_max_size=BODY_MAX)
     app[ROLE_KEY] = ctx
+    app[METRICS_KEY] = relay_registry(ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)

@@ -302,6 +302,10 @@ class LiveStream:
             self.framed.add(w)
         return w, screen
 
+    def watcher_count(self) -> int:
+        """Watchers subscribed now, of either kind."""
+        return len(self.watchers) + len(self.framed)
+
     def unsubscribe(self, w: Watcher) -> None:
         """Remove a watcher."""
         self.watchers.discard(w)
