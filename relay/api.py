@@ -342,7 +342,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     stream = ctx.hub.get(sid)
     if stream is None:
         return await _live_elsewhere(request, ident, sid)
-    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1)
+    ws = _watch_socket()
     if not ws.can_prepare(request).ok:  # aiohttp would answer a text/plain 400
         return _error(400, "a WebSocket upgrade is required")
     await ws.prepare(request)
@@ -362,14 +362,14 @@ async def _serve_stream(
     ws: web.WebSocketResponse, stream: LiveStream, request: web.Request
 ) -> web.WebSocketResponse:
     """Send a prepared WebSocket the stream's screen, then its events until the end,
-    written to the connection as frames the stream builds once for all its watchers
-    (see relay/live.py)."""
-    transport = request.transport
-    if not isinstance(transport, asyncio.Transport):
-        return ws  # the client is already gone
-    watcher, screen = stream.subscribe_frames(transport)
+    as the messages the stream encodes once for all its watchers (see relay/live.py)."""
+
+    async def send(payload: bytes) -> None:
+        await ws.send_frame(payload, WSMsgType.TEXT)
+
+    watcher, screen = stream.subscribe_frames(send)
     reader = asyncio.ensure_future(_drain_ws(ws))
-    ended = asyncio.ensure_future(watcher.next())
+    sender: asyncio.Future[None] | None = None
     try:
         await ws.send_json(
             {
@@ -380,16 +380,26 @@ async def _serve_stream(
                 "meta": stream.meta,
             }
         )
-        watcher.start()
+        sender = asyncio.ensure_future(watcher.run())
         # Until the session ends (or this watcher is dropped) or the client leaves.
-        await asyncio.wait((reader, ended), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((reader, sender), return_when=asyncio.FIRST_COMPLETED)
+    except ConnectionError:
+        pass  # the client is gone (aiohttp raises ClientConnectionResetError)
     finally:
         reader.cancel()
-        ended.cancel()
+        if sender is not None:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
         watcher.close()
         with contextlib.suppress(Exception):
             await ws.close()
     return ws
+
+
+def _watch_socket() -> web.WebSocketResponse:
+    """A watcher's WebSocket. No permessage-deflate: the stream's messages are encoded
+    once for all watchers, and compressing them would be work per watcher again."""
+    return web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1, compress=False)
 
 
 async def _live_elsewhere(request: web.Request, ident: Identity, sid: str) -> web.StreamResponse:
@@ -399,7 +409,7 @@ async def _live_elsewhere(request: web.Request, ident: Identity, sid: str) -> we
         owner = await peer.owner_url(ctx, sid)
     except peer.PeerError as exc:
         return _error(exc.status, str(exc))
-    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1)
+    ws = _watch_socket()
     if not ws.can_prepare(request).ok:
         return _error(400, "a WebSocket upgrade is required")
     async with contextlib.AsyncExitStack() as stack:
@@ -457,7 +467,7 @@ async def peer_live(request: web.Request) -> web.StreamResponse:
     stream = ctx.hub.get(sid)
     if stream is None:
         return _error(404, f"session {sid} is not live on this relay")
-    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1)
+    ws = _watch_socket()
     if not ws.can_prepare(request).ok:
         return _error(400, "a WebSocket upgrade is required")
     await ws.prepare(request)

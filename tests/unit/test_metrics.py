@@ -97,7 +97,11 @@ def test_a_registry_per_context(contexts: list[RelayContext]) -> None:
 def test_watchers_of_both_kinds_are_counted(contexts: list[RelayContext]) -> None:
     ctx = contexts[0]
     stream = ctx.hub.open("s1", {"protocol": "ssh"}, 80, 24)
-    stream.subscribe()
-    stream.subscribe()
+    stream.subscribe()  # a watcher over SSH (castgate@relay watch)
+
+    async def send(payload: bytes) -> None:
+        return None
+
+    stream.subscribe_frames(send)  # a WebSocket watcher
     text = exposition(relay_registry(ctx)).decode()
     assert _samples(text)["castgate_watchers", frozenset()] == 2
