@@ -11,7 +11,9 @@ fails the test unless
   state (``m._c`` in recorder/masking.py) is that module's business, not a reach into
   someone else's, or
 - the name is one a library documents as public despite its underscore
-  (``os._exit``, the namedtuple methods).
+  (``os._exit``, the namedtuple methods), or
+- it is inside a type annotation (never evaluated: typeshed names some types only
+  privately, such as ``zlib._Decompress``).
 
 Dunder names are not private. Modules in ``ADAPTERS`` may rely on a private thing of
 one library; each says so in its docstring and has a test that fails when an upgrade
@@ -116,13 +118,28 @@ def _allowed(
     return name in own
 
 
+def _in_annotations(tree: ast.Module) -> set[int]:
+    """Nodes inside type annotations: read by the type checker only, never at run time
+    (typeshed names some types only privately, ``zlib._Decompress``)."""
+    roots: list[ast.expr] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg | ast.AnnAssign) and node.annotation is not None:
+            roots.append(node.annotation)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.returns:
+            roots.append(node.returns)
+    return {id(n) for root in roots for n in ast.walk(root)}
+
+
 def private_accesses(source: str, module: str) -> list[Access]:
     """The accesses to other modules' private attributes in ``source``."""
     tree = ast.parse(source)
     defined, imported = _module_names(tree)
     own = _own_private(tree)
+    typing_only = _in_annotations(tree)
     found: list[Access] = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Attribute) and _private(node.attr):
             if not _allowed(node.value, node.attr, defined, imported, own):
                 found.append(Access(module, node.lineno, ast.unparse(node)))
@@ -209,6 +226,11 @@ def test_adapters_declare_what_they_rely_on(module: str) -> None:
         ("class A:\n    _c = 1\ndef f(m: A):\n    return m._c\n", []),
         ("_CACHE = {}\ndef f():\n    return _CACHE\n", []),
         ("import os\nos._exit(1)\n", []),
+        (
+            "import zlib\nclass P:\n    def __init__(self):\n        self.z: zlib._D | None = None\n",
+            [],
+        ),
+        ("import zlib\ndef f(z: zlib._D) -> zlib._D:\n    return zlib._D(z)\n", ["zlib._D"]),
         ("def f(p):\n    return p._replace(x=1)\n", []),
         ("def f(t):\n    return t.__class__\n", []),
     ],
