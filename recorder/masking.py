@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import re2
 import regex
 
-from recorder import panscan
+from recorder import panscan, re_syntax
 from recorder.errors import CastgateError
 from recorder.panscan import Digit
 
@@ -153,25 +153,13 @@ def _required_literal(pattern: str) -> bytes | None:
 
     RE2 costs ~0.7 us a call whatever the input's length, so short values (a DataRow
     field, a statement) are first checked with ``in``. Python's parser reads the
-    pattern; where its reading could differ from RE2's (flags, escapes it rejects) the
-    run is empty and RE2 alone decides."""
-    try:
-        parsed = re._parser.parse(pattern)  # type: ignore[attr-defined]
-    except (re.error, RecursionError, OverflowError):
+    pattern (recorder/re_syntax.py); where its reading could differ from RE2's (flags,
+    escapes it rejects) the run is empty and RE2 alone decides."""
+    lit = re_syntax.leading_literal(pattern)
+    if lit is None:
         return None
-    if parsed.state.flags & (re.IGNORECASE | re.VERBOSE):
-        return None
-    lit: list[str] = []
-    for op, arg in parsed:
-        if op is re._constants.LITERAL:  # type: ignore[attr-defined]
-            lit.append(chr(arg))
-        elif op is not re._constants.AT:  # type: ignore[attr-defined]
-            break
-    raw = "".join(lit).encode("utf-8", "surrogateescape")
+    raw = lit.encode("utf-8", "surrogateescape")
     return raw if len(raw) >= 2 else None
-
-
-_ZERO_WIDTH = (re._constants.AT, re._constants.ASSERT, re._constants.ASSERT_NOT)  # type: ignore[attr-defined]
 
 
 def _holds(data: bytes | bytearray, lit: bytes, end: int | None = None) -> bool:
@@ -184,19 +172,7 @@ def _context_free(pattern: str) -> bool:
     """True when a match of ``pattern`` inside a value is also a match inside any longer
     text holding that value: no anchors or word boundaries anywhere (RE2 has no
     lookaround). Such patterns may be scanned over a block of many values at once."""
-    try:
-        parsed = re._parser.parse(pattern)  # type: ignore[attr-defined]
-    except (re.error, RecursionError, OverflowError):
-        return False
-    return not _has_anchor(parsed)
-
-
-def _has_anchor(node: object) -> bool:
-    if isinstance(node, re._parser.SubPattern):  # type: ignore[attr-defined]
-        return any(op in _ZERO_WIDTH or _has_anchor(arg) for op, arg in node)
-    if isinstance(node, list | tuple):
-        return any(_has_anchor(x) for x in node)
-    return False
+    return re_syntax.context_free(pattern)
 
 
 def _compile(policy: MaskPolicy) -> _Compiled:

@@ -16,9 +16,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, Field
 
 from recorder.objectstore import ObjectStoreError, locate_cast
 from recorder.store import StoreError
@@ -28,6 +30,9 @@ from relay.approvals import ApprovalError
 from relay.context import RelayContext
 from relay.identity import AuthError, Identity
 from relay.live import LiveStream
+from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from relay.metrics import exposition, relay_registry
+from relay.openapi import document, operation, undocumented
 
 log = logging.getLogger("castgate.api")
 
@@ -40,9 +45,12 @@ WS_MESSAGE_MAX = 4 * 1024
 figure: it is one more)."""
 
 ROLE_KEY = web.AppKey("ctx", RelayContext)
+METRICS_KEY = web.AppKey("metrics", CollectorRegistry)
+OPENAPI_KEY = web.AppKey("openapi", dict[str, Any])
 IDENT = "identity"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 10_000
+ApprovalStatus = Literal["pending", "approved", "denied", "expired", "interrupted", "all"]
 
 
 def _json_default(value: Any) -> Any:
@@ -148,9 +156,63 @@ def _bool_param(request: web.Request, name: str) -> bool | None:
     return raw.lower() in ("true", "1")
 
 
+# -- models: what the handlers below take and answer (relay/openapi.py builds the
+# document from them; extra fields of store rows are allowed and passed through) --------
+
+
+class Error(BaseModel):
+    error: str
+
+
+class Session(BaseModel):
+    id: str
+    identity: str
+    target: str
+    protocol: str
+    status: str
+
+
+class Run(BaseModel):
+    run_id: str
+    provider: str | None = None
+    initiator: str | None = None
+    repository: str | None = None
+    ref: str | None = None
+    sha: str | None = None
+    sessions: int
+    session_ids: list[str]
+    first_started_at: datetime
+    last_ended_at: datetime | None = None
+    commands: int = 0
+    blocked: int = 0
+    approvals: int = 0
+    masked: int = 0
+    masking_counts: dict[str, Any] = {}
+
+
+class Approval(BaseModel):
+    id: int
+    status: str
+    identity: str
+    target: str
+    command: str
+    rule: str
+    decisions: list[dict[str, Any]] = []
+
+
+Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT)]
+_OBJECT: dict[str, Any] = {"type": "object"}
+_TEXT: dict[str, Any] = {"type": "string"}
+
+
 # -- routes ------------------------------------------------------------------------------
 
 
+class Health(BaseModel):
+    status: str
+
+
+@operation("Health", Health, 503, auth=False)
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process and its store answer."""
     ctx = _ctx(request)
@@ -171,96 +233,28 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
-def _fault_metrics(ctx: RelayContext) -> list[str]:
-    """Recording failures and the store spool (alerts for on-call)."""
-    spool = ctx.spool
-    lines = [
-        "# HELP castgate_recording_failures_total Sessions whose recording failed, by what "
-        "was done (terminated, refused, continued).",
-        "# TYPE castgate_recording_failures_total counter",
-    ]
-    for action in ("terminated", "refused", "continued"):
-        n = ctx.recording_failures[action]
-        lines.append(f'castgate_recording_failures_total{{action="{action}"}} {n}')
-    return [
-        *lines,
-        "# HELP castgate_store_available The audit store takes writes (0: they are spooled).",
-        "# TYPE castgate_store_available gauge",
-        f"castgate_store_available {int(spool.available)}",
-        "# HELP castgate_store_spool_pending Store writes waiting in the on-disk spool.",
-        "# TYPE castgate_store_spool_pending gauge",
-        f"castgate_store_spool_pending {spool.pending}",
-        "# HELP castgate_store_spooled_total Store writes spooled during outages.",
-        "# TYPE castgate_store_spooled_total counter",
-        f"castgate_store_spooled_total {spool.spooled}",
-        "# HELP castgate_store_replayed_total Spooled store writes replayed to the store.",
-        "# TYPE castgate_store_replayed_total counter",
-        f"castgate_store_replayed_total {spool.replayed}",
-        "# HELP castgate_store_rejected_total Spooled writes the store refused (kept aside).",
-        "# TYPE castgate_store_rejected_total counter",
-        f"castgate_store_rejected_total {spool.rejected}",
-    ]
-
-
+@operation("Prometheus metrics", _TEXT, content_type="text/plain")
 @requires("auditor", "admin")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format."""
-    ctx = _ctx(request)
-    lines = [
-        "# HELP castgate_up The relay is running.",
-        "# TYPE castgate_up gauge",
-        "castgate_up 1",
-        "# HELP castgate_live_sessions Sessions open now.",
-        "# TYPE castgate_live_sessions gauge",
-    ]
-    by_proto: dict[str, int] = {"ssh": 0, "postgres": 0}
-    for stream in ctx.hub.streams.values():
-        proto = str(stream.meta.get("protocol", "ssh"))
-        by_proto[proto] = by_proto.get(proto, 0) + 1
-    lines += [f'castgate_live_sessions{{protocol="{p}"}} {n}' for p, n in sorted(by_proto.items())]
-    lines += [
-        "# HELP castgate_watchers Live watchers connected.",
-        "# TYPE castgate_watchers gauge",
-        f"castgate_watchers {sum(len(s.watchers) for s in ctx.hub.streams.values())}",
-        "# HELP castgate_approvals_pending Approval requests waiting for a decision.",
-        "# TYPE castgate_approvals_pending gauge",
-        f"castgate_approvals_pending {len(ctx.broker._events)}",
-        "# HELP castgate_events_total Audit events written, by kind and outcome.",
-        "# TYPE castgate_events_total counter",
-    ]
-    for (kind, outcome), n in sorted(ctx.counters.items()):
-        lines.append(f'castgate_events_total{{kind="{kind}",outcome="{outcome}"}} {n}')
-    lines += _fault_metrics(ctx)
-    if ctx.uploader is not None:
-        up = ctx.uploader
-        lines += [
-            "# HELP castgate_uploads_total Casts shipped to object storage, by outcome.",
-            "# TYPE castgate_uploads_total counter",
-            f'castgate_uploads_total{{outcome="success"}} {up.uploaded}',
-            f'castgate_uploads_total{{outcome="failure"}} {up.failed}',
-            "# HELP castgate_upload_bytes_total Bytes of casts confirmed in object storage.",
-            "# TYPE castgate_upload_bytes_total counter",
-            f"castgate_upload_bytes_total {up.bytes}",
-            "# HELP castgate_uploads_pending Casts waiting for an upload (attempt).",
-            "# TYPE castgate_uploads_pending gauge",
-            f"castgate_uploads_pending {up.pending}",
-        ]
-    if ctx.cluster is not None:
-        status = ctx.cluster.status()
-        lines += [
-            "# HELP castgate_cluster_listening Listening for approval decisions of other relays.",
-            "# TYPE castgate_cluster_listening gauge",
-            f"castgate_cluster_listening {int(status['listening'])}",
-            "# HELP castgate_approval_notifications_total Decisions announced by LISTEN/NOTIFY.",
-            "# TYPE castgate_approval_notifications_total counter",
-            f"castgate_approval_notifications_total {status['notifications']}",
-            "# HELP castgate_cluster_listen_reconnects_total LISTEN connections lost.",
-            "# TYPE castgate_cluster_listen_reconnects_total counter",
-            f"castgate_cluster_listen_reconnects_total {status['reconnects']}",
-        ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    """Prometheus text format (relay/metrics.py)."""
+    body = exposition(request.app[METRICS_KEY])
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+class SessionQuery(BaseModel):
+    live: bool | None = None
+    identity: str | None = None
+    target: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: Limit | None = None
+
+
+class SessionList(BaseModel):
+    sessions: list[Session]
+
+
+@operation("List sessions, newest first", SessionList, 400, query=SessionQuery)
 @requires("auditor", "admin", "approver")
 async def list_sessions(request: web.Request) -> web.Response:
     """Sessions, newest first, with filters."""
@@ -281,6 +275,19 @@ async def list_sessions(request: web.Request) -> web.Response:
     return _json({"sessions": rows})
 
 
+class ExchangedToken(BaseModel):
+    token: str
+    expires_at: datetime
+    identity: str
+    run_id: str | None = None
+
+
+@operation(
+    "Exchange the OIDC bearer token for a short castgate token (same identity and "
+    "expiry), for SSH passwords",
+    ExchangedToken,
+    429,
+)
 async def exchange_token(request: web.Request) -> web.Response:
     """A short castgate token for the OIDC token given as the bearer (any identity the
     token authenticates; no role needed): for clients that cannot send the OIDC token
@@ -310,6 +317,16 @@ async def exchange_token(request: web.Request) -> web.Response:
     )
 
 
+class RunQuery(BaseModel):
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class RunList(BaseModel):
+    runs: list[Run]
+
+
+@operation("List pipeline runs, newest first", RunList, 400, query=RunQuery)
 @requires("auditor", "admin", "approver")
 async def list_runs(request: web.Request) -> web.Response:
     """Pipeline runs (sessions sharing a CI token's run), newest first."""
@@ -322,6 +339,12 @@ async def list_runs(request: web.Request) -> web.Response:
     return _json({"runs": runs})
 
 
+class RunRecord(BaseModel):
+    run: Run
+    sessions: list[Session]
+
+
+@operation("A pipeline run with its sessions", RunRecord, 404)
 @requires("auditor", "admin")
 async def get_run(request: web.Request) -> web.Response:
     """One pipeline run with its sessions."""
@@ -347,6 +370,14 @@ async def _session_or_404(request: web.Request) -> dict[str, Any]:
     return row
 
 
+class SessionRecord(BaseModel):
+    session: Session
+    commands: list[Any]
+    approvals: list[Any]
+    events: list[Any]
+
+
+@operation("A session's audit record", SessionRecord, 404)
 @requires("auditor", "admin")
 async def get_session(request: web.Request) -> web.Response:
     """One session's audit record: the session, its commands, approvals and events."""
@@ -379,6 +410,13 @@ async def get_session(request: web.Request) -> web.Response:
     )
 
 
+@operation(
+    "Download the cast (fetched from [s3] when not on this relay)",
+    _TEXT,
+    404,
+    502,
+    content_type="application/x-asciicast",
+)
 @requires("auditor", "admin")
 async def get_cast(request: web.Request) -> web.StreamResponse:
     """Download the session's cast (asciicast v2, as recorded)."""
@@ -412,6 +450,13 @@ async def get_cast(request: web.Request) -> web.StreamResponse:
     )
 
 
+@operation(
+    "WebSocket live stream (upgrade); proxied from the relay holding the session",
+    _OBJECT,
+    400,
+    404,
+    502,
+)
 @requires("auditor", "admin", "approver")
 async def live(request: web.Request) -> web.StreamResponse:
     """WebSocket: the current screen, then the masked live events until the end."""
@@ -421,7 +466,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     stream = ctx.hub.get(sid)
     if stream is None:
         return await _live_elsewhere(request, ident, sid)
-    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1)
+    ws = _watch_socket()
     if not ws.can_prepare(request).ok:  # aiohttp would answer a text/plain 400
         return _error(400, "a WebSocket upgrade is required")
     await ws.prepare(request)
@@ -441,14 +486,14 @@ async def _serve_stream(
     ws: web.WebSocketResponse, stream: LiveStream, request: web.Request
 ) -> web.WebSocketResponse:
     """Send a prepared WebSocket the stream's screen, then its events until the end,
-    written to the connection as frames the stream builds once for all its watchers
-    (see relay/live.py)."""
-    transport = request.transport
-    if not isinstance(transport, asyncio.Transport):
-        return ws  # the client is already gone
-    watcher, screen = stream.subscribe_frames(transport)
+    as the messages the stream encodes once for all its watchers (see relay/live.py)."""
+
+    async def send(payload: bytes) -> None:
+        await ws.send_frame(payload, WSMsgType.TEXT)
+
+    watcher, screen = stream.subscribe_frames(send)
     reader = asyncio.ensure_future(_drain_ws(ws))
-    ended = asyncio.ensure_future(watcher.next())
+    sender: asyncio.Future[None] | None = None
     try:
         await ws.send_json(
             {
@@ -459,16 +504,26 @@ async def _serve_stream(
                 "meta": stream.meta,
             }
         )
-        watcher.start()
+        sender = asyncio.ensure_future(watcher.run())
         # Until the session ends (or this watcher is dropped) or the client leaves.
-        await asyncio.wait((reader, ended), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((reader, sender), return_when=asyncio.FIRST_COMPLETED)
+    except ConnectionError:
+        pass  # the client is gone (aiohttp raises ClientConnectionResetError)
     finally:
         reader.cancel()
-        ended.cancel()
+        if sender is not None:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
         watcher.close()
         with contextlib.suppress(Exception):
             await ws.close()
     return ws
+
+
+def _watch_socket() -> web.WebSocketResponse:
+    """A watcher's WebSocket. No permessage-deflate: the stream's messages are encoded
+    once for all watchers, and compressing them would be work per watcher again."""
+    return web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1, compress=False)
 
 
 async def _live_elsewhere(request: web.Request, ident: Identity, sid: str) -> web.StreamResponse:
@@ -478,7 +533,7 @@ async def _live_elsewhere(request: web.Request, ident: Identity, sid: str) -> we
         owner = await peer.owner_url(ctx, sid)
     except peer.PeerError as exc:
         return _error(exc.status, str(exc))
-    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1)
+    ws = _watch_socket()
     if not ws.can_prepare(request).ok:
         return _error(400, "a WebSocket upgrade is required")
     async with contextlib.AsyncExitStack() as stack:
@@ -515,6 +570,7 @@ async def _forward(remote: peer.RemoteLive, ws: web.WebSocketResponse) -> None:
         await ws.send_str(text)
 
 
+@undocumented("relay to relay, authenticated with the deployment's peer secret")
 async def peer_live(request: web.Request) -> web.StreamResponse:
     """Relay to relay (not in the OpenAPI document): the live stream of a session held
     here, for another relay that proxies it to its watcher. Authenticated with the
@@ -536,7 +592,7 @@ async def peer_live(request: web.Request) -> web.StreamResponse:
     stream = ctx.hub.get(sid)
     if stream is None:
         return _error(404, f"session {sid} is not live on this relay")
-    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=WS_MESSAGE_MAX + 1)
+    ws = _watch_socket()
     if not ws.can_prepare(request).ok:
         return _error(400, "a WebSocket upgrade is required")
     await ws.prepare(request)
@@ -558,12 +614,21 @@ async def _drain_ws(ws: web.WebSocketResponse) -> None:
             break
 
 
+class ApprovalQuery(BaseModel):
+    status: ApprovalStatus | None = None
+
+
+class ApprovalList(BaseModel):
+    approvals: list[Approval]
+
+
+@operation("List approvals", ApprovalList, 400, query=ApprovalQuery)
 @requires("approver", "auditor", "admin")
 async def list_approvals(request: web.Request) -> web.Response:
     """Approval requests (default: pending)."""
     ctx = _ctx(request)
     status = request.query.get("status", "pending")
-    allowed = ("pending", "approved", "denied", "expired", "interrupted", "all")
+    allowed = get_args(ApprovalStatus)
     if status not in allowed:
         return _error(400, f"status must be one of {', '.join(allowed)}")
     rows = await asyncio.to_thread(
@@ -579,6 +644,7 @@ def _approval_id(request: web.Request) -> int:
     return int(raw)
 
 
+@operation("One approval", Approval, 404)
 @requires("approver", "auditor", "admin")
 async def get_approval(request: web.Request) -> web.Response:
     """One approval with its decisions."""
@@ -620,21 +686,33 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
     return _json(row)
 
 
+class Decision(BaseModel):
+    reason: str | None = None
+
+
+class Denial(BaseModel):
+    # a denial needs a non-empty reason (_decide answers 400)
+    reason: Annotated[str, Field(min_length=1)]
+
+
+@operation("Approve", Approval, 400, 404, 409, body=Decision)
 @requires("approver")
 async def approve(request: web.Request) -> web.Response:
     """Approve a held command."""
     return await _decide(request, True)
 
 
+@operation("Deny (reason required)", Approval, 400, 404, 409, body=Denial, body_required=True)
 @requires("approver")
 async def deny(request: web.Request) -> web.Response:
     """Deny a held command (a reason is required)."""
     return await _decide(request, False)
 
 
+@operation("This document", _OBJECT, auth=False)
 async def openapi(request: web.Request) -> web.Response:
     """The OpenAPI 3 document of this API."""
-    return _json(OPENAPI)
+    return _json(request.app[OPENAPI_KEY])
 
 
 @web.middleware
@@ -660,6 +738,7 @@ def build_app(ctx: RelayContext) -> web.Application:
     """The aiohttp application."""
     app = web.Application(middlewares=[errors], client_max_size=BODY_MAX)
     app[ROLE_KEY] = ctx
+    app[METRICS_KEY] = relay_registry(ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
@@ -675,337 +754,10 @@ def build_app(ctx: RelayContext) -> web.Application:
     app.router.add_get("/api/v1/approvals/{id}", get_approval)
     app.router.add_post("/api/v1/approvals/{id}/approve", approve)
     app.router.add_post("/api/v1/approvals/{id}/deny", deny)
+    app[OPENAPI_KEY] = openapi_document(app)
     return app
 
 
-# -- OpenAPI -----------------------------------------------------------------------------
-
-_ERR = {
-    "description": "error",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-}
-
-
-def _op(
-    summary: str,
-    ok: dict[str, Any],
-    *codes: int,
-    params: list[dict[str, Any]] | None = None,
-    body: bool = False,
-    auth: bool = True,
-    reason_required: bool = False,
-) -> dict[str, Any]:
-    responses: dict[str, Any] = {"200": ok}
-    for code in codes:
-        responses[str(code)] = _ERR
-    if auth:
-        responses.setdefault("401", _ERR)
-        responses.setdefault("403", _ERR)
-        responses.setdefault("503", _ERR)  # the audit store is unavailable
-    op: dict[str, Any] = {"summary": summary, "responses": responses}
-    if params:
-        op["parameters"] = params
-    if body:
-        schema: dict[str, Any] = {"type": "object", "properties": {"reason": {"type": "string"}}}
-        if reason_required:  # a denial needs a non-empty reason (_decide answers 400)
-            schema["required"] = ["reason"]
-            schema["properties"]["reason"]["minLength"] = 1
-        op["requestBody"] = {
-            "required": reason_required,
-            "content": {"application/json": {"schema": schema}},
-        }
-    if not auth:
-        op["security"] = []
-    return op
-
-
-def _ok(schema: dict[str, Any], content_type: str = "application/json") -> dict[str, Any]:
-    return {"description": "ok", "content": {content_type: {"schema": schema}}}
-
-
-_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-_OBJ = {"type": "object"}
-
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "castgate control API", "version": "1"},
-    "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["error"],
-                "properties": {"error": {"type": "string"}},
-            },
-            "Session": {
-                "type": "object",
-                "required": ["id", "identity", "target", "protocol", "status"],
-                "properties": {
-                    "id": {"type": "string"},
-                    "identity": {"type": "string"},
-                    "target": {"type": "string"},
-                    "protocol": {"type": "string"},
-                    "status": {"type": "string"},
-                },
-            },
-            "Run": {
-                "type": "object",
-                "required": ["run_id", "sessions", "session_ids", "first_started_at"],
-                "properties": {
-                    "run_id": {"type": "string"},
-                    "provider": {"type": "string", "nullable": True},
-                    "initiator": {"type": "string", "nullable": True},
-                    "repository": {"type": "string", "nullable": True},
-                    "ref": {"type": "string", "nullable": True},
-                    "sha": {"type": "string", "nullable": True},
-                    "sessions": {"type": "integer"},
-                    "session_ids": {"type": "array", "items": {"type": "string"}},
-                    "first_started_at": {"type": "string", "format": "date-time"},
-                    "last_ended_at": {"type": "string", "format": "date-time", "nullable": True},
-                    "commands": {"type": "integer"},
-                    "blocked": {"type": "integer"},
-                    "approvals": {"type": "integer"},
-                    "masked": {"type": "integer"},
-                    "masking_counts": _OBJ,
-                },
-            },
-            "Approval": {
-                "type": "object",
-                "required": ["id", "status", "identity", "target", "command", "rule"],
-                "properties": {
-                    "id": {"type": "integer"},
-                    "status": {"type": "string"},
-                    "identity": {"type": "string"},
-                    "target": {"type": "string"},
-                    "command": {"type": "string"},
-                    "rule": {"type": "string"},
-                    "decisions": {"type": "array", "items": _OBJ},
-                },
-            },
-        },
-    },
-    "security": [{"bearer": []}],
-    "paths": {
-        "/healthz": {
-            "get": _op(
-                "Health",
-                _ok(
-                    {
-                        "type": "object",
-                        "required": ["status"],
-                        "properties": {"status": {"type": "string"}},
-                    }
-                ),
-                503,
-                auth=False,
-            )
-        },
-        "/metrics": {"get": _op("Prometheus metrics", _ok({"type": "string"}, "text/plain"))},
-        "/openapi.json": {"get": _op("This document", _ok(_OBJ), auth=False)},
-        "/api/v1/sessions": {
-            "get": _op(
-                "List sessions, newest first",
-                _ok(
-                    {
-                        "type": "object",
-                        "required": ["sessions"],
-                        "properties": {
-                            "sessions": {
-                                "type": "array",
-                                "items": {"$ref": "#/components/schemas/Session"},
-                            }
-                        },
-                    }
-                ),
-                400,
-                params=[
-                    {"name": "live", "in": "query", "schema": {"type": "boolean"}},
-                    {"name": "identity", "in": "query", "schema": {"type": "string"}},
-                    {"name": "target", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "schema": {"type": "string", "format": "date-time"},
-                    },
-                    {
-                        "name": "until",
-                        "in": "query",
-                        "schema": {"type": "string", "format": "date-time"},
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-                    },
-                ],
-            )
-        },
-        "/api/v1/token/exchange": {
-            "post": _op(
-                "Exchange the OIDC bearer token for a short castgate token (same identity "
-                "and expiry), for SSH passwords",
-                _ok(
-                    {
-                        "type": "object",
-                        "required": ["token", "expires_at", "identity"],
-                        "properties": {
-                            "token": {"type": "string"},
-                            "expires_at": {"type": "string", "format": "date-time"},
-                            "identity": {"type": "string"},
-                            "run_id": {"type": "string", "nullable": True},
-                        },
-                    }
-                ),
-                429,
-            )
-        },
-        "/api/v1/runs": {
-            "get": _op(
-                "List pipeline runs, newest first",
-                _ok(
-                    {
-                        "type": "object",
-                        "required": ["runs"],
-                        "properties": {
-                            "runs": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}}
-                        },
-                    }
-                ),
-                400,
-                params=[
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "schema": {"type": "string", "format": "date-time"},
-                    },
-                    {
-                        "name": "until",
-                        "in": "query",
-                        "schema": {"type": "string", "format": "date-time"},
-                    },
-                ],
-            )
-        },
-        "/api/v1/runs/{id}": {
-            "get": _op(
-                "A pipeline run with its sessions",
-                _ok(
-                    {
-                        "type": "object",
-                        "required": ["run", "sessions"],
-                        "properties": {
-                            "run": {"$ref": "#/components/schemas/Run"},
-                            "sessions": {
-                                "type": "array",
-                                "items": {"$ref": "#/components/schemas/Session"},
-                            },
-                        },
-                    }
-                ),
-                404,
-                params=[_ID],
-            )
-        },
-        "/api/v1/sessions/{id}": {
-            "get": _op(
-                "A session's audit record",
-                _ok(
-                    {
-                        "type": "object",
-                        "required": ["session", "commands", "approvals", "events"],
-                        "properties": {
-                            "session": {"$ref": "#/components/schemas/Session"},
-                            "commands": {"type": "array"},
-                            "approvals": {"type": "array"},
-                            "events": {"type": "array"},
-                        },
-                    }
-                ),
-                404,
-                params=[_ID],
-            )
-        },
-        "/api/v1/sessions/{id}/cast": {
-            "get": _op(
-                "Download the cast (fetched from [s3] when not on this relay)",
-                _ok({"type": "string"}, "application/x-asciicast"),
-                404,
-                502,
-                params=[_ID],
-            )
-        },
-        "/api/v1/sessions/{id}/live": {
-            "get": _op(
-                "WebSocket live stream (upgrade); proxied from the relay holding the session",
-                _ok(_OBJ),
-                400,
-                404,
-                502,
-                params=[_ID],
-            )
-        },
-        "/api/v1/approvals": {
-            "get": _op(
-                "List approvals",
-                _ok(
-                    {
-                        "type": "object",
-                        "required": ["approvals"],
-                        "properties": {
-                            "approvals": {
-                                "type": "array",
-                                "items": {"$ref": "#/components/schemas/Approval"},
-                            }
-                        },
-                    }
-                ),
-                400,
-                params=[
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "schema": {
-                            "type": "string",
-                            "enum": [
-                                "pending",
-                                "approved",
-                                "denied",
-                                "expired",
-                                "interrupted",
-                                "all",
-                            ],
-                        },
-                    }
-                ],
-            )
-        },
-        "/api/v1/approvals/{id}": {
-            "get": _op(
-                "One approval", _ok({"$ref": "#/components/schemas/Approval"}), 404, params=[_ID]
-            )
-        },
-        "/api/v1/approvals/{id}/approve": {
-            "post": _op(
-                "Approve",
-                _ok({"$ref": "#/components/schemas/Approval"}),
-                400,
-                404,
-                409,
-                params=[_ID],
-                body=True,
-            )
-        },
-        "/api/v1/approvals/{id}/deny": {
-            "post": _op(
-                "Deny (reason required)",
-                _ok({"$ref": "#/components/schemas/Approval"}),
-                400,
-                404,
-                409,
-                params=[_ID],
-                body=True,
-                reason_required=True,
-            )
-        },
-    },
-}
+def openapi_document(app: web.Application) -> dict[str, Any]:
+    """The OpenAPI document of ``app``'s routes, from what their handlers declare."""
+    return document(app, "castgate control API", Error)

@@ -203,6 +203,10 @@ class Broker:
         self.wake(approval_id)
         return row
 
+    def held(self) -> int:
+        """Commands held here waiting for a decision now."""
+        return len(self._events)
+
     def wake(self, approval_id: int) -> None:
         """Make a command held here for ``approval_id`` re-read its approval now."""
         event = self._events.get(approval_id)

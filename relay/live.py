@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import codecs
 import re
-import struct
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,17 +39,9 @@ SNAPSHOT_INTERVAL = 0.100
 _SNAPSHOT_TAIL = 64 * 1024
 
 
-def ws_text_frame(payload: bytes) -> bytes:
-    """One unmasked, uncompressed WebSocket text frame (RFC 6455 5.2), as a server sends
-    it; legal whether or not permessage-deflate was negotiated (RSV1 clear)."""
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x81, n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x81, 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x81, 127, n)
-    return head + payload
+SendText = Callable[[bytes], Awaitable[None]]
+"""Sends one WebSocket text message whose payload is the given UTF-8 bytes (aiohttp's
+``WebSocketResponse.send_frame`` with the TEXT opcode)."""
 
 
 @dataclass
@@ -64,59 +56,83 @@ class Event:
         """Wire form for WebSocket watchers."""
         return {"type": self.kind, "data": self.data, "t": self.t}
 
-    def frame(self) -> bytes:
-        """The event as a WebSocket text frame of its JSON form."""
-        return ws_text_frame(orjson.dumps(self.as_json()))
+    def payload(self) -> bytes:
+        """The event's JSON form, encoded: the payload of one WebSocket text message."""
+        return orjson.dumps(self.as_json())
 
 
 class Watcher:
-    """A subscription; iterate ``next()`` until it returns None.
+    """A subscription; iterate ``next()`` until it returns None."""
 
-    A watcher made by ``subscribe_frames`` gets its events written straight to its
-    socket as WebSocket frames instead: the stream builds each frame once for all such
-    watchers and writes what gathered every ``FRAME_INTERVAL``, one write per watcher,
-    so twenty watchers cost a busy session twenty small writes per interval rather than
-    twenty queue hand-offs and task wake-ups per event. Its queue only carries the end.
-    """
-
-    def __init__(self, stream: LiveStream, transport: asyncio.WriteTransport | None = None) -> None:
+    def __init__(self, stream: LiveStream) -> None:
         self.stream = stream
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue(_QUEUE)
         self.dropped = False
-        self.transport = transport
-        # Frames produced before ``start``: the screen goes first.
-        self._held: list[bytes] | None = [] if transport is not None else None
-
-    def write_end(self, why: str) -> None:
-        """Frame mode: tell the watcher why its stream ends (after what it was sent)."""
-        frame = Event("end", why).frame()
-        if self._held is not None:
-            self._held.append(frame)  # ``start`` sends it after the screen
-        elif self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame)
-
-    def start(self) -> None:
-        """Frame mode: the screen has been sent, write events from now on."""
-        held, self._held = self._held, None
-        if held and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(held))
-
-    def write(self, frames: bytes) -> bool:
-        """Frame mode: write ``frames``; False if this watcher is gone or too slow."""
-        t = self.transport
-        if t is None or t.is_closing():
-            return False
-        if self._held is not None:
-            self._held.append(frames)
-            return sum(map(len, self._held)) <= FRAME_BACKLOG
-        if t.get_write_buffer_size() > FRAME_BACKLOG:
-            return False
-        t.write(frames)
-        return True
 
     async def next(self) -> Event | None:
         """The next event, or None when the session ended or this watcher was dropped."""
         return await self.queue.get()
+
+    def close(self) -> None:
+        """Unsubscribe."""
+        self.stream.unsubscribe(self)
+
+
+class FrameWatcher:
+    """A WebSocket watcher: ``run`` sends it the stream's messages through ``send``.
+
+    The stream encodes each batch (what gathered in ``FRAME_INTERVAL``) once for all
+    such watchers and hands every one the same payloads, so twenty watchers cost a
+    busy session one encoding and twenty task wake-ups per interval rather than twenty
+    queue hand-offs and wake-ups per event. What ``send`` has not taken yet is this
+    watcher's backlog: past ``FRAME_BACKLOG`` bytes (its socket does not drain: aiohttp
+    makes ``send`` wait while the transport is paused) it is dropped, never the session.
+    """
+
+    def __init__(self, stream: LiveStream, send: SendText) -> None:
+        self.stream = stream
+        self.dropped = False
+        self._send = send
+        self._pending: deque[bytes] = deque()
+        self._size = 0
+        self._ready = asyncio.Event()
+        self._ended = False
+
+    def offer(self, payloads: list[bytes]) -> bool:
+        """Queue ``payloads``; False (and nothing queued) if this watcher's backlog is
+        already too large: one large batch alone does not make a watcher slow."""
+        if self._ended:
+            return True
+        if self._size > FRAME_BACKLOG:
+            return False
+        self._pending.extend(payloads)
+        self._size += sum(map(len, payloads))
+        self._ready.set()
+        return True
+
+    def finish(self, end: bytes, *, discard: bool = False) -> None:
+        """Send ``end`` (an encoded ``end`` event) after what was offered (unless
+        ``discard``), then nothing: ``run`` returns once it is sent."""
+        if self._ended:
+            return
+        if discard:
+            self._pending.clear()
+            self._size = 0
+        self._pending.append(end)
+        self._ended = True
+        self._ready.set()
+
+    async def run(self) -> None:
+        """Send the stream from now on (call it once the screen is sent) until its end."""
+        while True:
+            while self._pending:
+                payload = self._pending.popleft()
+                self._size -= len(payload)
+                await self._send(payload)
+            if self._ended:
+                return
+            self._ready.clear()
+            await self._ready.wait()
 
     def close(self) -> None:
         """Unsubscribe."""
@@ -136,7 +152,7 @@ class LiveStream:
         self._tail_size = 0
         self._dec = codecs.getincrementaldecoder("utf-8")("replace")
         self.watchers: set[Watcher] = set()
-        self.framed: set[Watcher] = set()
+        self.framed: set[FrameWatcher] = set()
         self.ended = False
         self.bytes = 0
         self._batch: list[Event] = []
@@ -177,12 +193,17 @@ class LiveStream:
             self._snapshot_handle.cancel()
             self._snapshot_handle = None
             if self.framed:
-                self._write_frames(self._screen_frame())
+                self._offer([self._screen_payload()])
         self.ended = True
-        self._publish(Event("end", status))
-        self._flush()
-        for w in list(self.watchers | self.framed):
+        end = Event("end", status)
+        for w in list(self.watchers):
+            self._put(w, end)
+        for w in list(self.watchers):  # one dropped just now has its None already
             self._put(w, None)
+        if self.framed:
+            payload = end.payload()
+            for fw in self.framed:
+                fw.finish(payload)
         self.watchers.clear()
         self.framed.clear()
 
@@ -215,7 +236,7 @@ class LiveStream:
                 )
         if self._snapshot_handle is not None:
             batch = [ev for ev in batch if ev.kind != "o"]
-        self._write_frames(b"".join(ev.frame() for ev in batch))
+        self._offer(_payloads(batch))
 
     def _snapshot(self) -> None:
         """Send framed watchers the current screen in place of the output skipped."""
@@ -225,9 +246,9 @@ class LiveStream:
             return
         self._tokens = 0.0
         self._refilled = time.monotonic()
-        self._write_frames(self._screen_frame())
+        self._offer([self._screen_payload()])
 
-    def _screen_frame(self) -> bytes:
+    def _screen_payload(self) -> bytes:
         self.snapshots += 1
         screen = {
             "type": "screen",
@@ -236,17 +257,16 @@ class LiveStream:
             "height": self.height,
             "t": time.time(),
         }
-        return ws_text_frame(orjson.dumps(screen))
+        return orjson.dumps(screen)
 
-    def _write_frames(self, frames: bytes) -> None:
-        if not frames:
+    def _offer(self, payloads: list[bytes]) -> None:
+        if not payloads:
             return
         for w in list(self.framed):
-            if not w.write(frames):
+            if not w.offer(payloads):
                 self.framed.discard(w)
                 w.dropped = True
-                w.write_end("watcher too slow, dropped")
-                w.queue.put_nowait(None)
+                w.finish(Event("end", "watcher too slow, dropped").payload(), discard=True)
 
     def _put(self, w: Watcher, event: Event | None) -> None:
         try:
@@ -290,22 +310,51 @@ class LiveStream:
             self.watchers.add(w)
         return w, screen
 
-    def subscribe_frames(self, transport: asyncio.WriteTransport) -> tuple[Watcher, str]:
-        """A WebSocket watcher fed frames on ``transport`` (see Watcher), and the screen
-        to send before calling its ``start``. Its ``next()`` returns None at the end."""
-        w = Watcher(self, transport)
+    def subscribe_frames(self, send: SendText) -> tuple[FrameWatcher, str]:
+        """A WebSocket watcher sent messages through ``send`` (see FrameWatcher), and the
+        screen to send before awaiting its ``run``."""
+        w = FrameWatcher(self, send)
         screen = self.screen()
         if self.ended:
-            w.write_end("session already ended")
-            w.queue.put_nowait(None)
+            w.finish(Event("end", "session already ended").payload())
         else:
             self.framed.add(w)
         return w, screen
 
-    def unsubscribe(self, w: Watcher) -> None:
+    def watcher_count(self) -> int:
+        """Watchers subscribed now, of either kind."""
+        return len(self.watchers) + len(self.framed)
+
+    def unsubscribe(self, w: Watcher | FrameWatcher) -> None:
         """Remove a watcher."""
-        self.watchers.discard(w)
-        self.framed.discard(w)
+        if isinstance(w, FrameWatcher):
+            self.framed.discard(w)
+        else:
+            self.watchers.discard(w)
+
+
+def _payloads(batch: list[Event]) -> list[bytes]:
+    """The batch encoded, consecutive output joined into one message (watchers render
+    the same text; one message and one socket write instead of one per chunk)."""
+    out: list[bytes] = []
+    run: list[Event] = []
+    for ev in batch:
+        if ev.kind == "o":
+            run.append(ev)
+            continue
+        if run:
+            out.append(_joined(run))
+            run = []
+        out.append(ev.payload())
+    if run:
+        out.append(_joined(run))
+    return out
+
+
+def _joined(run: list[Event]) -> bytes:
+    if len(run) == 1:
+        return run[0].payload()
+    return Event("o", "".join(ev.data for ev in run), run[0].t).payload()
 
 
 class LiveHub:

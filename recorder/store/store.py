@@ -797,7 +797,9 @@ class Store:
                 sql = sql.replace(f"%({k})s", "%s")
         procs: dict[str, Any] = {}
         for c in commands.columns:
-            proc = c.type._cached_bind_processor(dialect)
+            # Public API: the dialect's implementation of the type and its processor
+            # (what SQLAlchemy itself caches per dialect), built once here as well.
+            proc = c.type.dialect_impl(dialect).bind_processor(dialect)
             if proc is not None and c.key in keys:
                 procs[c.key] = proc
         if dialect.name == "sqlite":
