@@ -24,18 +24,19 @@ from asyncssh.auth import KbdIntChallenge, KbdIntResponse
 from asyncssh.misc import TermModes, TermSize
 
 from recorder.config import TargetConfig
-from recorder.recording import CastWriter, DiscardWriter, RecordingError
 from recorder.session import SessionRecorder
-from recorder.store import StoreError
-from relay.approvals import Outcome
+from relay.audit import BoundAudit
 from relay.coalesce import coalesce
 from relay.connlimit import Ticket
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
 from relay.operator import OPERATOR_ROLES, OPERATOR_USER, OperatorSession
 from relay.policy import Decision
+from relay.session_core import SessionCore
+from relay.session_recording import CastSpec
 from relay.shell_line import Key, KeyReader, ScriptUnit, ShellLine, StdinScript, TypedLine
 from relay.shell_parse import analyze
+from relay.tokens import expiry_text, identity_detail, token_deadline
 from replay.castfile import MAX_SIZE as MAX_TERMINAL
 
 log = logging.getLogger("castgate.ssh")
@@ -134,6 +135,7 @@ class RelayServer(asyncssh.SSHServer):
         self._ticket: Ticket | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self.sessions: set[RelaySession] = set()
+        self.audit: BoundAudit = ctx.audit.bind()
 
     # -- connection and authentication -------------------------------------------
 
@@ -142,6 +144,7 @@ class RelayServer(asyncssh.SSHServer):
         coalesce(conn)
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.audit = self.ctx.audit.bind(origin=self.peer)
         admitted = self.ctx.connections.admit("ssh", str(peer[0]) if peer else "?")
         if isinstance(admitted, str):
             # After this callback: asyncssh sends the disconnect once it can.
@@ -167,31 +170,19 @@ class RelayServer(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.target_name = username
+        self.audit = self.audit.bind(resource=f"ssh:{username}")
         return True
 
     def _throttled(self, method: str) -> bool:
         if self.ctx.limiter.blocked(self.peer):
-            self.ctx.emit(
-                "auth",
-                None,
-                "failure",
-                self.peer,
-                f"ssh:{self.target_name}",
-                {"method": method, "reason": "too many failed attempts from this address"},
-            )
+            reason = "too many failed attempts from this address"
+            self.audit.failure("auth", method=method, reason=reason)
             return True
         return False
 
-    def _failed(self, method: str, reason: str, who: str | None = None) -> None:
+    def _failed(self, method: str, reason: str) -> None:
         self.ctx.limiter.failure(self.peer)
-        self.ctx.emit(
-            "auth",
-            who,
-            "failure",
-            self.peer,
-            f"ssh:{self.target_name}",
-            {"method": method, "reason": reason},
-        )
+        self.audit.failure("auth", method=method, reason=reason)
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -238,19 +229,10 @@ class RelayServer(asyncssh.SSHServer):
         self.identity = self._last_ok
         ident = self.identity
         assert ident is not None
-        self.ctx.emit(
-            "auth",
-            ident.name,
-            "success",
-            self.peer,
-            f"ssh:{self.target_name}",
-            {
-                "method": ident.method,
-                "groups": list(ident.groups),
-                **self.ctx.identity_detail(ident),
-            },
-        )
-        deadline = self.ctx.token_deadline(ident)
+        self.audit = self.audit.bind(actor=ident.name)
+        detail = identity_detail(ident)
+        self.audit.success("auth", method=ident.method, groups=list(ident.groups), **detail)
+        deadline = token_deadline(ident)
         if deadline is not None:
             # The connection ends with its token: its sessions end at the deadline
             # (each with its message and marker); the connection a little after, so an
@@ -263,7 +245,9 @@ class RelayServer(asyncssh.SSHServer):
         ident, conn = self.identity, self.conn
         if ident is None or conn is None:
             return
-        message = self.ctx.token_expired(ident, self.peer, f"ssh:{self.target_name}")
+        when = expiry_text(ident)
+        self.audit.success("session.token_expired", expired_at=when, provider=ident.provider)
+        message = f"castgate: your token expired at {when}; the session is closed"
         conn.disconnect(asyncssh.DISC_BY_APPLICATION, message)
 
     # -- admission ---------------------------------------------------------------
@@ -272,15 +256,8 @@ class RelayServer(asyncssh.SSHServer):
         ident = self.identity
         assert ident is not None
         if self.target_name == OPERATOR_USER:
-            if not self.ctx.roles(ident.groups) & OPERATOR_ROLES:
-                self.ctx.emit(
-                    "access",
-                    ident.name,
-                    "failure",
-                    self.peer,
-                    "operator",
-                    {"reason": "no operator role"},
-                )
+            if not self.ctx.roles.of(ident.groups) & OPERATOR_ROLES:
+                self.audit.bind(resource="operator").failure("access", reason="no operator role")
                 raise asyncssh.ChannelOpenError(
                     asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                     f"castgate: {ident.name} has no operator role (approver, auditor, admin)",
@@ -293,14 +270,7 @@ class RelayServer(asyncssh.SSHServer):
         elif not self.ctx.policy.can_access(ident.groups, target):
             reason = f"identity {ident.name} is not in any group of target {target.name}"
         if reason is not None or target is None:
-            self.ctx.emit(
-                "access",
-                ident.name,
-                "failure",
-                self.peer,
-                f"ssh:{self.target_name}",
-                {"reason": reason},
-            )
+            self.audit.failure("access", reason=reason)
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"castgate: {reason}"
             )
@@ -316,35 +286,25 @@ class RelayServer(asyncssh.SSHServer):
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> bool:
-        who = self.identity.name if self.identity else None
-        self._refuse_forward(who, f"direct-tcpip to {dest_host}:{dest_port}")
+        self._refuse_forward(f"direct-tcpip to {dest_host}:{dest_port}")
         raise asyncssh.ChannelOpenError(
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
             "castgate: port forwarding is not allowed through this relay",
         )
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        who = self.identity.name if self.identity else None
-        self._refuse_forward(who, f"tcpip-forward on {listen_host}:{listen_port}")
+        self._refuse_forward(f"tcpip-forward on {listen_host}:{listen_port}")
         return False
 
     def unix_connection_requested(self, dest_path: str) -> bool:
-        who = self.identity.name if self.identity else None
-        self._refuse_forward(who, f"unix socket {dest_path}")
+        self._refuse_forward(f"unix socket {dest_path}")
         raise asyncssh.ChannelOpenError(
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
             "castgate: socket forwarding is not allowed through this relay",
         )
 
-    def _refuse_forward(self, who: str | None, what: str) -> None:
-        self.ctx.emit(
-            "forwarding",
-            who,
-            "failure",
-            self.peer,
-            f"ssh:{self.target_name}",
-            {"request": what, "reason": "forwarding disabled"},
-        )
+    def _refuse_forward(self, what: str) -> None:
+        self.audit.failure("forwarding", request=what, reason="forwarding disabled")
 
     # -- upstream ----------------------------------------------------------------
 
@@ -421,7 +381,21 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.server = server
         self.ident = ident
         self.target = target
-        self.id = new_session_id()
+        self.core = SessionCore(
+            ctx,
+            session_id=new_session_id(),
+            ident=ident,
+            target=target,
+            origin=server.peer,
+            frontend=self,
+            commands=self,
+            on_lost=self._recording_lost,
+        )
+        self.id = self.core.id
+        self.audit = self.core.audit
+        self.recording = self.core.recording
+        # Refusals of a channel request, before the session (and its row) exists.
+        self._request_audit = self.audit.bind(session_id=None)
         self.kind = "shell"
         self.command: str | None = None
         self.subsystem: str | None = None
@@ -432,7 +406,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.exit_signal: tuple[str, bool, str, str] | None = None
         self.chan: asyncssh.SSHServerChannel[bytes]
         self.up_chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self.rec: SessionRecorder | None = None
+        self.masked_command = ""
         self._early: list[bytes | None] = []
         self._loop = asyncio.get_event_loop()
         self._done = self._loop.create_future()
@@ -460,7 +434,6 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.bytes_out = 0
         self.status = "closed"
         self._command_id: int | None = None
-        self._rec_failed = False
         # Set when the relay ends the session (recording failed): nothing more flows.
         self._stopped = False
 
@@ -486,14 +459,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if "\x00" in command:
             # No shell command holds a NUL, and OpenSSH drops the whole (shared)
             # upstream connection on one: refuse the request instead.
-            self.ctx.emit(
-                "exec",
-                self.ident.name,
-                "failure",
-                self.server.peer,
-                f"ssh:{self.target.name}",
-                {"reason": "NUL byte in the command"},
-            )
+            self._request_audit.failure("exec", reason="NUL byte in the command")
             return False
         self.kind = "exec"
         self.command = command
@@ -507,14 +473,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self.subsystem = subsystem
             self.binary = True
             return True
-        self.ctx.emit(
-            "subsystem",
-            self.ident.name,
-            "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"subsystem": subsystem, "reason": "not enabled for this target"},
-        )
+        reason = "not enabled for this target"
+        self._request_audit.failure("subsystem", subsystem=subsystem, reason=reason)
         return False
 
     def session_started(self) -> None:
@@ -665,42 +625,18 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     # -- recording -------------------------------------------------------------------
 
+    @property
+    def rec(self) -> SessionRecorder | None:
+        """The session's recorder (None until the recording is opened)."""
+        return self.core.rec
+
     def _safe(self, fn: Callable[[SessionRecorder], Any]) -> Any:
         """Run a recorder call; a recording failure applies ``recording.on_failure``."""
-        if self.rec is None:
-            return None
-        try:
-            return fn(self.rec)
-        except RecordingError as exc:
-            self._recording_failed(str(exc))
-            return None
+        return self.recording.safe(fn)
 
-    def _recording_failed(self, message: str, *, at_start: bool = False) -> None:
-        """Apply ``recording.on_failure`` once: the recording is aborted (left unsealed,
-        verifiable up to its last complete line) and replaced by a DiscardWriter, so
-        masking and the live view go on; ``terminate`` ends the session with a message,
-        ``continue`` tells the agent and goes on unrecorded. Also the writer pool's
-        ``on_error`` hook, called on the loop."""
-        if self._rec_failed:
-            return
-        self._rec_failed = True
-        policy = self.ctx.cfg.recording.on_failure
-        rec = self.rec
-        if rec is not None and not isinstance(rec.writer, DiscardWriter):
-            rec.writer.abort()
-            rec.writer = DiscardWriter.replacing(rec.writer, message)
-        terminate = policy == "terminate"
-        action = ("refused" if at_start else "terminated") if terminate else "continued"
-        self.ctx.recording_failed(
-            session_id=self.id,
-            actor=self.ident.name,
-            origin=self.server.peer,
-            resource=f"ssh:{self.target.name}",
-            error=message,
-            action=action,
-        )
-        # The agent learns the cause, not the relay's file paths.
-        why = message.rsplit(": ", 1)[-1]
+    def _recording_lost(self, why: str, *, terminate: bool, at_start: bool) -> None:
+        """The agent learns that its session cannot be recorded: ``continue`` tells it
+        and goes on unrecorded, ``terminate`` ends the session (nothing more flows)."""
         if not terminate:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.chan.write_stderr(
@@ -722,72 +658,28 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if self.up_chan is not None:
             self.up_chan.close()
 
-    def _writer_failed(self, message: str) -> None:
-        """``on_error`` of the cast writer: runs in a writer thread."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to end
-            self._loop.call_soon_threadsafe(self._recording_failed, message)
-
     def _open_recording(self) -> str | None:
-        """Open the cast; returns why it could not be, or None. A failed cast is
-        replaced by a DiscardWriter (masking still applies to everything sent)."""
+        """Open the cast; returns why it could not be, or None."""
         title = self.command if self.command is not None else (self.subsystem or "shell")
-        masked_title = self.ctx.masker.mask(title)
-        self.masked_command = masked_title
-        path = self.ctx.cfg.recordings_dir / f"{self.id}.cast"
-        failure = None
-        writer: CastWriter
-        try:
-            writer = CastWriter(
-                path,
+        self.masked_command = masked = self.ctx.masker.mask(title)
+        who = {"identity": self.ident.name, "target": self.target.name, "protocol": "ssh"}
+        return self.recording.open(
+            CastSpec(
+                title=f"{self.ident.name}@{self.target.name}: {masked}",
                 width=self.term_size[0],
                 height=self.term_size[1],
-                session_id=self.id,
-                signing_key=self.ctx.signing_key,
-                title=f"{self.ident.name}@{self.target.name}: {masked_title}",
                 env={"TERM": self.term_type or "dumb", "SHELL": "/bin/sh"},
-                fsync_interval=self.ctx.cfg.recording.fsync_interval,
-                on_checkpoint=self._checkpoint,
-                threaded=True,
-                extra_header={
-                    "identity": self.ident.name,
-                    "target": self.target.name,
-                    "protocol": "ssh",
-                    "kind": self.kind,
-                    **self.ctx.identity_detail(self.ident),
-                },
-                on_error=self._writer_failed,
+                header={**who, "kind": self.kind, **identity_detail(self.ident)},
+                live={**who, "kind": self.kind},
+                input_mode=self.ctx.cfg.recording.input,
+                hold_deadline=self.ctx.hold_deadline,
             )
-        except RecordingError as exc:
-            failure = str(exc)
-            writer = DiscardWriter(
-                path,
-                session_id=self.id,
-                width=self.term_size[0],
-                height=self.term_size[1],
-                error=failure,
-            )
-        self.live = self.ctx.hub.open(
-            self.id,
-            {
-                "identity": self.ident.name,
-                "target": self.target.name,
-                "protocol": "ssh",
-                "kind": self.kind,
-            },
-            self.term_size[0],
-            self.term_size[1],
         )
-        self.rec = SessionRecorder(
-            writer,
-            self.ctx.masker,
-            input_mode=self.ctx.cfg.recording.input,
-            hold_deadline=self.ctx.hold_deadline,
-            live=self.live,
-        )
-        return failure
 
-    def _checkpoint(self, lines: int, chain_hash: str) -> None:
-        self.ctx.checkpoint(self.id, lines, chain_hash)  # from the writer pool
+    def tell(self, text: str) -> None:
+        """A relay message for the agent (the session core's, e.g. an approval)."""
+        self._to_agent(f"{text}\r\n")
+        self._flush_all()
 
     def _to_agent(self, text: str) -> None:
         """A message from the relay, shown in the agent's terminal (or stderr) and kept
@@ -822,42 +714,21 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             # Sealing the cast and ending the session row must complete even when the
             # agent's connection drops mid-way: run it as its own task.
             fin = asyncio.ensure_future(self._finish())
-            self.ctx.track(fin)
+            self.ctx.background.track(fin)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(fin)
 
     async def _run_inner(self) -> None:
-        ctx = self.ctx
         failure = self._open_recording()
-        # The session row first, even for a refused session: the row says why.
-        await asyncio.to_thread(
-            ctx.spool.create_session,
-            self.id,
-            identity=self.ident.name,
-            target=self.target.name,
+        started = await self.core.start(
             protocol="ssh",
-            groups=list(self.ident.groups),
-            auth_method=self.ident.method,
-            source=self.server.peer,
-            node=ctx.node,
-            cast_path=str(ctx.cfg.recordings_dir / f"{self.id}.cast"),
             title=self.masked_command,
-            **ctx.attribute_session(self.id, self.ident),
+            failure=failure,
+            kind=self.kind,
+            command=self.masked_command,
         )
-        if failure is not None:
-            self._recording_failed(failure, at_start=True)
-            if self._stopped:
-                return
-        ctx.live[self.id] = self
-        await ctx.event(
-            "session.start",
-            self.ident.name,
-            "success",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"kind": self.kind, "command": self.masked_command},
-            session_id=self.id,
-        )
+        if not started or self._stopped:
+            return
         refusal = self._choose_mode()
         if refusal is not None:
             await self._refuse(*refusal)
@@ -871,20 +742,12 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             conn = await self.server.upstream(self.target)
         except TargetError as exc:
             self.status = "target unreachable"
-            await ctx.event(
-                "target.connect",
-                self.ident.name,
-                "failure",
-                self.server.peer,
-                f"ssh:{self.target.name}",
-                {"reason": str(exc)},
-                session_id=self.id,
-            )
+            self.audit.failure("target.connect", reason=str(exc))
             self._to_agent(f"castgate: {exc}\r\n")
             self._flush_all()
             self.chan.exit(255)
             return
-        ctx.credential_used(self.id, self.ident.name, self.server.peer, self.target)
+        self.core.credential_used()
         if self._stopped:
             return  # terminated while waiting (approval, target): never start the command
         env: dict[bytes | str, bytes | str] = {
@@ -933,15 +796,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._to_agent(f"castgate: connection to target {self.target.name} lost: {lost}\r\n")
             self._flush_all()
             self.status = "target lost"
-            self.ctx.emit(
-                "target.lost",
-                self.ident.name,
-                "failure",
-                self.server.peer,
-                f"ssh:{self.target.name}",
-                {"reason": str(lost)},
-                session_id=self.id,
-            )
+            self.audit.failure("target.lost", reason=str(lost))
         self._ended = True
         with contextlib.suppress(OSError, asyncssh.Error):
             if self.exit_signal is not None:
@@ -1004,23 +859,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         """A channel the target does not allow: logged like a blocked command."""
         self._safe(lambda rec: rec.marker(marker))
         self._to_agent(f"castgate: {message}\r\n")
-        self._command_id = await asyncio.to_thread(
-            self.ctx.spool.add_command,
-            self.id,
-            self.masked_command,
-            kind="exec" if self.kind == "exec" else "shell",
-            action="block",
-            rule=rule,
-        )
-        await self.ctx.event(
-            "command.blocked",
-            self.ident.name,
-            "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"rule": rule, "command": self.masked_command},
-            session_id=self.id,
-        )
+        kind = "exec" if self.kind == "exec" else "shell"
+        await self.opened(self.masked_command, kind, Decision("block"), rule=rule)
+        self.audit.failure("command.blocked", rule=rule, command=self.masked_command)
+        await self.audit.settled()
         await self._finish_command("blocked")
         self._flush_all()
         self.chan.exit(126)
@@ -1037,17 +879,16 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             analysis = analyze(command)
             if analysis.interpreter == "other":
                 program = analysis.commands[0].program if analysis.commands else "it"
-                return self._opaque(f"starts {program}, an interpreter whose input is not checked")
+                return self.core.opaque(
+                    f"starts {program}, an interpreter whose input is not checked"
+                )
             if self.mode == "pty":
                 for cmd in analysis.commands:
                     if cmd.program in _REBIND or (
                         cmd.program == "stty" and not set(cmd.argv[1:]) <= _STTY_READ
                     ):
-                        return self._opaque(f"{cmd.program} changes what keys do")
+                        return self.core.opaque(f"{cmd.program} changes what keys do")
         return decision
-
-    def _opaque(self, reason: str) -> Decision:
-        return self.ctx.policy.scoped(self.target.name, self.ident.groups).opaque(reason)
 
     async def _exec_allowed(self, command: str) -> bool:
         masked = self.masked_command
@@ -1064,96 +905,31 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         return allowed
 
     async def _apply(self, decision: Decision, masked: str, kind: str) -> bool:
-        """Record and enforce a policy decision; True when the command may run."""
-        ctx = self.ctx
+        """Enforce a policy decision (the session core); True when the command may run."""
+        verdict = await self.core.enforce(decision, masked, kind)
+        if not verdict.allowed:
+            what = f": {masked}" if verdict.status == "blocked" else ""
+            self._to_agent(f"{verdict.message}{what}\r\n")
+        return verdict.allowed
+
+    # -- the command log (the session core's CommandLog) ------------------------------
+
+    async def opened(
+        self, command: str, kind: str, decision: Decision, *, rule: str | None = None
+    ) -> None:
+        """A decided command's row in the store (finished by ``_finish_command``)."""
         self._command_id = await asyncio.to_thread(
-            ctx.spool.add_command,
+            self.ctx.spool.add_command,
             self.id,
-            masked,
+            command,
             kind=kind,
             action=decision.action,
-            rule=decision.rule_name,
+            rule=rule or decision.rule_name,
         )
-        if decision.action == "allow":
-            return True
-        rule = decision.rule
-        assert rule is not None
-        why = (
-            f" ({decision.reason})"
-            if decision.reason and decision.reason != decision.rule_name
-            else ""
-        )
-        if decision.action == "block":
-            self._safe(lambda rec: rec.marker(f"blocked: {rule.name}{why}"))
-            self._to_agent(f"castgate: blocked by rule {rule.name}{why}: {masked}\r\n")
-            await ctx.event(
-                "command.blocked",
-                self.ident.name,
-                "failure",
-                self.server.peer,
-                f"ssh:{self.target.name}",
-                {"rule": rule.name, "command": masked},
-                session_id=self.id,
-            )
-            await self._finish_command("blocked")
-            return False
 
-        asked: list[int] = []
-
-        def requested(approval_id: int) -> None:
-            asked.append(approval_id)
-            self._safe(
-                lambda rec: rec.marker(f"approval #{approval_id} requested (rule {rule.name})")
-            )
-            self._to_agent(
-                f"castgate: approval #{approval_id} required (rule {rule.name}), waiting{why}\r\n"
-            )
-            self._flush_all()
-
-        try:
-            outcome: Outcome = await ctx.await_approval(
-                session_id=self.id,
-                identity=self.ident.name,
-                target=self.target.name,
-                command=masked,
-                rule=rule,
-                on_requested=requested,
-            )
-        except StoreError as exc:
-            await self._approval_unavailable(rule.name, str(exc), asked[0] if asked else None)
-            return False
-        self._safe(lambda rec: rec.marker(outcome.describe()))
-        await ctx.event(
-            "command.approval",
-            self.ident.name,
-            "success" if outcome.approved else "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"rule": rule.name, "approval": outcome.approval_id, "status": outcome.status},
-            session_id=self.id,
-        )
-        if outcome.approved:
-            self._to_agent(f"castgate: {outcome.describe()}\r\n")
-            return True
-        self._to_agent(f"castgate: {outcome.describe()}\r\n")
-        await self._finish_command(outcome.status)
-        return False
-
-    async def _approval_unavailable(self, rule: str, error: str, approval_id: int | None) -> None:
-        """Fail closed: without its store an approval can be neither asked for nor
-        awaited, so the command is refused like a block."""
-        self._safe(lambda rec: rec.marker(f"refused: approval store unavailable (rule {rule})"))
-        self._to_agent(f"castgate: approval store unavailable; command refused (rule {rule})\r\n")
-        await self.ctx.event(
-            "command.approval",
-            self.ident.name,
-            "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"rule": rule, "approval": approval_id, "status": "store unavailable", "error": error},
-            session_id=self.id,
-        )
-        await self._finish_command("store unavailable")
+    async def refused(self, command: str, decision: Decision, status: str) -> None:
+        """The command was refused: its row ends with why."""
+        await self._finish_command(status)
 
     async def _finish_command(self, status: str) -> None:
         if self._command_id is not None:
@@ -1307,7 +1083,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             masked = "(input hidden: terminal echo off)"
             self._safe(lambda rec: rec.marker("input hidden (terminal echo off)"))
         if decision is None:
-            decision = self._opaque(opaque) if opaque is not None else self._decide(text)
+            decision = self.core.opaque(opaque) if opaque is not None else self._decide(text)
         allowed = await self._apply(decision, masked, "shell")
         if allowed and self._command_id is not None:
             await self._finish_command("submitted")
@@ -1427,7 +1203,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if self.ctx.cfg.recording.input != "none":
             self._safe(lambda rec: rec.command_line(text))
         if unit.kind == "opaque":
-            decision = self._opaque(unit.reason or "cannot be parsed")
+            decision = self.core.opaque(unit.reason or "cannot be parsed")
         else:
             decision = self._decide(text)
         self._unit_allowed = await self._apply(decision, self.ctx.masker.mask(text), "shell")
@@ -1437,58 +1213,32 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                 await self._finish_command("submitted")
 
     async def _finish(self) -> None:
-        self.ctx.live.pop(self.id, None)
-        self.ctx.hub.close(self.id, self.status)
         for timer in self._timers.values():
             timer.cancel()
-        manifest = None
-        rec = self.rec
-        if rec is not None:
-            try:
-                if self.binary:
-                    rec.marker(
-                        f"end: exit {self.exit_status}, {self.bytes_out} bytes from target, "
-                        f"{self.bytes_in} bytes from agent"
-                    )
-                tail = rec.close(
-                    self.status,
-                    {
-                        "exit_status": self.exit_status,
-                        "exit_signal": self.exit_signal[0] if self.exit_signal else None,
-                        "identity": self.ident.name,
-                        "target": self.target.name,
-                    },
+        if self.binary:
+            self._safe(
+                lambda rec: rec.marker(
+                    f"end: exit {self.exit_status}, {self.bytes_out} bytes from target, "
+                    f"{self.bytes_in} bytes from agent"
                 )
-                if tail and not self._stopped:
-                    with contextlib.suppress(Exception):
-                        self.chan.write(tail)
-                manifest = rec.manifest or None  # empty: the recording had failed
-            except RecordingError as exc:
-                self._recording_failed(str(exc))
-        if manifest is not None and rec is not None and not self.binary:
-            self.ctx.track(asyncio.ensure_future(self.ctx.index_cast(rec.writer.path)))
+            )
+        info = {
+            "exit_status": self.exit_status,
+            "exit_signal": self.exit_signal[0] if self.exit_signal else None,
+            "identity": self.ident.name,
+            "target": self.target.name,
+        }
+        tail = self.core.seal(self.status, info, index=not self.binary)
+        if tail and not self._stopped:
+            with contextlib.suppress(Exception):
+                self.chan.write(tail)
         await self._finish_command("exited" if self.status == "closed" else self.status)
-        await self.ctx.end_session(
-            self.id,
-            # After a failure: how far the unsealed cast got, and no manifest.
-            rec,
-            status=self.status,
-            exit_status=self.exit_status,
-        )
-        await self.ctx.event(
-            "session.end",
-            self.ident.name,
-            "success" if self.status == "closed" else "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {
-                "status": self.status,
-                "exit_status": self.exit_status,
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-            },
-            session_id=self.id,
-        )
+        detail = {
+            "exit_status": self.exit_status,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+        await self.core.end(self.status, detail, exit_status=self.exit_status)
 
     async def close(self, reason: str) -> None:
         """End the session from the relay's side (shutdown) and wait until sealed."""
