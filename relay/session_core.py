@@ -208,8 +208,9 @@ class SessionCore:
 
     async def enforce(self, decision: Decision, command: str, kind: str) -> Verdict:
         """Log and carry out a policy decision on a (masked) command: allow, block, or
-        hold it for approval. A refusal leaves its marker, event and command-log entry
-        before the verdict returns; the protocol shows ``Verdict.message``."""
+        hold it for approval. What is not a plain allow has its marker, events and (when
+        refused) command-log entry on record before the verdict returns; the protocol
+        shows ``Verdict.message``."""
         await self.commands.opened(command, kind, decision)
         if decision.action == "allow":
             return ALLOWED
@@ -260,6 +261,7 @@ class SessionCore:
             status=outcome.status,
         )
         if outcome.approved:
+            await self.audit.settled()
             self.frontend.tell(f"castgate: {outcome.describe()}")
             return ALLOWED
         return await self._refused(

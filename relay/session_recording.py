@@ -78,7 +78,7 @@ class Recording:
         marker lands after everything that came before it."""
         self.terminated = False
         """The failure ended the session (``on_failure = "terminate"``)."""
-        self._loop = asyncio.get_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def path(self) -> Any:
@@ -89,6 +89,8 @@ class Recording:
         """Open the cast; returns why it could not be, or None. A failed cast is
         replaced by a DiscardWriter, so masking and the live view go on."""
         deps, sid = self.deps, self.session_id
+        # The writer threads hand their errors to the loop the session runs on.
+        self._loop = asyncio.get_running_loop()
         failure = None
         writer: CastWriter
         try:
@@ -176,8 +178,10 @@ class Recording:
 
     def writer_failed(self, message: str) -> None:
         """``on_error`` of the cast writer: runs in a writer thread."""
+        loop = self._loop
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to end
-            self._loop.call_soon_threadsafe(self.fail, message)
+            if loop is not None:
+                loop.call_soon_threadsafe(self.fail, message)
 
     def close(self, status: str, info: dict[str, Any]) -> bytes:
         """Seal the cast; returns output the masker still held (for the client)."""
