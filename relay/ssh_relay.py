@@ -34,8 +34,9 @@ from relay.operator import OPERATOR_ROLES, OPERATOR_USER, OperatorSession
 from relay.policy import Decision
 from relay.session_core import SessionCore
 from relay.session_recording import CastSpec
-from relay.shell_line import Key, KeyReader, ScriptUnit, ShellLine, StdinScript, TypedLine
+from relay.shell_line import ScriptUnit, StdinScript
 from relay.shell_parse import analyze
+from relay.ssh_pty import PtyShell
 from relay.tokens import expiry_text, identity_detail, token_deadline
 from replay.castfile import MAX_SIZE as MAX_TERMINAL
 
@@ -60,21 +61,12 @@ _GIT = re.compile(r"^\s*git[ -]")
 # Commands that rebind keys or the terminal's control characters.
 _REBIND = frozenset({"bind", "bindkey", "zle"})
 _STTY_READ = frozenset({"size", "-a", "--all", "-g", "--save", "sane"})
-# Bash's history expansion (an interactive shell only): `!!`, `!-2`, `!rm` run text
-# from the history, which the line does not show.
-_HISTORY = re.compile(r"!(?![\s=(]|$)")
 ENV_ALLOW = re.compile(r"^(LANG|LC_[A-Z]+|GIT_PROTOCOL|TZ)$")
-_ECHO_QUIET = 0.03
-_ECHO_MAX = 0.5
-_FIRST_PROMPT_MAX = 5.0
 # Keystrokes queued behind a shell line that waits for its policy decision (an approval
 # can take minutes): past the high mark the agent's channel stops being read, so its SSH
 # window, not the relay's memory, holds the rest.
 _INPUT_HIGH = 1 << 20
 _INPUT_LOW = 256 << 10
-# Keystrokes (input = "all") waiting for their echo: never echoed this far means a
-# hidden prompt, and they are dropped unrecorded.
-_HELD_KEYS_MAX = 64 << 10
 _CONNECT_TIMEOUT = 15
 # Sessions (channels) one agent connection may hold open at once, as OpenSSH's
 # MaxSessions: each costs a recording, an upstream channel and a store row.
@@ -372,10 +364,10 @@ async def connect_target(ctx: RelayContext, target: TargetConfig) -> asyncssh.SS
 
 
 # More than ~20 attributes (an exception to the guide): what is left here is the
-# channel's own bridge state (asyncssh's callbacks on both hops, flow control, held
-# output timers) and the PTY line model's per-keystroke state, which the callbacks read
-# on every chunk; the lifecycle (identity, audit, recording, enforcement, the end) is
-# the session core's. Splitting the line model out is the next step.
+# channel's request (kind, command, terminal) and its bridge state (asyncssh's callbacks
+# on both hops, flow control, held output timers, input queued behind a decision), read
+# by the callbacks on every chunk. The lifecycle (identity, audit, recording,
+# enforcement, the end) is the session core's, the PTY line model ssh_pty.PtyShell's.
 class RelaySession(asyncssh.SSHServerSession[bytes]):
     """One channel of an agent: shell, exec or subsystem, bridged to the target."""
 
@@ -418,27 +410,21 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self._task: asyncio.Task[None] | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._fed: dict[str, float] = {}  # loop time of each stream's last held output
-        self._input: asyncio.Queue[bytes | None] | None = None
-        self._line = ShellLine(80)
-        self._typed = TypedLine()
-        self._keyreader = KeyReader()
+        self.input_queue: asyncio.Queue[bytes | None] | None = None
+        self.pty = PtyShell(self)
         # How the channel's input is taken: "pty" (keystrokes, the echo line model),
         # "stdin" (a shell reading commands from stdin: line-checked), "record" (an
         # interpreter the relay cannot check: input recorded), None (data to a command).
         self.mode: str | None = None
         self._scp = False
         self._unit_allowed = False
-        self._last_output = 0.0
-        self._last_input = 0.0
-        self._echoed = False
-        self._held_keys = bytearray()
         self._queued_in = 0
         self._input_paused = False
         self._ended = False
         self.bytes_in = 0
         self.bytes_out = 0
         self.status = "closed"
-        self._command_id: int | None = None
+        self.command_id: int | None = None
         # Set when the relay ends the session (recording failed): nothing more flows.
         self._stopped = False
 
@@ -453,7 +439,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.term_type = term_type
         if term_size[0] and term_size[1]:
             self.term_size = _clamp_size(term_size[0], term_size[1])
-            self._line = ShellLine(self.term_size[0])
+            self.pty = PtyShell(self, self.term_size[0])
         return True
 
     def shell_requested(self) -> bool:
@@ -496,24 +482,24 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             # stop reading so the agent's window, not our memory, holds the rest.
             self._early.append(data)
             self.chan.pause_reading()
-        elif self._input is not None:
-            self._input.put_nowait(data)
+        elif self.input_queue is not None:
+            self.input_queue.put_nowait(data)
             self._queued_in += len(data)
             if self._queued_in > _INPUT_HIGH and not self._input_paused:
                 self._input_paused = True
                 self.chan.pause_reading()
         else:
             if self.mode == "record":
-                self._safe(lambda rec: rec.input(data))
+                self.safe(lambda rec: rec.input(data))
             else:
-                self._record_input(data)
+                self.record_input(data)
             self.up_chan.write(data)
 
     def eof_received(self) -> bool:
         if self.up_chan is None:
             self._early.append(None)
-        elif self._input is not None:
-            self._input.put_nowait(None)
+        elif self.input_queue is not None:
+            self.input_queue.put_nowait(None)
         else:
             self.up_chan.write_eof()
         return True
@@ -523,11 +509,11 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             return
         width, height = _clamp_size(width, height)
         self.term_size = (width, height)
-        self._line.resize(width)
+        self.pty.resize(width)
         if self.up_chan is not None:
             self.up_chan.change_terminal_size(width, height, pixwidth, pixheight)
         if self.rec is not None and not self.binary:
-            self._safe(lambda rec: rec.resize(width, height))
+            self.safe(lambda rec: rec.resize(width, height))
 
     def signal_received(self, signal: str) -> None:
         if self.up_chan is not None:
@@ -557,9 +543,9 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if self.up_chan is not None:
             self.up_chan.close()
 
-    def _record_input(self, data: bytes) -> None:
+    def record_input(self, data: bytes) -> None:
         if self.rec is not None and not self.binary and self.ctx.cfg.recording.input == "all":
-            self._safe(lambda rec: rec.input(data))
+            self.safe(lambda rec: rec.input(data))
 
     # -- target to agent -----------------------------------------------------------
 
@@ -573,12 +559,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             return
         stream = "err" if datatype == asyncssh.EXTENDED_DATA_STDERR else "out"
         if self.mode == "pty":
-            self._line.feed(data)
-            self._last_output = time.monotonic()
-            if self._line.awaiting:
-                self._echoed = True
-                self._release_keys()
-        masked = self._safe(lambda rec: rec.output(data, stream))
+            self.pty.output_seen(data)
+        masked = self.safe(lambda rec: rec.output(data, stream))
         if masked:
             self.chan.write(masked, datatype)
         self._arm(stream, datatype)
@@ -604,7 +586,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if wait > 0:
             self._timers[stream] = self._loop.call_later(wait, self._deadline, stream, datatype)
             return
-        masked = self._safe(lambda rec: rec.flush_output(stream))
+        masked = self.safe(lambda rec: rec.flush_output(stream))
         if masked:
             self.chan.write(masked, datatype)
 
@@ -615,7 +597,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             timer = self._timers.pop(stream, None)
             if timer is not None:
                 timer.cancel()
-            masked = self._safe(lambda rec, s=stream: rec.flush_output(s))  # type: ignore[misc]
+            masked = self.safe(lambda rec, s=stream: rec.flush_output(s))  # type: ignore[misc]
             if masked:
                 self.chan.write(masked, datatype)
 
@@ -635,7 +617,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         """The session's recorder (None until the recording is opened)."""
         return self.core.rec
 
-    def _safe(self, fn: Callable[[SessionRecorder], Any]) -> Any:
+    def safe(self, fn: Callable[[SessionRecorder], Any]) -> Any:
         """Run a recorder call; a recording failure applies ``recording.on_failure``."""
         return self.recording.safe(fn)
 
@@ -692,12 +674,12 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         data = text.encode()
         if self.mode == "pty":
             data = b"\r\n" + data  # the cursor sits after the echoed command line
-            masked = self._safe(lambda rec: rec.output(data)) if self.rec else data
+            masked = self.safe(lambda rec: rec.output(data)) if self.rec else data
             if masked:
                 self.chan.write(masked)
             self._arm("out", None)
         else:
-            masked = self._safe(lambda rec: rec.output(data, "err")) if self.rec else data
+            masked = self.safe(lambda rec: rec.output(data, "err")) if self.rec else data
             if masked:
                 self.chan.write_stderr(masked)
             self._arm("err", asyncssh.EXTENDED_DATA_STDERR)
@@ -742,7 +724,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             if not await self._exec_allowed(self.command):
                 return
         elif self.kind == "subsystem":
-            self._safe(lambda rec: rec.marker(f"subsystem {self.subsystem}: binary, not recorded"))
+            self.safe(lambda rec: rec.marker(f"subsystem {self.subsystem}: binary, not recorded"))
         if await self._open_upstream():
             await self._bridge()
 
@@ -788,10 +770,10 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         """Move bytes both ways until the target's side ends, then pass on its exit."""
         input_task: asyncio.Future[None] | None = None
         if self.mode == "pty":
-            self._input = asyncio.Queue()
-            input_task = asyncio.ensure_future(self._shell_input())
+            self.input_queue = asyncio.Queue()
+            input_task = asyncio.ensure_future(self.pty.run())
         elif self.mode == "stdin":
-            self._input = asyncio.Queue()
+            self.input_queue = asyncio.Queue()
             input_task = asyncio.ensure_future(self._stdin_input())
         for item in self._early:
             if item is None:
@@ -872,17 +854,17 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     async def _refuse(self, rule: str, marker: str, message: str) -> None:
         """A channel the target does not allow: logged like a blocked command."""
-        self._safe(lambda rec: rec.marker(marker))
+        self.safe(lambda rec: rec.marker(marker))
         self._to_agent(f"castgate: {message}\r\n")
         kind = "exec" if self.kind == "exec" else "shell"
         await self.opened(self.masked_command, kind, Decision("block"), rule=rule)
         self.audit.failure("command.blocked", rule=rule, command=self.masked_command)
         await self.audit.settled()
-        await self._finish_command("blocked")
+        await self.finish_command("blocked")
         self._flush_all()
         self.chan.exit(126)
 
-    def _decide(self, command: str) -> Decision:
+    def decide(self, command: str) -> Decision:
         """The policy's decision on a command or line; starting an interpreter whose
         input cannot be checked as shell is opaque unless a rule decided it, and so is a
         PTY line that changes what keys do (the line model reads keys as the defaults
@@ -909,17 +891,17 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         masked = self.masked_command
         kind = "git" if _GIT.match(command) else "exec"
         if self.rec is not None and self.ctx.cfg.recording.input != "none" and not self.binary:
-            self._safe(lambda rec: rec.command_line(command))
+            self.safe(lambda rec: rec.command_line(command))
         elif self.binary:
-            self._safe(lambda rec: rec.marker(f"{kind}: {masked} (binary stream, not recorded)"))
-        decision = self._decide(command)
-        allowed = await self._apply(decision, masked, kind)
+            self.safe(lambda rec: rec.marker(f"{kind}: {masked} (binary stream, not recorded)"))
+        decision = self.decide(command)
+        allowed = await self.apply(decision, masked, kind)
         if not allowed:
             self._flush_all()
             self.chan.exit(126)
         return allowed
 
-    async def _apply(self, decision: Decision, masked: str, kind: str) -> bool:
+    async def apply(self, decision: Decision, masked: str, kind: str) -> bool:
         """Enforce a policy decision (the session core); True when the command may run."""
         verdict = await self.core.enforce(decision, masked, kind)
         if not verdict.allowed:
@@ -933,7 +915,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self, command: str, kind: str, decision: Decision, *, rule: str | None = None
     ) -> None:
         """A decided command's row in the store (finished by ``_finish_command``)."""
-        self._command_id = await asyncio.to_thread(
+        self.command_id = await asyncio.to_thread(
             self.ctx.spool.add_command,
             self.id,
             command,
@@ -944,11 +926,11 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     async def refused(self, command: str, decision: Decision, status: str) -> None:
         """The command was refused: its row ends with why."""
-        await self._finish_command(status)
+        await self.finish_command(status)
 
-    async def _finish_command(self, status: str) -> None:
-        if self._command_id is not None:
-            cid, self._command_id = self._command_id, None
+    async def finish_command(self, status: str) -> None:
+        if self.command_id is not None:
+            cid, self.command_id = self.command_id, None
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
                     self.ctx.spool.finish_command,
@@ -959,245 +941,22 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                     bytes_out=self.bytes_out,
                 )
 
-    async def _shell_input(self) -> None:
-        """Keystrokes of a PTY session, in order: keys that only edit the line go
-        straight to the target; a key that may run the line (Enter, and any key the
-        relay does not model) first puts the echoed line through the policy."""
-        assert self._input is not None and self.up_chan is not None
-        up = self.up_chan
-        while True:
-            data = await self._input.get()
-            if data is None:
-                up.write_eof()
-                return
-            self._dequeued(data)
-            for key in self._keyreader.feed(data):
-                await self._key(key)
-
-    def _dequeued(self, data: bytes) -> None:
+    def dequeued(self, data: bytes) -> None:
         self._queued_in -= len(data)
         if self._input_paused and self._queued_in < _INPUT_LOW:
             self._input_paused = False
             self.chan.resume_reading()
 
-    async def _key(self, key: Key) -> None:
-        kind = key.kind
-        if kind == "edit":
-            await self._keys(key.data)
-        elif kind == "accept":
-            await self._submit(key.data)
-        elif kind == "operate":
-            # Operate-and-get-next would then draw the next history line as if typed,
-            # before any keystroke marks where the line starts: sent as a plain Enter.
-            await self._submit(b"\r")
-        elif kind == "interrupt":
-            self._line.abandon()
-            self._line.expect_break()
-            self._keyreader.line_ended()
-            self._typed.take()
-            self._echoed = False
-            self._hold_keys(key.data)
-            self._send_key(key.data)
-        elif kind == "eof" and not self._line.awaiting and not self._line.break_pending:
-            self._send_key(key.data)  # Ctrl-D on an empty line: the shell exits
-        else:
-            await self._check_key(key)
-
-    def _send_key(self, data: bytes) -> None:
-        assert self.up_chan is not None
-        self._last_input = time.monotonic()
-        self.up_chan.write(data)
-
-    async def _start_line(self) -> None:
-        """The first keystroke of a line: the prompt ends where the cursor is."""
-        # Output still coming (the last command's, the prompt) would be read as part
-        # of the line: a line typed right behind it starts once it has gone quiet.
-        recent = time.monotonic() - self._last_output < _ECHO_QUIET
-        if self._line.break_pending or not self._last_output or recent:
-            await self._await_prompt()
-        self._line.mark_input_start()
-        self._echoed = False
-
-    async def _keys(self, data: bytes) -> None:
-        if not self._line.awaiting:
-            await self._start_line()
-        self._typed.feed(data)
-        self._hold_keys(data)
-        self._send_key(data)
-
-    async def _await_prompt(self) -> None:
-        """Typeahead: the shell has not answered the last line with a line break yet,
-        or its output is still coming. The next line starts once it has and its output
-        went quiet (bounded); started before, the line is unsure and decided as
-        opaque."""
-        # Before the shell's first output (the login banner, the first prompt) a
-        # session may take seconds to start.
-        first = not self._last_output
-        deadline = time.monotonic() + (_FIRST_PROMPT_MAX if first else _ECHO_MAX)
-        while time.monotonic() < deadline:
-            quiet = time.monotonic() - self._last_output >= _ECHO_QUIET
-            if self._last_output and not self._line.break_pending and quiet:
-                return
-            await asyncio.sleep(_ECHO_QUIET / 3)
-
-    async def _wait_echo(self) -> None:
-        """Let the echo of the last keystrokes arrive before reading the line."""
-        deadline = self._last_input + _ECHO_MAX
-        while time.monotonic() < deadline:
-            last = max(self._last_output, self._last_input)
-            if self._echoed and time.monotonic() - last >= _ECHO_QUIET:
-                break
-            await asyncio.sleep(_ECHO_QUIET / 3)
-
-    def _hold_keys(self, data: bytes) -> None:
-        """Keystrokes are kept (input = "all") only once the terminal has echoed them:
-        what is typed at a password prompt never reaches the recording."""
-        if self.ctx.cfg.recording.input == "all":
-            self._held_keys += data
-            if self._echoed:
-                self._release_keys()
-            elif len(self._held_keys) > _HELD_KEYS_MAX:
-                self._held_keys.clear()
-
-    def _release_keys(self) -> None:
-        if self._held_keys:
-            keys, self._held_keys = bytes(self._held_keys), bytearray()
-            self._record_input(keys)
-
-    @staticmethod
-    def _judge_line(
-        line: str | None, typed: str, reliable: bool, echoed: bool
-    ) -> tuple[str, str | None]:
-        """The line to decide and, when the relay cannot tell what the shell will run,
-        why (the line is then opaque)."""
-        if line is None:
-            return (typed if reliable else ""), (
-                "the relay lost track of the line (output or a redraw it cannot follow)"
-            )
-        if not echoed:
-            if reliable:
-                return typed, None
-            return "", "typed without echo, with keys the relay cannot replay"
-        if reliable and typed != line:
-            return line, "the echo does not match the keys typed (output while typing?)"
-        if _HISTORY.search(line):
-            return line, "history expansion runs text the line does not show"
-        return line, None
-
-    async def _decide_line(
-        self, text: str, opaque: str | None, echoed: bool, decision: Decision | None = None
-    ) -> bool:
-        """Log, record and enforce the decision on a shell line; True when it may run."""
-        if echoed:
-            masked = self.ctx.masker.mask(text) if text else f"({opaque})"
-            if text and self.ctx.cfg.recording.input == "commands":
-                self._safe(lambda rec: rec.command_line(text))
-        else:
-            # Typed without echo (a password prompt, or `stty -echo`): the policy still
-            # sees it; the recording and the command log never keep it.
-            masked = "(input hidden: terminal echo off)"
-            self._safe(lambda rec: rec.marker("input hidden (terminal echo off)"))
-        if decision is None:
-            decision = self.core.opaque(opaque) if opaque is not None else self._decide(text)
-        allowed = await self._apply(decision, masked, "shell")
-        if allowed and self._command_id is not None:
-            await self._finish_command("submitted")
-        return allowed
-
-    def _discard_line(self) -> None:
-        """The line was refused: discard it at the target, where the shell prints a
-        fresh prompt. Until the shell answers with a line break, the model does not
-        trust that it did (Ctrl-C can be ignored)."""
-        assert self.up_chan is not None
-        self.up_chan.write(b"\x03")
-        self._line.abandon()
-        self._line.expect_break()
-        self._keyreader.line_ended()
-
-    async def _submit(self, key: bytes) -> None:
-        assert self.up_chan is not None
-        if not self._line.awaiting:
-            if self._line.break_pending:
-                await self._await_prompt()
-            if not self._line.break_pending:
-                self._record_input(key)  # Enter on an empty line
-                self._send_key(key)
-                self._line.expect_break()
-                return
-            # The shell never answered the last line's Enter or discard: that line may
-            # still be in its editor, and this Enter would run it.
-            self._keyreader.line_ended()
-            self._typed.take()
-            reason = "the shell did not answer the previous line; it may still be pending"
-            if await self._decide_line("", reason, echoed=True):
-                self._record_input(key)
-                self._send_key(key)
-                self._line.expect_break()
-            else:
-                self._discard_line()
-            return
-        await self._wait_echo()
-        echoed = self._echoed
-        line = self._line.submitted()
-        typed, reliable = self._typed.take()
-        self._keyreader.line_ended()
-        self._echoed = False
-        if echoed:
-            self._release_keys()
-        else:
-            self._held_keys.clear()
-        text, opaque = self._judge_line(line, typed, reliable, echoed)
-        if opaque is None and not text:
-            self._record_input(key)
-            self._send_key(key)
-            self._line.expect_break()
-            return
-        if await self._decide_line(text, opaque, echoed):
-            self._record_input(key)
-            self._send_key(key)
-            self._line.expect_break()
-        else:
-            self._discard_line()
-
-    async def _check_key(self, key: Key) -> None:
-        """A key the relay does not model (Ctrl-D on a line, Meta and Ctrl-X keys,
-        vi-mode commands, function keys): it may run the line, so the line is checked
-        first; an edit-and-execute key is opaque (an editor decides what runs)."""
-        assert self.up_chan is not None
-        if not self._line.awaiting:
-            await self._start_line()
-        else:
-            await self._wait_echo()
-        echoed = self._echoed
-        typed, reliable = self._typed.peek()
-        text, opaque = self._judge_line(self._line.peek(), typed, reliable, echoed or not typed)
-        if key.kind == "execute":
-            opaque = "edit-and-execute: an editor decides what runs"
-        decision = None
-        if opaque is None and text:
-            decision = self._decide(text)
-        checked = opaque is not None or (decision is not None and decision.action != "allow")
-        if checked and not await self._decide_line(text, opaque, echoed or not typed, decision):
-            self._typed.take()
-            self._echoed = False
-            self._discard_line()
-            return
-        self._typed.feed(key.data)
-        self._hold_keys(key.data)
-        self._send_key(key.data)
-        if key.unsure or key.kind == "execute":
-            self._line.mark_unsure()
-
     async def _stdin_input(self) -> None:
         """Stdin of a shell without a PTY is its command stream: each unit the shell
         would run is decided before any byte of it reaches the target; one waiting for
         approval holds what follows, in order."""
-        assert self._input is not None and self.up_chan is not None
+        assert self.input_queue is not None and self.up_chan is not None
         script = StdinScript()
         while True:
-            data = await self._input.get()
+            data = await self.input_queue.get()
             if data is not None:
-                self._dequeued(data)
+                self.dequeued(data)
             units = script.finish() if data is None else script.feed(data)
             for unit in units:
                 await self._stdin_unit(unit)
@@ -1216,22 +975,22 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             return
         text = unit.text
         if self.ctx.cfg.recording.input != "none":
-            self._safe(lambda rec: rec.command_line(text))
+            self.safe(lambda rec: rec.command_line(text))
         if unit.kind == "opaque":
             decision = self.core.opaque(unit.reason or "cannot be parsed")
         else:
-            decision = self._decide(text)
-        self._unit_allowed = await self._apply(decision, self.ctx.masker.mask(text), "shell")
+            decision = self.decide(text)
+        self._unit_allowed = await self.apply(decision, self.ctx.masker.mask(text), "shell")
         if self._unit_allowed:
             self.up_chan.write(unit.data)
-            if self._command_id is not None:
-                await self._finish_command("submitted")
+            if self.command_id is not None:
+                await self.finish_command("submitted")
 
     async def _finish(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
         if self.binary:
-            self._safe(
+            self.safe(
                 lambda rec: rec.marker(
                     f"end: exit {self.exit_status}, {self.bytes_out} bytes from target, "
                     f"{self.bytes_in} bytes from agent"
@@ -1247,7 +1006,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if tail and not self._stopped:
             with contextlib.suppress(Exception):
                 self.chan.write(tail)
-        await self._finish_command("exited" if self.status == "closed" else self.status)
+        await self.finish_command("exited" if self.status == "closed" else self.status)
         detail = {
             "exit_status": self.exit_status,
             "bytes_in": self.bytes_in,
