@@ -11,7 +11,7 @@ import secrets
 from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from recorder.config import Config, mask_policy
 from recorder.masking import Masker
@@ -30,6 +30,9 @@ from relay.ratelimit import AuthLimiter
 from relay.shipping import Shipping
 from relay.store_tasks import Checkpoints, SpoolReplay
 from relay.tokens import Roles, Tokens
+
+if TYPE_CHECKING:
+    from relay.session_core import SessionCore
 
 log = logging.getLogger("castgate.relay")
 
@@ -56,7 +59,7 @@ class RelayContext:
     peer_token: str | None = field(default=None, repr=False)
     cluster: Cluster | None = None
     hub: LiveHub = field(default_factory=LiveHub)
-    live: dict[str, Any] = field(default_factory=dict)
+    live: dict[str, SessionCore] = field(default_factory=dict)
     """Open sessions (their SessionCore) by id."""
     policy: Policy = field(init=False)
     masker: Masker = field(init=False)
