@@ -33,6 +33,7 @@ from relay.live import LiveStream
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.metrics import exposition, relay_registry
 from relay.openapi import document, operation, undocumented
+from relay.tokens import identity_detail
 
 log = logging.getLogger("castgate.api")
 
@@ -98,10 +99,12 @@ async def _authenticate(request: web.Request) -> Identity:
     if ctx.limiter.blocked(peer):
         raise _Fail(429, "too many failed authentication attempts; try later")
     try:
-        ident = await asyncio.to_thread(ctx.token_identity, token.strip())
+        ident = await asyncio.to_thread(ctx.tokens.identity, token.strip())
     except AuthError as exc:
         ctx.limiter.failure(peer)
-        ctx.emit("auth", None, "failure", peer, "api", {"method": "bearer", "reason": str(exc)})
+        ctx.audit.emit(
+            "auth", None, "failure", peer, "api", {"method": "bearer", "reason": str(exc)}
+        )
         raise _Fail(401, f"invalid token: {exc}") from None
     ctx.limiter.success(peer)
     return ident
@@ -114,7 +117,7 @@ def requires(*roles: str) -> Callable[[Handler], Handler]:
         async def inner(request: web.Request) -> web.StreamResponse:
             try:
                 ident = await _authenticate(request)
-                held = _ctx(request).roles(ident.groups)
+                held = _ctx(request).roles.of(ident.groups)
                 if not held & set(roles):
                     raise _Fail(403, f"{ident.name} lacks the role: one of {', '.join(roles)}")
                 request[IDENT] = ident
@@ -300,17 +303,17 @@ async def exchange_token(request: web.Request) -> web.Response:
     if ident.method != "oidc":
         return _error(403, "only an OIDC token can be exchanged")
     try:
-        token, expires = await asyncio.to_thread(ctx.exchange_token, ident)
+        token, expires = await asyncio.to_thread(ctx.tokens.exchange, ident)
     except ValueError as exc:
         return _error(403, str(exc))
     when = datetime.fromtimestamp(expires, UTC)
-    ctx.emit(
+    ctx.audit.emit(
         "token.exchange",
         ident.name,
         "success",
         _peer(request),
         "api",
-        {"expires_at": when.isoformat(), **ctx.identity_detail(ident)},
+        {"expires_at": when.isoformat(), **identity_detail(ident)},
     )
     return _json(
         {"token": token, "expires_at": when, "identity": ident.name, "run_id": ident.run_id}
@@ -357,7 +360,9 @@ async def get_run(request: web.Request) -> web.Response:
     rows = await asyncio.to_thread(ctx.store.run_sessions, rid)
     for row in rows:
         row.pop("cast_path", None)
-    ctx.emit("record.read", ident.name, "success", _peer(request), f"run:{rid}", {"via": "api"})
+    ctx.audit.emit(
+        "record.read", ident.name, "success", _peer(request), f"run:{rid}", {"via": "api"}
+    )
     return _json({"run": runs[0], "sessions": rows})
 
 
@@ -390,7 +395,7 @@ async def get_session(request: web.Request) -> web.Response:
     events = await asyncio.to_thread(ctx.store.list_events, session_id=sid)
     manifest = await asyncio.to_thread(ctx.store.get_manifest, sid)
     row.pop("cast_path", None)
-    ctx.emit(
+    ctx.audit.emit(
         "record.read",
         ident.name,
         "success",
@@ -432,7 +437,7 @@ async def get_cast(request: web.Request) -> web.StreamResponse:
         return _error(502, str(exc))
     if not path.is_file():
         return _error(404, f"no recording for session {row['id']}")
-    ctx.emit(
+    ctx.audit.emit(
         "recording.read",
         ident.name,
         "success",
@@ -470,7 +475,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:  # aiohttp would answer a text/plain 400
         return _error(400, "a WebSocket upgrade is required")
     await ws.prepare(request)
-    ctx.emit(
+    ctx.audit.emit(
         "recording.watch",
         ident.name,
         "success",
@@ -542,7 +547,7 @@ async def _live_elsewhere(request: web.Request, ident: Identity, sid: str) -> we
         except peer.PeerError as exc:
             return _error(exc.status, str(exc))
         await ws.prepare(request)
-        ctx.emit(
+        ctx.audit.emit(
             "recording.watch",
             ident.name,
             "success",
@@ -583,7 +588,7 @@ async def peer_live(request: web.Request) -> web.StreamResponse:
         return _error(429, "too many failed authentication attempts; try later")
     if not peer.peer_token_ok(ctx, request.headers.get(peer.PEER_HEADER)):
         ctx.limiter.failure(origin)
-        ctx.emit(
+        ctx.audit.emit(
             "auth", None, "failure", origin, "peer", {"method": "peer", "reason": "bad secret"}
         )
         return _error(401, "invalid peer token")

@@ -21,6 +21,7 @@ from recorder.config import Config, RuleConfig, mask_policy
 from recorder.errors import CastgateError
 from recorder.masking import Masker
 from recorder.store import Store, StoreError
+from recorder.store.spool import StoreSpool
 
 
 class ApprovalError(CastgateError):
@@ -125,6 +126,51 @@ class Broker:
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_request: list[Callable[[dict[str, Any]], None]] = []
         self.masker = masker or Masker(mask_policy(cfg))
+        self.spool: StoreSpool | None = None
+        """The relay's store spool: while it holds writes, no approval can be asked."""
+
+    async def ask(
+        self,
+        *,
+        session_id: str,
+        identity: str,
+        target: str,
+        command: str,
+        rule: RuleConfig,
+        on_requested: Callable[[int], None],
+    ) -> Outcome:
+        """``wait``, failing closed: StoreError at once while store writes are being
+        spooled (without its store an approval can be neither asked nor awaited), and an
+        approval already asked when the store fails is marked interrupted (if the store
+        takes it), so that nobody decides it later."""
+        spool = self.spool
+        if spool is not None and spool.pending:
+            raise StoreError("audit store unavailable (writes are being spooled)")
+        asked: list[int] = []
+
+        def requested(approval_id: int) -> None:
+            asked.append(approval_id)
+            on_requested(approval_id)
+
+        try:
+            return await self.wait(
+                session_id=session_id,
+                identity=identity,
+                target=target,
+                command=command,
+                rule=rule,
+                on_requested=requested,
+            )
+        except StoreError:
+            if asked:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(
+                        (spool or self.store).set_approval_status,
+                        asked[0],
+                        "interrupted",
+                        reason="approval store unavailable",
+                    )
+            raise
 
     async def wait(
         self,

@@ -168,7 +168,9 @@ class Cluster:
                 "last_heartbeat": beat.isoformat() if isinstance(beat, datetime) else beat,
             }
             log.warning("cluster.node_lost", extra={"node": row["node"], **detail})
-            await ctx.event("node.lost", None, "success", ctx.node, f"node:{row['node']}", detail)
+            await ctx.audit.event(
+                "node.lost", None, "success", ctx.node, f"node:{row['node']}", detail
+            )
 
     async def _declared_lost(self) -> None:
         """Another relay found this one's heartbeat too old (a stall longer than
@@ -184,7 +186,7 @@ class Cluster:
         await asyncio.to_thread(
             ctx.store.register_node, ctx.node, api_url=self.api_url, version=castgate_version()
         )
-        await ctx.event("node.rejoin", None, "success", ctx.node, f"node:{ctx.node}", None)
+        await ctx.audit.event("node.rejoin", None, "success", ctx.node, f"node:{ctx.node}", None)
 
     # -- approvals: LISTEN/NOTIFY -----------------------------------------------------
 

@@ -10,6 +10,13 @@ through the loop (microseconds) for the first packet of a batch.
 
 Flow control is unchanged: what is gathered is at most what one loop iteration produced,
 and the socket transport behind still pauses the protocol past its high-water mark.
+
+The relay's one adapter over asyncssh internals: asyncssh has no public hook for its
+transport, so ``coalesce`` replaces the private ``SSHConnection._transport`` attribute
+(which asyncssh sets in ``connection_made`` and writes every packet to). Nothing else in
+the relay touches asyncssh's private state. tests/unit/test_coalesce.py runs a real
+asyncssh connection through it and fails when an upgrade renames or bypasses that
+attribute.
 """
 
 from __future__ import annotations
@@ -77,10 +84,12 @@ class CoalescingTransport:
         return getattr(self.inner, name)
 
 
-def coalesce(conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> None:
+def coalesce(conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> bool:
     """Put a CoalescingTransport in front of ``conn``'s transport (idempotent; a closed
-    connection is left as it is)."""
+    connection is left as it is). True when ``conn``'s writes now go through one."""
     transport = getattr(conn, "_transport", None)
-    if transport is None or isinstance(transport, CoalescingTransport):
-        return
-    conn._transport = CoalescingTransport(transport, asyncio.get_running_loop())  # type: ignore[assignment]
+    if transport is None:
+        return False
+    if not isinstance(transport, CoalescingTransport):
+        conn._transport = CoalescingTransport(transport, asyncio.get_running_loop())  # type: ignore[assignment]
+    return True

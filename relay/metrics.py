@@ -63,7 +63,7 @@ class RelayCollector(Collector):
             "Audit events written, by kind and outcome.",
             labels=["kind", "outcome"],
         )
-        for (kind, outcome), n in sorted(ctx.counters.items()):
+        for (kind, outcome), n in sorted(ctx.audit.counters.items()):
             events.add_metric([kind, outcome], n)
         yield events
 
@@ -76,7 +76,7 @@ class RelayCollector(Collector):
             labels=["action"],
         )
         for action in _RECORDING_ACTIONS:
-            failures.add_metric([action], ctx.recording_failures[action])
+            failures.add_metric([action], ctx.audit.recording_failures[action])
         yield failures
         yield GaugeMetricFamily(
             "castgate_store_available",
@@ -96,7 +96,7 @@ class RelayCollector(Collector):
             yield CounterMetricFamily(f"castgate_store_{name}", help_text, value=value)
 
     def _uploads(self) -> Iterator[Metric]:
-        up = self.ctx.uploader
+        up = self.ctx.shipping.uploader
         if up is None:
             return
         uploads = CounterMetricFamily(

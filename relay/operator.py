@@ -63,7 +63,7 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
         self.ctx = ctx
         self.ident = ident
         self.peer = peer
-        self.roles = ctx.roles(ident.groups)
+        self.roles = ctx.roles.of(ident.groups)
         self.command: str | None = None
         self.pty = False
         self._stop = asyncio.Event()
@@ -139,7 +139,7 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
             self._out(HELP)
             return 0 if argv else 2
         cmd, args = argv[0], argv[1:]
-        self.ctx.emit(
+        self.ctx.audit.emit(
             "operator.command",
             self.ident.name,
             "success",
@@ -206,7 +206,7 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
         if self.ctx.api_url is None:
             self._out("castgate: the control API is disabled (listen.api)\n")
             return 1
-        token = self.ctx.issue_token(self.ident)
+        token = self.ctx.tokens.issue(self.ident)
         master, slave = os.openpty()
         _set_winsize(slave, *self.term_size)
 
@@ -282,14 +282,14 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
                 loop.remove_reader(master)
             self._master = None
             os.close(master)
-            self.ctx.revoke_token(token)
+            self.ctx.tokens.revoke(token)
         return status if status >= 0 else 128 - status
 
     async def _watch_elsewhere(self, session_id: str) -> int:
         """Watch a session another relay of the deployment holds, through its API."""
         try:
             async with peer.open_live(self.ctx, session_id, self.ident.name) as remote:
-                self.ctx.emit(
+                self.ctx.audit.emit(
                     "recording.watch",
                     self.ident.name,
                     "success",
@@ -326,7 +326,7 @@ class OperatorSession(asyncssh.SSHServerSession[bytes]):
         stream = self.ctx.hub.get(session_id)
         if stream is None:
             return await self._watch_elsewhere(session_id)
-        self.ctx.emit(
+        self.ctx.audit.emit(
             "recording.watch",
             self.ident.name,
             "success",

@@ -141,14 +141,14 @@ async def serve(
         },
     )
     report_task = asyncio.ensure_future(_report_refusals(ctx))
-    spool_task = asyncio.ensure_future(ctx.replay_spool())
+    spool_task = asyncio.ensure_future(ctx.spool_replay.run())
     sync_task = asyncio.ensure_future(sync_open_casts(ctx))
-    checkpoint_task = asyncio.ensure_future(ctx.store_checkpoints())
+    checkpoint_task = asyncio.ensure_future(ctx.checkpoints.run())
     try:
         # After crash recovery, so its start scan ships the casts recovery sealed; before
         # the listeners, so a bad [s3] setting stops the relay before it accepts anyone.
         # One worker looks for what earlier runs left; each ships its own new casts.
-        ctx.start_uploads(scan=worker in (None, 0))
+        ctx.shipping.start_uploads(scan=worker in (None, 0))
         if cfg.listen.ssh:
             host, port = split_address(cfg.listen.ssh, "ssh")
             ssh_server = await asyncssh.create_server(
@@ -196,7 +196,9 @@ async def serve(
             await cluster.advertise()
         if not shared:
             write_runtime(cfg, listening)  # the supervisor writes it for its workers
-        await ctx.event("relay.start", None, "success", ctx.node, "relay", {"listen": listening})
+        await ctx.audit.event(
+            "relay.start", None, "success", ctx.node, "relay", {"listen": listening}
+        )
         log.info("relay.listening", extra=listening)
         if ready is not None:
             ready(listening)
@@ -219,13 +221,13 @@ async def serve(
         if ssh_server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ssh_server.wait_closed(), 5)
-        await ctx.drain()
+        await ctx.background.drain()
         if pg is not None:
             await pg.qlog.close()
-        await ctx.stop_uploads()
-        await ctx.drain()
+        await ctx.shipping.stop_uploads()
+        await ctx.background.drain()
         await cluster.stop()
-        await ctx.event("relay.stop", None, "success", ctx.node, "relay", None)
+        await ctx.audit.event("relay.stop", None, "success", ctx.node, "relay", None)
         # What is still spooled stays on disk; the next start replays it.
         report_task.cancel()
         spool_task.cancel()

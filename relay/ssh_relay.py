@@ -24,18 +24,20 @@ from asyncssh.auth import KbdIntChallenge, KbdIntResponse
 from asyncssh.misc import TermModes, TermSize
 
 from recorder.config import TargetConfig
-from recorder.recording import CastWriter, DiscardWriter, RecordingError
 from recorder.session import SessionRecorder
-from recorder.store import StoreError
-from relay.approvals import Outcome
+from relay.audit import BoundAudit
 from relay.coalesce import coalesce
 from relay.connlimit import Ticket
 from relay.context import RelayContext, new_session_id
 from relay.identity import AuthError, Identity
 from relay.operator import OPERATOR_ROLES, OPERATOR_USER, OperatorSession
 from relay.policy import Decision
-from relay.shell_line import Key, KeyReader, ScriptUnit, ShellLine, StdinScript, TypedLine
+from relay.session_core import SessionCore
+from relay.session_recording import CastSpec
+from relay.shell_line import ScriptUnit, StdinScript
 from relay.shell_parse import analyze
+from relay.ssh_pty import PtyShell
+from relay.tokens import expiry_text, identity_detail, token_deadline
 from replay.castfile import MAX_SIZE as MAX_TERMINAL
 
 log = logging.getLogger("castgate.ssh")
@@ -59,21 +61,12 @@ _GIT = re.compile(r"^\s*git[ -]")
 # Commands that rebind keys or the terminal's control characters.
 _REBIND = frozenset({"bind", "bindkey", "zle"})
 _STTY_READ = frozenset({"size", "-a", "--all", "-g", "--save", "sane"})
-# Bash's history expansion (an interactive shell only): `!!`, `!-2`, `!rm` run text
-# from the history, which the line does not show.
-_HISTORY = re.compile(r"!(?![\s=(]|$)")
 ENV_ALLOW = re.compile(r"^(LANG|LC_[A-Z]+|GIT_PROTOCOL|TZ)$")
-_ECHO_QUIET = 0.03
-_ECHO_MAX = 0.5
-_FIRST_PROMPT_MAX = 5.0
 # Keystrokes queued behind a shell line that waits for its policy decision (an approval
 # can take minutes): past the high mark the agent's channel stops being read, so its SSH
 # window, not the relay's memory, holds the rest.
 _INPUT_HIGH = 1 << 20
 _INPUT_LOW = 256 << 10
-# Keystrokes (input = "all") waiting for their echo: never echoed this far means a
-# hidden prompt, and they are dropped unrecorded.
-_HELD_KEYS_MAX = 64 << 10
 _CONNECT_TIMEOUT = 15
 # Sessions (channels) one agent connection may hold open at once, as OpenSSH's
 # MaxSessions: each costs a recording, an upstream channel and a store row.
@@ -141,6 +134,7 @@ class RelayServer(asyncssh.SSHServer):
         self._refused: str | None = None  # over a connection cap: the reason
         self._refusal: asyncio.TimerHandle | None = None
         self.sessions: set[RelaySession] = set()
+        self.audit: BoundAudit = ctx.audit.bind()
 
     # -- connection and authentication -------------------------------------------
 
@@ -149,6 +143,7 @@ class RelayServer(asyncssh.SSHServer):
         coalesce(conn)
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.audit = self.ctx.audit.bind(origin=self.peer)
         admitted = self.ctx.connections.admit("ssh", str(peer[0]) if peer else "?")
         if isinstance(admitted, str):
             # The refusal is sent when the client asks to authenticate: the key exchange
@@ -187,6 +182,7 @@ class RelayServer(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.target_name = username
+        self.audit = self.audit.bind(resource=f"ssh:{username}")
         if self._refused is not None:
             self._refuse_now()
         return True  # never "no authentication needed", refused or not
@@ -195,27 +191,14 @@ class RelayServer(asyncssh.SSHServer):
         if self._refused is not None:
             return True  # over a connection cap: no credential is even looked at
         if self.ctx.limiter.blocked(self.peer):
-            self.ctx.emit(
-                "auth",
-                None,
-                "failure",
-                self.peer,
-                f"ssh:{self.target_name}",
-                {"method": method, "reason": "too many failed attempts from this address"},
-            )
+            reason = "too many failed attempts from this address"
+            self.audit.failure("auth", method=method, reason=reason)
             return True
         return False
 
-    def _failed(self, method: str, reason: str, who: str | None = None) -> None:
+    def _failed(self, method: str, reason: str) -> None:
         self.ctx.limiter.failure(self.peer)
-        self.ctx.emit(
-            "auth",
-            who,
-            "failure",
-            self.peer,
-            f"ssh:{self.target_name}",
-            {"method": method, "reason": reason},
-        )
+        self.audit.failure("auth", method=method, reason=reason)
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -262,19 +245,10 @@ class RelayServer(asyncssh.SSHServer):
         self.identity = self._last_ok
         ident = self.identity
         assert ident is not None
-        self.ctx.emit(
-            "auth",
-            ident.name,
-            "success",
-            self.peer,
-            f"ssh:{self.target_name}",
-            {
-                "method": ident.method,
-                "groups": list(ident.groups),
-                **self.ctx.identity_detail(ident),
-            },
-        )
-        deadline = self.ctx.token_deadline(ident)
+        self.audit = self.audit.bind(actor=ident.name)
+        detail = identity_detail(ident)
+        self.audit.success("auth", method=ident.method, groups=list(ident.groups), **detail)
+        deadline = token_deadline(ident)
         if deadline is not None:
             # The connection ends with its token: its sessions end at the deadline
             # (each with its message and marker); the connection a little after, so an
@@ -287,7 +261,9 @@ class RelayServer(asyncssh.SSHServer):
         ident, conn = self.identity, self.conn
         if ident is None or conn is None:
             return
-        message = self.ctx.token_expired(ident, self.peer, f"ssh:{self.target_name}")
+        when = expiry_text(ident)
+        self.audit.success("session.token_expired", expired_at=when, provider=ident.provider)
+        message = f"castgate: your token expired at {when}; the session is closed"
         conn.disconnect(asyncssh.DISC_BY_APPLICATION, message)
 
     # -- admission ---------------------------------------------------------------
@@ -296,15 +272,8 @@ class RelayServer(asyncssh.SSHServer):
         ident = self.identity
         assert ident is not None
         if self.target_name == OPERATOR_USER:
-            if not self.ctx.roles(ident.groups) & OPERATOR_ROLES:
-                self.ctx.emit(
-                    "access",
-                    ident.name,
-                    "failure",
-                    self.peer,
-                    "operator",
-                    {"reason": "no operator role"},
-                )
+            if not self.ctx.roles.of(ident.groups) & OPERATOR_ROLES:
+                self.audit.bind(resource="operator").failure("access", reason="no operator role")
                 raise asyncssh.ChannelOpenError(
                     asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                     f"castgate: {ident.name} has no operator role (approver, auditor, admin)",
@@ -317,14 +286,7 @@ class RelayServer(asyncssh.SSHServer):
         elif not self.ctx.policy.can_access(ident.groups, target):
             reason = f"identity {ident.name} is not in any group of target {target.name}"
         if reason is not None or target is None:
-            self.ctx.emit(
-                "access",
-                ident.name,
-                "failure",
-                self.peer,
-                f"ssh:{self.target_name}",
-                {"reason": reason},
-            )
+            self.audit.failure("access", reason=reason)
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"castgate: {reason}"
             )
@@ -340,35 +302,25 @@ class RelayServer(asyncssh.SSHServer):
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> bool:
-        who = self.identity.name if self.identity else None
-        self._refuse_forward(who, f"direct-tcpip to {dest_host}:{dest_port}")
+        self._refuse_forward(f"direct-tcpip to {dest_host}:{dest_port}")
         raise asyncssh.ChannelOpenError(
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
             "castgate: port forwarding is not allowed through this relay",
         )
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        who = self.identity.name if self.identity else None
-        self._refuse_forward(who, f"tcpip-forward on {listen_host}:{listen_port}")
+        self._refuse_forward(f"tcpip-forward on {listen_host}:{listen_port}")
         return False
 
     def unix_connection_requested(self, dest_path: str) -> bool:
-        who = self.identity.name if self.identity else None
-        self._refuse_forward(who, f"unix socket {dest_path}")
+        self._refuse_forward(f"unix socket {dest_path}")
         raise asyncssh.ChannelOpenError(
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
             "castgate: socket forwarding is not allowed through this relay",
         )
 
-    def _refuse_forward(self, who: str | None, what: str) -> None:
-        self.ctx.emit(
-            "forwarding",
-            who,
-            "failure",
-            self.peer,
-            f"ssh:{self.target_name}",
-            {"request": what, "reason": "forwarding disabled"},
-        )
+    def _refuse_forward(self, what: str) -> None:
+        self.audit.failure("forwarding", request=what, reason="forwarding disabled")
 
     # -- upstream ----------------------------------------------------------------
 
@@ -435,6 +387,11 @@ async def connect_target(ctx: RelayContext, target: TargetConfig) -> asyncssh.SS
     return conn
 
 
+# More than ~20 attributes (an exception to the guide): what is left here is the
+# channel's request (kind, command, terminal) and its bridge state (asyncssh's callbacks
+# on both hops, flow control, held output timers, input queued behind a decision), read
+# by the callbacks on every chunk. The lifecycle (identity, audit, recording,
+# enforcement, the end) is the session core's, the PTY line model ssh_pty.PtyShell's.
 class RelaySession(asyncssh.SSHServerSession[bytes]):
     """One channel of an agent: shell, exec or subsystem, bridged to the target."""
 
@@ -445,7 +402,21 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.server = server
         self.ident = ident
         self.target = target
-        self.id = new_session_id()
+        self.core = SessionCore(
+            ctx,
+            session_id=new_session_id(),
+            ident=ident,
+            target=target,
+            origin=server.peer,
+            frontend=self,
+            commands=self,
+            on_lost=self._recording_lost,
+        )
+        self.id = self.core.id
+        self.audit = self.core.audit
+        self.recording = self.core.recording
+        # Refusals of a channel request, before the session (and its row) exists.
+        self._request_audit = self.audit.bind(session_id=None)
         self.kind = "shell"
         self.command: str | None = None
         self.subsystem: str | None = None
@@ -456,35 +427,28 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.exit_signal: tuple[str, bool, str, str] | None = None
         self.chan: asyncssh.SSHServerChannel[bytes]
         self.up_chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self.rec: SessionRecorder | None = None
+        self.masked_command = ""
         self._early: list[bytes | None] = []
         self._loop = asyncio.get_event_loop()
         self._done = self._loop.create_future()
         self._task: asyncio.Task[None] | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._fed: dict[str, float] = {}  # loop time of each stream's last held output
-        self._input: asyncio.Queue[bytes | None] | None = None
-        self._line = ShellLine(80)
-        self._typed = TypedLine()
-        self._keyreader = KeyReader()
+        self.input_queue: asyncio.Queue[bytes | None] | None = None
+        self.pty = PtyShell(self)
         # How the channel's input is taken: "pty" (keystrokes, the echo line model),
         # "stdin" (a shell reading commands from stdin: line-checked), "record" (an
         # interpreter the relay cannot check: input recorded), None (data to a command).
         self.mode: str | None = None
         self._scp = False
         self._unit_allowed = False
-        self._last_output = 0.0
-        self._last_input = 0.0
-        self._echoed = False
-        self._held_keys = bytearray()
         self._queued_in = 0
         self._input_paused = False
         self._ended = False
         self.bytes_in = 0
         self.bytes_out = 0
         self.status = "closed"
-        self._command_id: int | None = None
-        self._rec_failed = False
+        self.command_id: int | None = None
         # Set when the relay ends the session (recording failed): nothing more flows.
         self._stopped = False
 
@@ -499,7 +463,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.term_type = term_type
         if term_size[0] and term_size[1]:
             self.term_size = _clamp_size(term_size[0], term_size[1])
-            self._line = ShellLine(self.term_size[0])
+            self.pty = PtyShell(self, self.term_size[0])
         return True
 
     def shell_requested(self) -> bool:
@@ -510,14 +474,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if "\x00" in command:
             # No shell command holds a NUL, and OpenSSH drops the whole (shared)
             # upstream connection on one: refuse the request instead.
-            self.ctx.emit(
-                "exec",
-                self.ident.name,
-                "failure",
-                self.server.peer,
-                f"ssh:{self.target.name}",
-                {"reason": "NUL byte in the command"},
-            )
+            self._request_audit.failure("exec", reason="NUL byte in the command")
             return False
         self.kind = "exec"
         self.command = command
@@ -531,14 +488,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self.subsystem = subsystem
             self.binary = True
             return True
-        self.ctx.emit(
-            "subsystem",
-            self.ident.name,
-            "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"subsystem": subsystem, "reason": "not enabled for this target"},
-        )
+        reason = "not enabled for this target"
+        self._request_audit.failure("subsystem", subsystem=subsystem, reason=reason)
         return False
 
     def session_started(self) -> None:
@@ -555,24 +506,24 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             # stop reading so the agent's window, not our memory, holds the rest.
             self._early.append(data)
             self.chan.pause_reading()
-        elif self._input is not None:
-            self._input.put_nowait(data)
+        elif self.input_queue is not None:
+            self.input_queue.put_nowait(data)
             self._queued_in += len(data)
             if self._queued_in > _INPUT_HIGH and not self._input_paused:
                 self._input_paused = True
                 self.chan.pause_reading()
         else:
             if self.mode == "record":
-                self._safe(lambda rec: rec.input(data))
+                self.safe(lambda rec: rec.input(data))
             else:
-                self._record_input(data)
+                self.record_input(data)
             self.up_chan.write(data)
 
     def eof_received(self) -> bool:
         if self.up_chan is None:
             self._early.append(None)
-        elif self._input is not None:
-            self._input.put_nowait(None)
+        elif self.input_queue is not None:
+            self.input_queue.put_nowait(None)
         else:
             self.up_chan.write_eof()
         return True
@@ -582,11 +533,11 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             return
         width, height = _clamp_size(width, height)
         self.term_size = (width, height)
-        self._line.resize(width)
+        self.pty.resize(width)
         if self.up_chan is not None:
             self.up_chan.change_terminal_size(width, height, pixwidth, pixheight)
         if self.rec is not None and not self.binary:
-            self._safe(lambda rec: rec.resize(width, height))
+            self.safe(lambda rec: rec.resize(width, height))
 
     def signal_received(self, signal: str) -> None:
         if self.up_chan is not None:
@@ -616,9 +567,9 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if self.up_chan is not None:
             self.up_chan.close()
 
-    def _record_input(self, data: bytes) -> None:
+    def record_input(self, data: bytes) -> None:
         if self.rec is not None and not self.binary and self.ctx.cfg.recording.input == "all":
-            self._safe(lambda rec: rec.input(data))
+            self.safe(lambda rec: rec.input(data))
 
     # -- target to agent -----------------------------------------------------------
 
@@ -632,12 +583,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             return
         stream = "err" if datatype == asyncssh.EXTENDED_DATA_STDERR else "out"
         if self.mode == "pty":
-            self._line.feed(data)
-            self._last_output = time.monotonic()
-            if self._line.awaiting:
-                self._echoed = True
-                self._release_keys()
-        masked = self._safe(lambda rec: rec.output(data, stream))
+            self.pty.output_seen(data)
+        masked = self.safe(lambda rec: rec.output(data, stream))
         if masked:
             self.chan.write(masked, datatype)
         self._arm(stream, datatype)
@@ -663,7 +610,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if wait > 0:
             self._timers[stream] = self._loop.call_later(wait, self._deadline, stream, datatype)
             return
-        masked = self._safe(lambda rec: rec.flush_output(stream))
+        masked = self.safe(lambda rec: rec.flush_output(stream))
         if masked:
             self.chan.write(masked, datatype)
 
@@ -674,7 +621,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             timer = self._timers.pop(stream, None)
             if timer is not None:
                 timer.cancel()
-            masked = self._safe(lambda rec, s=stream: rec.flush_output(s))  # type: ignore[misc]
+            masked = self.safe(lambda rec, s=stream: rec.flush_output(s))  # type: ignore[misc]
             if masked:
                 self.chan.write(masked, datatype)
 
@@ -689,42 +636,18 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     # -- recording -------------------------------------------------------------------
 
-    def _safe(self, fn: Callable[[SessionRecorder], Any]) -> Any:
-        """Run a recorder call; a recording failure applies ``recording.on_failure``."""
-        if self.rec is None:
-            return None
-        try:
-            return fn(self.rec)
-        except RecordingError as exc:
-            self._recording_failed(str(exc))
-            return None
+    @property
+    def rec(self) -> SessionRecorder | None:
+        """The session's recorder (None until the recording is opened)."""
+        return self.core.rec
 
-    def _recording_failed(self, message: str, *, at_start: bool = False) -> None:
-        """Apply ``recording.on_failure`` once: the recording is aborted (left unsealed,
-        verifiable up to its last complete line) and replaced by a DiscardWriter, so
-        masking and the live view go on; ``terminate`` ends the session with a message,
-        ``continue`` tells the agent and goes on unrecorded. Also the writer pool's
-        ``on_error`` hook, called on the loop."""
-        if self._rec_failed:
-            return
-        self._rec_failed = True
-        policy = self.ctx.cfg.recording.on_failure
-        rec = self.rec
-        if rec is not None and not isinstance(rec.writer, DiscardWriter):
-            rec.writer.abort()
-            rec.writer = DiscardWriter.replacing(rec.writer, message)
-        terminate = policy == "terminate"
-        action = ("refused" if at_start else "terminated") if terminate else "continued"
-        self.ctx.recording_failed(
-            session_id=self.id,
-            actor=self.ident.name,
-            origin=self.server.peer,
-            resource=f"ssh:{self.target.name}",
-            error=message,
-            action=action,
-        )
-        # The agent learns the cause, not the relay's file paths.
-        why = message.rsplit(": ", 1)[-1]
+    def safe(self, fn: Callable[[SessionRecorder], Any]) -> Any:
+        """Run a recorder call; a recording failure applies ``recording.on_failure``."""
+        return self.recording.safe(fn)
+
+    def _recording_lost(self, why: str, *, terminate: bool, at_start: bool) -> None:
+        """The agent learns that its session cannot be recorded: ``continue`` tells it
+        and goes on unrecorded, ``terminate`` ends the session (nothing more flows)."""
         if not terminate:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.chan.write_stderr(
@@ -746,72 +669,28 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         if self.up_chan is not None:
             self.up_chan.close()
 
-    def _writer_failed(self, message: str) -> None:
-        """``on_error`` of the cast writer: runs in a writer thread."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to end
-            self._loop.call_soon_threadsafe(self._recording_failed, message)
-
     def _open_recording(self) -> str | None:
-        """Open the cast; returns why it could not be, or None. A failed cast is
-        replaced by a DiscardWriter (masking still applies to everything sent)."""
+        """Open the cast; returns why it could not be, or None."""
         title = self.command if self.command is not None else (self.subsystem or "shell")
-        masked_title = self.ctx.masker.mask(title)
-        self.masked_command = masked_title
-        path = self.ctx.cfg.recordings_dir / f"{self.id}.cast"
-        failure = None
-        writer: CastWriter
-        try:
-            writer = CastWriter(
-                path,
+        self.masked_command = masked = self.ctx.masker.mask(title)
+        who = {"identity": self.ident.name, "target": self.target.name, "protocol": "ssh"}
+        return self.recording.open(
+            CastSpec(
+                title=f"{self.ident.name}@{self.target.name}: {masked}",
                 width=self.term_size[0],
                 height=self.term_size[1],
-                session_id=self.id,
-                signing_key=self.ctx.signing_key,
-                title=f"{self.ident.name}@{self.target.name}: {masked_title}",
                 env={"TERM": self.term_type or "dumb", "SHELL": "/bin/sh"},
-                fsync_interval=self.ctx.cfg.recording.fsync_interval,
-                on_checkpoint=self._checkpoint,
-                threaded=True,
-                extra_header={
-                    "identity": self.ident.name,
-                    "target": self.target.name,
-                    "protocol": "ssh",
-                    "kind": self.kind,
-                    **self.ctx.identity_detail(self.ident),
-                },
-                on_error=self._writer_failed,
+                header={**who, "kind": self.kind, **identity_detail(self.ident)},
+                live={**who, "kind": self.kind},
+                input_mode=self.ctx.cfg.recording.input,
+                hold_deadline=self.ctx.hold_deadline,
             )
-        except RecordingError as exc:
-            failure = str(exc)
-            writer = DiscardWriter(
-                path,
-                session_id=self.id,
-                width=self.term_size[0],
-                height=self.term_size[1],
-                error=failure,
-            )
-        self.live = self.ctx.hub.open(
-            self.id,
-            {
-                "identity": self.ident.name,
-                "target": self.target.name,
-                "protocol": "ssh",
-                "kind": self.kind,
-            },
-            self.term_size[0],
-            self.term_size[1],
         )
-        self.rec = SessionRecorder(
-            writer,
-            self.ctx.masker,
-            input_mode=self.ctx.cfg.recording.input,
-            hold_deadline=self.ctx.hold_deadline,
-            live=self.live,
-        )
-        return failure
 
-    def _checkpoint(self, lines: int, chain_hash: str) -> None:
-        self.ctx.checkpoint(self.id, lines, chain_hash)  # from the writer pool
+    def tell(self, text: str) -> None:
+        """A relay message for the agent (the session core's, e.g. an approval)."""
+        self._to_agent(f"{text}\r\n")
+        self._flush_all()
 
     def _to_agent(self, text: str) -> None:
         """A message from the relay, shown in the agent's terminal (or stderr) and kept
@@ -819,12 +698,12 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         data = text.encode()
         if self.mode == "pty":
             data = b"\r\n" + data  # the cursor sits after the echoed command line
-            masked = self._safe(lambda rec: rec.output(data)) if self.rec else data
+            masked = self.safe(lambda rec: rec.output(data)) if self.rec else data
             if masked:
                 self.chan.write(masked)
             self._arm("out", None)
         else:
-            masked = self._safe(lambda rec: rec.output(data, "err")) if self.rec else data
+            masked = self.safe(lambda rec: rec.output(data, "err")) if self.rec else data
             if masked:
                 self.chan.write_stderr(masked)
             self._arm("err", asyncssh.EXTENDED_DATA_STDERR)
@@ -846,42 +725,21 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             # Sealing the cast and ending the session row must complete even when the
             # agent's connection drops mid-way: run it as its own task.
             fin = asyncio.ensure_future(self._finish())
-            self.ctx.track(fin)
+            self.ctx.background.track(fin)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(fin)
 
     async def _run_inner(self) -> None:
-        ctx = self.ctx
         failure = self._open_recording()
-        # The session row first, even for a refused session: the row says why.
-        await asyncio.to_thread(
-            ctx.spool.create_session,
-            self.id,
-            identity=self.ident.name,
-            target=self.target.name,
+        started = await self.core.start(
             protocol="ssh",
-            groups=list(self.ident.groups),
-            auth_method=self.ident.method,
-            source=self.server.peer,
-            node=ctx.node,
-            cast_path=str(ctx.cfg.recordings_dir / f"{self.id}.cast"),
             title=self.masked_command,
-            **ctx.attribute_session(self.id, self.ident),
+            failure=failure,
+            kind=self.kind,
+            command=self.masked_command,
         )
-        if failure is not None:
-            self._recording_failed(failure, at_start=True)
-            if self._stopped:
-                return
-        ctx.live[self.id] = self
-        await ctx.event(
-            "session.start",
-            self.ident.name,
-            "success",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"kind": self.kind, "command": self.masked_command},
-            session_id=self.id,
-        )
+        if not started or self._stopped:
+            return
         refusal = self._choose_mode()
         if refusal is not None:
             await self._refuse(*refusal)
@@ -890,27 +748,25 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             if not await self._exec_allowed(self.command):
                 return
         elif self.kind == "subsystem":
-            self._safe(lambda rec: rec.marker(f"subsystem {self.subsystem}: binary, not recorded"))
+            self.safe(lambda rec: rec.marker(f"subsystem {self.subsystem}: binary, not recorded"))
+        if await self._open_upstream():
+            await self._bridge()
+
+    async def _open_upstream(self) -> bool:
+        """The target's side of the session; False (the agent told why) when the
+        target cannot be reached or refuses it, or the session ended meanwhile."""
         try:
             conn = await self.server.upstream(self.target)
         except TargetError as exc:
             self.status = "target unreachable"
-            await ctx.event(
-                "target.connect",
-                self.ident.name,
-                "failure",
-                self.server.peer,
-                f"ssh:{self.target.name}",
-                {"reason": str(exc)},
-                session_id=self.id,
-            )
+            self.audit.failure("target.connect", reason=str(exc))
             self._to_agent(f"castgate: {exc}\r\n")
             self._flush_all()
             self.chan.exit(255)
-            return
-        ctx.credential_used(self.id, self.ident.name, self.server.peer, self.target)
+            return False
+        self.core.credential_used()
         if self._stopped:
-            return  # terminated while waiting (approval, target): never start the command
+            return False  # terminated while waiting (approval, target): never start it
         env: dict[bytes | str, bytes | str] = {
             k: v
             for k, v in self.chan.get_environment().items()
@@ -931,13 +787,17 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._to_agent(f"castgate: target {self.target.name} refused the session: {exc}\r\n")
             self._flush_all()
             self.chan.exit(255)
-            return
+            return False
+        return True
+
+    async def _bridge(self) -> None:
+        """Move bytes both ways until the target's side ends, then pass on its exit."""
         input_task: asyncio.Future[None] | None = None
         if self.mode == "pty":
-            self._input = asyncio.Queue()
-            input_task = asyncio.ensure_future(self._shell_input())
+            self.input_queue = asyncio.Queue()
+            input_task = asyncio.ensure_future(self.pty.run())
         elif self.mode == "stdin":
-            self._input = asyncio.Queue()
+            self.input_queue = asyncio.Queue()
             input_task = asyncio.ensure_future(self._stdin_input())
         for item in self._early:
             if item is None:
@@ -957,15 +817,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._to_agent(f"castgate: connection to target {self.target.name} lost: {lost}\r\n")
             self._flush_all()
             self.status = "target lost"
-            self.ctx.emit(
-                "target.lost",
-                self.ident.name,
-                "failure",
-                self.server.peer,
-                f"ssh:{self.target.name}",
-                {"reason": str(lost)},
-                session_id=self.id,
-            )
+            self.audit.failure("target.lost", reason=str(lost))
         self._ended = True
         with contextlib.suppress(OSError, asyncssh.Error):
             if self.exit_signal is not None:
@@ -1026,30 +878,17 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     async def _refuse(self, rule: str, marker: str, message: str) -> None:
         """A channel the target does not allow: logged like a blocked command."""
-        self._safe(lambda rec: rec.marker(marker))
+        self.safe(lambda rec: rec.marker(marker))
         self._to_agent(f"castgate: {message}\r\n")
-        self._command_id = await asyncio.to_thread(
-            self.ctx.spool.add_command,
-            self.id,
-            self.masked_command,
-            kind="exec" if self.kind == "exec" else "shell",
-            action="block",
-            rule=rule,
-        )
-        await self.ctx.event(
-            "command.blocked",
-            self.ident.name,
-            "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"rule": rule, "command": self.masked_command},
-            session_id=self.id,
-        )
-        await self._finish_command("blocked")
+        kind = "exec" if self.kind == "exec" else "shell"
+        await self.opened(self.masked_command, kind, Decision("block"), rule=rule)
+        self.audit.failure("command.blocked", rule=rule, command=self.masked_command)
+        await self.audit.settled()
+        await self.finish_command("blocked")
         self._flush_all()
         self.chan.exit(126)
 
-    def _decide(self, command: str) -> Decision:
+    def decide(self, command: str) -> Decision:
         """The policy's decision on a command or line; starting an interpreter whose
         input cannot be checked as shell is opaque unless a rule decided it, and so is a
         PTY line that changes what keys do (the line model reads keys as the defaults
@@ -1061,127 +900,61 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             analysis = analyze(command)
             if analysis.interpreter == "other":
                 program = analysis.commands[0].program if analysis.commands else "it"
-                return self._opaque(f"starts {program}, an interpreter whose input is not checked")
+                return self.core.opaque(
+                    f"starts {program}, an interpreter whose input is not checked"
+                )
             if self.mode == "pty":
                 for cmd in analysis.commands:
                     if cmd.program in _REBIND or (
                         cmd.program == "stty" and not set(cmd.argv[1:]) <= _STTY_READ
                     ):
-                        return self._opaque(f"{cmd.program} changes what keys do")
+                        return self.core.opaque(f"{cmd.program} changes what keys do")
         return decision
-
-    def _opaque(self, reason: str) -> Decision:
-        return self.ctx.policy.scoped(self.target.name, self.ident.groups).opaque(reason)
 
     async def _exec_allowed(self, command: str) -> bool:
         masked = self.masked_command
         kind = "git" if _GIT.match(command) else "exec"
         if self.rec is not None and self.ctx.cfg.recording.input != "none" and not self.binary:
-            self._safe(lambda rec: rec.command_line(command))
+            self.safe(lambda rec: rec.command_line(command))
         elif self.binary:
-            self._safe(lambda rec: rec.marker(f"{kind}: {masked} (binary stream, not recorded)"))
-        decision = self._decide(command)
-        allowed = await self._apply(decision, masked, kind)
+            self.safe(lambda rec: rec.marker(f"{kind}: {masked} (binary stream, not recorded)"))
+        decision = self.decide(command)
+        allowed = await self.apply(decision, masked, kind)
         if not allowed:
             self._flush_all()
             self.chan.exit(126)
         return allowed
 
-    async def _apply(self, decision: Decision, masked: str, kind: str) -> bool:
-        """Record and enforce a policy decision; True when the command may run."""
-        ctx = self.ctx
-        self._command_id = await asyncio.to_thread(
-            ctx.spool.add_command,
+    async def apply(self, decision: Decision, masked: str, kind: str) -> bool:
+        """Enforce a policy decision (the session core); True when the command may run."""
+        verdict = await self.core.enforce(decision, masked, kind)
+        if not verdict.allowed:
+            what = f": {masked}" if verdict.status == "blocked" else ""
+            self._to_agent(f"{verdict.message}{what}\r\n")
+        return verdict.allowed
+
+    # -- the command log (the session core's CommandLog) ------------------------------
+
+    async def opened(
+        self, command: str, kind: str, decision: Decision, *, rule: str | None = None
+    ) -> None:
+        """A decided command's row in the store (finished by ``_finish_command``)."""
+        self.command_id = await asyncio.to_thread(
+            self.ctx.spool.add_command,
             self.id,
-            masked,
+            command,
             kind=kind,
             action=decision.action,
-            rule=decision.rule_name,
+            rule=rule or decision.rule_name,
         )
-        if decision.action == "allow":
-            return True
-        rule = decision.rule
-        assert rule is not None
-        why = (
-            f" ({decision.reason})"
-            if decision.reason and decision.reason != decision.rule_name
-            else ""
-        )
-        if decision.action == "block":
-            self._safe(lambda rec: rec.marker(f"blocked: {rule.name}{why}"))
-            self._to_agent(f"castgate: blocked by rule {rule.name}{why}: {masked}\r\n")
-            await ctx.event(
-                "command.blocked",
-                self.ident.name,
-                "failure",
-                self.server.peer,
-                f"ssh:{self.target.name}",
-                {"rule": rule.name, "command": masked},
-                session_id=self.id,
-            )
-            await self._finish_command("blocked")
-            return False
 
-        asked: list[int] = []
+    async def refused(self, command: str, decision: Decision, status: str) -> None:
+        """The command was refused: its row ends with why."""
+        await self.finish_command(status)
 
-        def requested(approval_id: int) -> None:
-            asked.append(approval_id)
-            self._safe(
-                lambda rec: rec.marker(f"approval #{approval_id} requested (rule {rule.name})")
-            )
-            self._to_agent(
-                f"castgate: approval #{approval_id} required (rule {rule.name}), waiting{why}\r\n"
-            )
-            self._flush_all()
-
-        try:
-            outcome: Outcome = await ctx.await_approval(
-                session_id=self.id,
-                identity=self.ident.name,
-                target=self.target.name,
-                command=masked,
-                rule=rule,
-                on_requested=requested,
-            )
-        except StoreError as exc:
-            await self._approval_unavailable(rule.name, str(exc), asked[0] if asked else None)
-            return False
-        self._safe(lambda rec: rec.marker(outcome.describe()))
-        await ctx.event(
-            "command.approval",
-            self.ident.name,
-            "success" if outcome.approved else "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"rule": rule.name, "approval": outcome.approval_id, "status": outcome.status},
-            session_id=self.id,
-        )
-        if outcome.approved:
-            self._to_agent(f"castgate: {outcome.describe()}\r\n")
-            return True
-        self._to_agent(f"castgate: {outcome.describe()}\r\n")
-        await self._finish_command(outcome.status)
-        return False
-
-    async def _approval_unavailable(self, rule: str, error: str, approval_id: int | None) -> None:
-        """Fail closed: without its store an approval can be neither asked for nor
-        awaited, so the command is refused like a block."""
-        self._safe(lambda rec: rec.marker(f"refused: approval store unavailable (rule {rule})"))
-        self._to_agent(f"castgate: approval store unavailable; command refused (rule {rule})\r\n")
-        await self.ctx.event(
-            "command.approval",
-            self.ident.name,
-            "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {"rule": rule, "approval": approval_id, "status": "store unavailable", "error": error},
-            session_id=self.id,
-        )
-        await self._finish_command("store unavailable")
-
-    async def _finish_command(self, status: str) -> None:
-        if self._command_id is not None:
-            cid, self._command_id = self._command_id, None
+    async def finish_command(self, status: str) -> None:
+        if self.command_id is not None:
+            cid, self.command_id = self.command_id, None
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
                     self.ctx.spool.finish_command,
@@ -1192,245 +965,22 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
                     bytes_out=self.bytes_out,
                 )
 
-    async def _shell_input(self) -> None:
-        """Keystrokes of a PTY session, in order: keys that only edit the line go
-        straight to the target; a key that may run the line (Enter, and any key the
-        relay does not model) first puts the echoed line through the policy."""
-        assert self._input is not None and self.up_chan is not None
-        up = self.up_chan
-        while True:
-            data = await self._input.get()
-            if data is None:
-                up.write_eof()
-                return
-            self._dequeued(data)
-            for key in self._keyreader.feed(data):
-                await self._key(key)
-
-    def _dequeued(self, data: bytes) -> None:
+    def dequeued(self, data: bytes) -> None:
         self._queued_in -= len(data)
         if self._input_paused and self._queued_in < _INPUT_LOW:
             self._input_paused = False
             self.chan.resume_reading()
 
-    async def _key(self, key: Key) -> None:
-        kind = key.kind
-        if kind == "edit":
-            await self._keys(key.data)
-        elif kind == "accept":
-            await self._submit(key.data)
-        elif kind == "operate":
-            # Operate-and-get-next would then draw the next history line as if typed,
-            # before any keystroke marks where the line starts: sent as a plain Enter.
-            await self._submit(b"\r")
-        elif kind == "interrupt":
-            self._line.abandon()
-            self._line.expect_break()
-            self._keyreader.line_ended()
-            self._typed.take()
-            self._echoed = False
-            self._hold_keys(key.data)
-            self._send_key(key.data)
-        elif kind == "eof" and not self._line.awaiting and not self._line.break_pending:
-            self._send_key(key.data)  # Ctrl-D on an empty line: the shell exits
-        else:
-            await self._check_key(key)
-
-    def _send_key(self, data: bytes) -> None:
-        assert self.up_chan is not None
-        self._last_input = time.monotonic()
-        self.up_chan.write(data)
-
-    async def _start_line(self) -> None:
-        """The first keystroke of a line: the prompt ends where the cursor is."""
-        # Output still coming (the last command's, the prompt) would be read as part
-        # of the line: a line typed right behind it starts once it has gone quiet.
-        recent = time.monotonic() - self._last_output < _ECHO_QUIET
-        if self._line.break_pending or not self._last_output or recent:
-            await self._await_prompt()
-        self._line.mark_input_start()
-        self._echoed = False
-
-    async def _keys(self, data: bytes) -> None:
-        if not self._line.awaiting:
-            await self._start_line()
-        self._typed.feed(data)
-        self._hold_keys(data)
-        self._send_key(data)
-
-    async def _await_prompt(self) -> None:
-        """Typeahead: the shell has not answered the last line with a line break yet,
-        or its output is still coming. The next line starts once it has and its output
-        went quiet (bounded); started before, the line is unsure and decided as
-        opaque."""
-        # Before the shell's first output (the login banner, the first prompt) a
-        # session may take seconds to start.
-        first = not self._last_output
-        deadline = time.monotonic() + (_FIRST_PROMPT_MAX if first else _ECHO_MAX)
-        while time.monotonic() < deadline:
-            quiet = time.monotonic() - self._last_output >= _ECHO_QUIET
-            if self._last_output and not self._line.break_pending and quiet:
-                return
-            await asyncio.sleep(_ECHO_QUIET / 3)
-
-    async def _wait_echo(self) -> None:
-        """Let the echo of the last keystrokes arrive before reading the line."""
-        deadline = self._last_input + _ECHO_MAX
-        while time.monotonic() < deadline:
-            last = max(self._last_output, self._last_input)
-            if self._echoed and time.monotonic() - last >= _ECHO_QUIET:
-                break
-            await asyncio.sleep(_ECHO_QUIET / 3)
-
-    def _hold_keys(self, data: bytes) -> None:
-        """Keystrokes are kept (input = "all") only once the terminal has echoed them:
-        what is typed at a password prompt never reaches the recording."""
-        if self.ctx.cfg.recording.input == "all":
-            self._held_keys += data
-            if self._echoed:
-                self._release_keys()
-            elif len(self._held_keys) > _HELD_KEYS_MAX:
-                self._held_keys.clear()
-
-    def _release_keys(self) -> None:
-        if self._held_keys:
-            keys, self._held_keys = bytes(self._held_keys), bytearray()
-            self._record_input(keys)
-
-    @staticmethod
-    def _judge_line(
-        line: str | None, typed: str, reliable: bool, echoed: bool
-    ) -> tuple[str, str | None]:
-        """The line to decide and, when the relay cannot tell what the shell will run,
-        why (the line is then opaque)."""
-        if line is None:
-            return (typed if reliable else ""), (
-                "the relay lost track of the line (output or a redraw it cannot follow)"
-            )
-        if not echoed:
-            if reliable:
-                return typed, None
-            return "", "typed without echo, with keys the relay cannot replay"
-        if reliable and typed != line:
-            return line, "the echo does not match the keys typed (output while typing?)"
-        if _HISTORY.search(line):
-            return line, "history expansion runs text the line does not show"
-        return line, None
-
-    async def _decide_line(
-        self, text: str, opaque: str | None, echoed: bool, decision: Decision | None = None
-    ) -> bool:
-        """Log, record and enforce the decision on a shell line; True when it may run."""
-        if echoed:
-            masked = self.ctx.masker.mask(text) if text else f"({opaque})"
-            if text and self.ctx.cfg.recording.input == "commands":
-                self._safe(lambda rec: rec.command_line(text))
-        else:
-            # Typed without echo (a password prompt, or `stty -echo`): the policy still
-            # sees it; the recording and the command log never keep it.
-            masked = "(input hidden: terminal echo off)"
-            self._safe(lambda rec: rec.marker("input hidden (terminal echo off)"))
-        if decision is None:
-            decision = self._opaque(opaque) if opaque is not None else self._decide(text)
-        allowed = await self._apply(decision, masked, "shell")
-        if allowed and self._command_id is not None:
-            await self._finish_command("submitted")
-        return allowed
-
-    def _discard_line(self) -> None:
-        """The line was refused: discard it at the target, where the shell prints a
-        fresh prompt. Until the shell answers with a line break, the model does not
-        trust that it did (Ctrl-C can be ignored)."""
-        assert self.up_chan is not None
-        self.up_chan.write(b"\x03")
-        self._line.abandon()
-        self._line.expect_break()
-        self._keyreader.line_ended()
-
-    async def _submit(self, key: bytes) -> None:
-        assert self.up_chan is not None
-        if not self._line.awaiting:
-            if self._line.break_pending:
-                await self._await_prompt()
-            if not self._line.break_pending:
-                self._record_input(key)  # Enter on an empty line
-                self._send_key(key)
-                self._line.expect_break()
-                return
-            # The shell never answered the last line's Enter or discard: that line may
-            # still be in its editor, and this Enter would run it.
-            self._keyreader.line_ended()
-            self._typed.take()
-            reason = "the shell did not answer the previous line; it may still be pending"
-            if await self._decide_line("", reason, echoed=True):
-                self._record_input(key)
-                self._send_key(key)
-                self._line.expect_break()
-            else:
-                self._discard_line()
-            return
-        await self._wait_echo()
-        echoed = self._echoed
-        line = self._line.submitted()
-        typed, reliable = self._typed.take()
-        self._keyreader.line_ended()
-        self._echoed = False
-        if echoed:
-            self._release_keys()
-        else:
-            self._held_keys.clear()
-        text, opaque = self._judge_line(line, typed, reliable, echoed)
-        if opaque is None and not text:
-            self._record_input(key)
-            self._send_key(key)
-            self._line.expect_break()
-            return
-        if await self._decide_line(text, opaque, echoed):
-            self._record_input(key)
-            self._send_key(key)
-            self._line.expect_break()
-        else:
-            self._discard_line()
-
-    async def _check_key(self, key: Key) -> None:
-        """A key the relay does not model (Ctrl-D on a line, Meta and Ctrl-X keys,
-        vi-mode commands, function keys): it may run the line, so the line is checked
-        first; an edit-and-execute key is opaque (an editor decides what runs)."""
-        assert self.up_chan is not None
-        if not self._line.awaiting:
-            await self._start_line()
-        else:
-            await self._wait_echo()
-        echoed = self._echoed
-        typed, reliable = self._typed.peek()
-        text, opaque = self._judge_line(self._line.peek(), typed, reliable, echoed or not typed)
-        if key.kind == "execute":
-            opaque = "edit-and-execute: an editor decides what runs"
-        decision = None
-        if opaque is None and text:
-            decision = self._decide(text)
-        checked = opaque is not None or (decision is not None and decision.action != "allow")
-        if checked and not await self._decide_line(text, opaque, echoed or not typed, decision):
-            self._typed.take()
-            self._echoed = False
-            self._discard_line()
-            return
-        self._typed.feed(key.data)
-        self._hold_keys(key.data)
-        self._send_key(key.data)
-        if key.unsure or key.kind == "execute":
-            self._line.mark_unsure()
-
     async def _stdin_input(self) -> None:
         """Stdin of a shell without a PTY is its command stream: each unit the shell
         would run is decided before any byte of it reaches the target; one waiting for
         approval holds what follows, in order."""
-        assert self._input is not None and self.up_chan is not None
+        assert self.input_queue is not None and self.up_chan is not None
         script = StdinScript()
         while True:
-            data = await self._input.get()
+            data = await self.input_queue.get()
             if data is not None:
-                self._dequeued(data)
+                self.dequeued(data)
             units = script.finish() if data is None else script.feed(data)
             for unit in units:
                 await self._stdin_unit(unit)
@@ -1449,70 +999,44 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             return
         text = unit.text
         if self.ctx.cfg.recording.input != "none":
-            self._safe(lambda rec: rec.command_line(text))
+            self.safe(lambda rec: rec.command_line(text))
         if unit.kind == "opaque":
-            decision = self._opaque(unit.reason or "cannot be parsed")
+            decision = self.core.opaque(unit.reason or "cannot be parsed")
         else:
-            decision = self._decide(text)
-        self._unit_allowed = await self._apply(decision, self.ctx.masker.mask(text), "shell")
+            decision = self.decide(text)
+        self._unit_allowed = await self.apply(decision, self.ctx.masker.mask(text), "shell")
         if self._unit_allowed:
             self.up_chan.write(unit.data)
-            if self._command_id is not None:
-                await self._finish_command("submitted")
+            if self.command_id is not None:
+                await self.finish_command("submitted")
 
     async def _finish(self) -> None:
-        self.ctx.live.pop(self.id, None)
-        self.ctx.hub.close(self.id, self.status)
         for timer in self._timers.values():
             timer.cancel()
-        manifest = None
-        rec = self.rec
-        if rec is not None:
-            try:
-                if self.binary:
-                    rec.marker(
-                        f"end: exit {self.exit_status}, {self.bytes_out} bytes from target, "
-                        f"{self.bytes_in} bytes from agent"
-                    )
-                tail = rec.close(
-                    self.status,
-                    {
-                        "exit_status": self.exit_status,
-                        "exit_signal": self.exit_signal[0] if self.exit_signal else None,
-                        "identity": self.ident.name,
-                        "target": self.target.name,
-                    },
+        if self.binary:
+            self.safe(
+                lambda rec: rec.marker(
+                    f"end: exit {self.exit_status}, {self.bytes_out} bytes from target, "
+                    f"{self.bytes_in} bytes from agent"
                 )
-                if tail and not self._stopped:
-                    with contextlib.suppress(Exception):
-                        self.chan.write(tail)
-                manifest = rec.manifest or None  # empty: the recording had failed
-            except RecordingError as exc:
-                self._recording_failed(str(exc))
-        if manifest is not None and rec is not None and not self.binary:
-            self.ctx.track(asyncio.ensure_future(self.ctx.index_cast(rec.writer.path)))
-        await self._finish_command("exited" if self.status == "closed" else self.status)
-        await self.ctx.end_session(
-            self.id,
-            # After a failure: how far the unsealed cast got, and no manifest.
-            rec,
-            status=self.status,
-            exit_status=self.exit_status,
-        )
-        await self.ctx.event(
-            "session.end",
-            self.ident.name,
-            "success" if self.status == "closed" else "failure",
-            self.server.peer,
-            f"ssh:{self.target.name}",
-            {
-                "status": self.status,
-                "exit_status": self.exit_status,
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-            },
-            session_id=self.id,
-        )
+            )
+        info = {
+            "exit_status": self.exit_status,
+            "exit_signal": self.exit_signal[0] if self.exit_signal else None,
+            "identity": self.ident.name,
+            "target": self.target.name,
+        }
+        tail = self.core.seal(self.status, info, index=not self.binary)
+        if tail and not self._stopped:
+            with contextlib.suppress(Exception):
+                self.chan.write(tail)
+        await self.finish_command("exited" if self.status == "closed" else self.status)
+        detail = {
+            "exit_status": self.exit_status,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+        await self.core.end(self.status, detail, exit_status=self.exit_status)
 
     async def close(self, reason: str) -> None:
         """End the session from the relay's side (shutdown) and wait until sealed."""

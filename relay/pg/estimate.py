@@ -29,7 +29,7 @@ from pglast.visitors import Visitor
 
 from recorder.config import TargetConfig
 from relay.pg import protocol as p
-from relay.pg.upstream import UpstreamError, connect
+from relay.pg.upstream import Upstream, UpstreamError, connect
 
 # Plain EXPLAIN plans these without running them (PostgreSQL's EXPLAIN synopsis).
 _EXPLAINABLE = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
@@ -152,7 +152,7 @@ def plan_estimate(plan_json: bytes) -> Estimate:
         return Estimate(error=f"unreadable plan: {exc}")
 
 
-async def _exchange(up: Any, data: bytes, timeout: float) -> tuple[list[bytes], str | None]:
+async def _exchange(up: Upstream, data: bytes, timeout: float) -> tuple[list[bytes], str | None]:
     """Send ``data`` and read to ReadyForQuery: DataRow first values and the first error."""
     up.writer.write(data)
     await up.writer.drain()
@@ -160,7 +160,7 @@ async def _exchange(up: Any, data: bytes, timeout: float) -> tuple[list[bytes], 
     rows: list[bytes] = []
     error: str | None = None
     while True:
-        chunk = await asyncio.wait_for(up.reader.read(65536), timeout)
+        chunk = await asyncio.wait_for(up.pipe.read(65536), timeout)
         if not chunk:
             raise UpstreamError("the target closed the connection")
         for msg in dec.feed(chunk):

@@ -28,9 +28,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from recorder.config import TargetConfig
-from recorder.recording import CastWriter, DiscardWriter, RecordingError
 from recorder.session import SessionRecorder
-from recorder.store import StoreError
+from relay.audit import BoundAudit
 from relay.context import RelayContext, new_session_id
 from relay.identity import Identity
 from relay.pg import protocol as p
@@ -65,7 +64,10 @@ from relay.pg.sql import (
 )
 from relay.pg.transcript import Bound, Transcript
 from relay.pg.upstream import Upstream, UpstreamError, connect, send_cancel, simple_query
-from relay.policy import Decision, ScopedPolicy
+from relay.policy import Decision
+from relay.session_core import SessionCore
+from relay.session_recording import CastSpec
+from relay.tokens import identity_detail
 
 __all__ = ["CancelMap", "PgListener", "PgSession", "SessionEnd", "call_text", "is_loopback"]
 
@@ -190,14 +192,14 @@ class PgSession:
         self.ident: Identity | None = None
         self.target: TargetConfig | None = None
         self.up: Upstream | None = None
-        self.rec: SessionRecorder | None = None
+        self._core: SessionCore | None = None
+        self.audit: BoundAudit = ctx.audit.bind(origin=self.peer, resource="postgres")
         self.transcript: Transcript | None = None
         self.machine = PgMachine(ctx.masker, self._decide, ctx.cfg.recording.max_statement_bytes)
         self._upipe: Pipe | None = None  # the target's side, once relayed
         # While a statement is on the slow path: its task, and the reads that came.
         self._slow: asyncio.Future[None] | None = None
         self._backlog: deque[bytes] = deque()
-        self._scoped: ScopedPolicy | None = None
         self._gate: SqlGate | None = None
         self.status = "closed"
         self.cancel_key: tuple[int, int] | None = None
@@ -209,7 +211,6 @@ class PgSession:
         # Transcript work waiting to be drawn, in order (see ``_transcribe``).
         self._post: list[tuple[Any, ...]] = []
         self._post_bytes = 0
-        self._rec_failed = False
         self._loop = asyncio.get_event_loop()
         # Resolved once the target has answered everything sent (see ``_settle``).
         self._idle: asyncio.Future[None] | None = None
@@ -260,26 +261,13 @@ class PgSession:
         except SessionEnd as exc:
             self.status = exc.status
             self._marker(f"terminated: {exc.message}")
-            self.ctx.emit(
-                "pg.session_end",
-                self.ident.name if self.ident else None,
-                "failure",
-                self.peer,
-                f"postgres:{self.target.name if self.target else ''}",
-                exc.event,
-                session_id=self.id,
-            )
+            self.audit.failure("pg.session_end", **exc.event)
             await self._fatal(exc.sqlstate, exc.message)
         except p.ProtocolError as exc:
             self.status = "protocol error"
             await self._fatal("08P01", f"castgate: {exc}")
-            self.ctx.emit(
-                "pg.protocol",
-                self.ident.name if self.ident else None,
-                "failure",
-                self.peer,
-                "postgres",
-                {"error": str(exc)},
+            self.audit.bind(resource="postgres", session_id=None).failure(
+                "pg.protocol", error=str(exc)
             )
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             if self.status != "recording failed":  # the relay closed it on purpose
@@ -299,23 +287,12 @@ class PgSession:
         if refusal.target is not None:
             self.target = refusal.target
         if refusal.event == "auth":
-            self.ctx.emit(
-                "auth",
-                user or None,
-                "failure",
-                self.peer,
-                f"postgres:{database}",
-                {"method": refusal.method, "reason": refusal.reason},
+            self.audit.bind(actor=user or None, resource=f"postgres:{database}").failure(
+                "auth", method=refusal.method, reason=refusal.reason
             )
         elif refusal.event is not None:
-            self.ctx.emit(
-                refusal.event,
-                self.ident.name if self.ident else None,
-                "failure",
-                self.peer,
-                f"postgres:{self.target.name if self.target else database}",
-                {"reason": refusal.reason},
-            )
+            resource = f"postgres:{self.target.name if self.target else database}"
+            self.audit.bind(resource=resource).failure(refusal.event, reason=refusal.reason)
         await self._fatal(refusal.sqlstate, refusal.message)
         return False
 
@@ -374,17 +351,9 @@ class PgSession:
             await self._refused(ident, login.user, login.database)
             return None
         self.ident = ident
-        self.ctx.emit(
-            "auth",
-            ident.name,
-            "success",
-            self.peer,
-            f"postgres:{login.database}",
-            {
-                "method": ident.method,
-                "groups": list(ident.groups),
-                **self.ctx.identity_detail(ident),
-            },
+        self.audit = self.audit.bind(actor=ident.name, resource=f"postgres:{login.database}")
+        self.audit.success(
+            "auth", method=ident.method, groups=list(ident.groups), **identity_detail(ident)
         )
         return login, ident
 
@@ -404,41 +373,16 @@ class PgSession:
         self.up = connected.up
         self.machine.masking.keys = connected.mask_keys
         self.machine.masking.copy_tables = connected.copy_tables
-        self.ctx.credential_used(self.id, ident.name, self.peer, target)
+        self.core.credential_used()
         return await self._begin(ident, target, connected.up)
 
     async def _begin(self, ident: Identity, target: TargetConfig, up: Upstream) -> bool:
         """The recording, the session row, and the client's answer to its startup."""
         failure = self._open_recording()
-        # The session row first, even for a refused session: the row says why.
-        await asyncio.to_thread(
-            self.ctx.spool.create_session,
-            self.id,
-            identity=ident.name,
-            target=target.name,
-            protocol="postgres",
-            groups=list(ident.groups),
-            auth_method=ident.method,
-            source=self.peer,
-            node=self.ctx.node,
-            cast_path=str(self.ctx.cfg.recordings_dir / f"{self.id}.cast"),
-            title=f"{ident.name}@{target.name}",
-            **self.ctx.attribute_session(self.id, ident),
-        )
-        if failure is not None:
-            self._recording_failed(failure, at_start=True)
-            if self.status == "recording failed":
-                return False
-        self.ctx.live[self.id] = self
-        self.ctx.emit(
-            "session.start",
-            ident.name,
-            "success",
-            self.peer,
-            f"postgres:{target.name}",
-            {"tls": self.tls},
-            session_id=self.id,
-        )
+        if not await self.core.start(
+            protocol="postgres", title=f"{ident.name}@{target.name}", failure=failure, tls=self.tls
+        ):
+            return False
         notice = None
         if failure is not None:
             notice = (
@@ -459,13 +403,37 @@ class PgSession:
         pid, key = struct.unpack_from("!ii", body, 0)
         found = self.listener.cancels.get(pid, key)
         if found is None:
-            self.ctx.emit(
-                "pg.cancel", None, "failure", self.peer, "postgres", {"reason": "unknown key"}
-            )
+            self.audit.failure("pg.cancel", reason="unknown key")
             return
         target, up_pid, up_key = found
         await send_cancel(target, up_pid, up_key)
-        self.ctx.emit("pg.cancel", None, "success", self.peer, f"postgres:{target.name}", None)
+        self.audit.bind(resource=f"postgres:{target.name}").success("pg.cancel")
+
+    # -- the session core ------------------------------------------------------------
+
+    @property
+    def core(self) -> SessionCore:
+        """The session core, once the identity and the target are known."""
+        if self._core is None:
+            assert self.ident is not None and self.target is not None
+            self._core = SessionCore(
+                self.ctx,
+                session_id=self.id,
+                ident=self.ident,
+                target=self.target,
+                origin=self.peer,
+                frontend=self,
+                commands=self,
+                on_lost=self._recording_lost,
+            )
+            self._core.recording.before_marker = self._flush_cast
+            self.audit = self._core.audit
+        return self._core
+
+    @property
+    def rec(self) -> SessionRecorder | None:
+        """The session's recorder (None until the recording is opened)."""
+        return self._core.rec if self._core is not None else None
 
     def _cancel_running(self) -> None:
         """The relay ends the session: a statement still running on the target is
@@ -474,59 +442,31 @@ class PgSession:
         if up is None or target is None or not up.key or not self.machine.runs_pending():
             return
         key, up.key = up.key, b""  # once
-        self.ctx.track(asyncio.ensure_future(send_cancel(target, up.pid, key)))
+        self.ctx.background.track(asyncio.ensure_future(send_cancel(target, up.pid, key)))
 
     def _open_recording(self) -> str | None:
         """Open the cast; returns why it could not be, or None. A failed cast is
         replaced by a DiscardWriter, so the transcript and the live view go on."""
         assert self.ident is not None and self.target is not None
-        cfg = self.ctx.cfg
-        path = cfg.recordings_dir / f"{self.id}.cast"
-        failure = None
-        writer: CastWriter
-        try:
-            writer = CastWriter(
-                path,
+        who = {"identity": self.ident.name, "target": self.target.name, "protocol": "postgres"}
+        failure = self.core.recording.open(
+            CastSpec(
+                title=f"{self.ident.name}@{self.target.name}: psql",
                 width=120,
                 height=40,
-                session_id=self.id,
-                signing_key=self.ctx.signing_key,
-                title=f"{self.ident.name}@{self.target.name}: psql",
                 env={"TERM": "xterm-256color", "SHELL": "/bin/sh"},
-                fsync_interval=cfg.recording.fsync_interval,
-                on_checkpoint=self._checkpoint,
-                threaded=True,
-                extra_header={
-                    "identity": self.ident.name,
-                    "target": self.target.name,
-                    "protocol": "postgres",
-                    **self.ctx.identity_detail(self.ident),
-                },
-                on_error=self._writer_failed,
+                header={**who, **identity_detail(self.ident)},
+                live=who,
             )
-        except RecordingError as exc:
-            failure = str(exc)
-            writer = DiscardWriter(path, session_id=self.id, width=120, height=40, error=failure)
-        live = self.ctx.hub.open(
-            self.id,
-            {"identity": self.ident.name, "target": self.target.name, "protocol": "postgres"},
-            120,
-            40,
-        )
-        self.rec = SessionRecorder(
-            writer, self.ctx.masker, input_mode="none", hold_deadline=0, live=live
         )
         self.transcript = Transcript(
-            self.target.name, cfg.recording.max_result_rows, self.ctx.masker
+            self.target.name, self.ctx.cfg.recording.max_result_rows, self.ctx.masker
         )
         self._write_cast(
             self.transcript.banner(self.ident.name, self.target.database or self.target.name)
         )
         self._flush_cast()
         return failure
-
-    def _checkpoint(self, lines: int, chain_hash: str) -> None:
-        self.ctx.checkpoint(self.id, lines, chain_hash)  # from the writer pool
 
     def _write_cast(self, text: str) -> None:
         """Queue transcript text (built from masked parts) after what waits to be drawn;
@@ -561,36 +501,16 @@ class PgSession:
         if self.rec is None or not self._cast_buf:
             return
         text, self._cast_buf, self._cast_len = "".join(self._cast_buf), [], 0
-        try:
-            self.rec.output_masked(text.encode())
-        except RecordingError as exc:
-            self._recording_failed(str(exc))
+        self.core.recording.text(text)
 
     def _recording_failed(self, message: str, *, at_start: bool = False) -> None:
-        """Apply ``recording.on_failure`` once: the recording is aborted (left unsealed,
-        verifiable up to its last complete line) and replaced by a DiscardWriter;
-        ``terminate`` ends the connection with a FATAL error naming the cause,
-        ``continue`` sends a notice and goes on unrecorded. Also the writer pool's
-        ``on_error`` hook, called on the loop."""
-        if self._rec_failed:
-            return
-        self._rec_failed = True
-        rec = self.rec
-        if rec is not None and not isinstance(rec.writer, DiscardWriter):
-            rec.writer.abort()
-            rec.writer = DiscardWriter.replacing(rec.writer, message)
-        terminate = self.ctx.cfg.recording.on_failure == "terminate"
-        action = ("refused" if at_start else "terminated") if terminate else "continued"
-        self.ctx.recording_failed(
-            session_id=self.id,
-            actor=self.ident.name if self.ident else None,
-            origin=self.peer,
-            resource=f"postgres:{self.target.name if self.target else ''}",
-            error=message,
-            action=action,
-        )
-        # The client learns the cause, not the relay's file paths.
-        why = message.rsplit(": ", 1)[-1]
+        """Apply ``recording.on_failure`` (the session core's recording)."""
+        self.core.recording.fail(message, at_start=at_start)
+
+    def _recording_lost(self, why: str, *, terminate: bool, at_start: bool) -> None:
+        """The client learns that its session cannot be recorded: ``terminate`` ends
+        the connection with a FATAL error naming the cause, ``continue`` sends a notice
+        and goes on unrecorded."""
         if not terminate:
             if not at_start:  # at start, the notice goes with the startup answer
                 with contextlib.suppress(Exception):
@@ -616,17 +536,13 @@ class PgSession:
             with contextlib.suppress(Exception):
                 self.up.writer.close()
 
-    def _writer_failed(self, message: str) -> None:
-        """``on_error`` of the cast writer: runs in a writer thread."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to end
-            self._loop.call_soon_threadsafe(self._recording_failed, message)
-
     def _marker(self, text: str) -> None:
-        # After the transcript of everything that came before it.
-        self._flush_cast()
-        if self.rec is not None:
-            with contextlib.suppress(RecordingError):
-                self.rec.marker(text)
+        if self._core is not None:  # after the transcript of all before it (before_marker)
+            self._core.recording.marker(text)
+
+    def tell(self, text: str) -> None:
+        """A relay message for the client (the session core's): a NoticeResponse."""
+        self.cw.write(p.notice_response(text))
 
     # -- the relay loops ----------------------------------------------------------------
 
@@ -688,26 +604,15 @@ class PgSession:
             with contextlib.suppress(OSError, ConnectionError):
                 await self._send(p.error_response("08006", reason, severity="FATAL"))
         self._flush_cast()
-        self.ctx.emit(
-            "target.lost",
-            self.ident.name,
-            "failure",
-            self.peer,
-            f"postgres:{name}",
-            {"reason": reason},
-            session_id=self.id,
-        )
+        self.audit.failure("target.lost", reason=reason)
 
     def _decide(self, text: str) -> Decision:
         """The decision on a SQL text: each of its statements by the rules (the
         strictest applies), or the relay's own refusal of what it cannot check."""
-        scoped = self._scoped
-        if scoped is None:
-            assert self.ident is not None and self.target is not None
-            # This identity's rules on this target, and the keywords they need, once.
-            scoped = self._scoped = self.ctx.policy.scoped(self.target.name, self.ident.groups)
+        scoped = self.core.scoped
+        if self._gate is None:
+            # The keywords this identity's rules on this target need, once.
             self._gate = SqlGate(scoped.sql_nodes, scoped.enforcing)
-        assert self._gate is not None
         chk = self._gate.check(text)
         if chk.problem is not None:
             return self._problem(chk)
@@ -736,80 +641,19 @@ class PgSession:
         return Decision("block", PINNED_RULE, reason)
 
     async def _enforce(self, decision: Decision, masked: str) -> tuple[bool, str]:
-        """Carry out a block or approve decision: (allowed, message if refused)."""
-        assert self.ident is not None and self.target is not None and decision.rule is not None
-        rule = decision.rule
-        if decision.action == "block":
-            self._marker(f"blocked: {rule.name}")
-            self._log(masked, "block", rule.name, "blocked")
-            self.ctx.emit(
-                "command.blocked",
-                self.ident.name,
-                "failure",
-                self.peer,
-                f"postgres:{self.target.name}",
-                {"rule": rule.name, "command": masked, "reason": decision.reason},
-                session_id=self.id,
-            )
-            why = f": {decision.reason}" if decision.reason else ""
-            return False, f"castgate: blocked by rule {rule.name}{why}"
+        """Carry out a block or approve decision (the session core): (allowed, message
+        if refused)."""
+        verdict = await self.core.enforce(decision, masked, "sql")
+        return verdict.allowed, verdict.message
 
-        asked: list[int] = []
+    # -- the command log (the session core's CommandLog) ------------------------------
 
-        def requested(approval_id: int) -> None:
-            asked.append(approval_id)
-            self._marker(f"approval #{approval_id} requested (rule {rule.name})")
-            why = f": {decision.reason}" if decision.reason else ""
-            self.cw.write(
-                p.notice_response(
-                    f"castgate: approval #{approval_id} required (rule {rule.name}{why}), waiting"
-                )
-            )
+    async def opened(self, command: str, kind: str, decision: Decision) -> None:
+        """Statements are logged with their results (``_log``), not when decided."""
 
-        try:
-            outcome = await self.ctx.await_approval(
-                session_id=self.id,
-                identity=self.ident.name,
-                target=self.target.name,
-                command=masked,
-                rule=rule,
-                on_requested=requested,
-            )
-        except StoreError as exc:
-            # Fail closed: without its store an approval can be neither asked nor awaited.
-            approval_id = asked[0] if asked else None
-            self._marker(f"refused: approval store unavailable (rule {rule.name})")
-            self._log(masked, "approve", rule.name, "store unavailable")
-            self.ctx.emit(
-                "command.approval",
-                self.ident.name,
-                "failure",
-                self.peer,
-                f"postgres:{self.target.name}",
-                {
-                    "rule": rule.name,
-                    "approval": approval_id,
-                    "status": "store unavailable",
-                    "error": str(exc),
-                },
-                session_id=self.id,
-            )
-            return False, f"castgate: approval store unavailable; refused (rule {rule.name})"
-        self._marker(outcome.describe())
-        self.ctx.emit(
-            "command.approval",
-            self.ident.name,
-            "success" if outcome.approved else "failure",
-            self.peer,
-            f"postgres:{self.target.name}",
-            {"rule": rule.name, "approval": outcome.approval_id, "status": outcome.status},
-            session_id=self.id,
-        )
-        if outcome.approved:
-            self.cw.write(p.notice_response(f"castgate: {outcome.describe()}"))
-            return True, ""
-        self._log(masked, "approve", rule.name, outcome.status)
-        return False, f"castgate: {outcome.describe()}"
+    async def refused(self, command: str, decision: Decision, status: str) -> None:
+        """A refused statement is logged now: it has no result to wait for."""
+        self._log(command, decision.action, decision.rule_name, status)
 
     def _sentinel(self, message: str) -> str:
         """A statement the server rejects during analysis, leaving its transaction and
@@ -1140,34 +984,9 @@ class PgSession:
             return
         await self._qlog.flush()
         self._flush_cast()
-        manifest = None
-        rec = self.rec
-        if rec is not None:
-            try:
-                rec.close(
-                    self.status,
-                    {
-                        "identity": self.ident.name,
-                        "target": self.target.name,
-                        "statements": self.statements,
-                    },
-                )
-                manifest = rec.manifest or None  # empty: the recording had failed
-                if manifest is not None:
-                    self.ctx.track(asyncio.ensure_future(self.ctx.index_cast(rec.writer.path)))
-            except RecordingError as exc:
-                self._recording_failed(str(exc))
-        # After a failure: how far the unsealed cast got, and no manifest.
-        await self.ctx.end_session(self.id, rec, status=self.status)
-        self.ctx.emit(
-            "session.end",
-            self.ident.name,
-            "success" if self.status == "closed" else "failure",
-            self.peer,
-            f"postgres:{self.target.name}",
-            {"status": self.status, "statements": self.statements},
-            session_id=self.id,
-        )
+        info = {"identity": self.ident.name, "target": self.target.name}
+        self.core.seal(self.status, {**info, "statements": self.statements})
+        await self.core.end(self.status, {"statements": self.statements})
 
     async def close(self, reason: str) -> None:
         """End the session from the relay's side (shutdown)."""

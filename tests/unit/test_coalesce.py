@@ -96,3 +96,73 @@ def test_other_calls_reach_the_socket_transport() -> None:
         assert sink.data == b"x"
 
     asyncio.run(main())
+
+
+class _Counted(CoalescingTransport):
+    """Counts what asyncssh writes through the coalescing transport."""
+
+    def __init__(self, inner: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(inner, loop)
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        super().write(data)
+
+
+def test_asyncssh_still_writes_every_packet_through_the_adapted_transport() -> None:
+    """The asyncssh internal the adapter relies on (``SSHConnection._transport``): a real
+    asyncssh server and client on loopback, the client's transport replaced after the
+    handshake; an exec session's bytes must then all go through it. Fails when an
+    asyncssh upgrade renames the attribute or writes around it."""
+    import asyncssh
+
+    from relay import coalesce as adapter
+
+    async def main() -> None:
+        host_key = asyncssh.generate_private_key("ssh-ed25519")
+        client_key = asyncssh.generate_private_key("ssh-ed25519")
+
+        async def echo(process: asyncssh.SSHServerProcess[str]) -> None:
+            data = await process.stdin.read()
+            process.stdout.write(data)
+            process.exit(0)
+
+        server = await asyncssh.listen(
+            "127.0.0.1",
+            0,
+            server_host_keys=[host_key],
+            authorized_client_keys=asyncssh.import_authorized_keys(
+                client_key.export_public_key().decode()
+            ),
+            process_factory=echo,
+        )
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with asyncssh.connect(
+                "127.0.0.1",
+                port,
+                username="u",
+                client_keys=[client_key],
+                known_hosts=None,
+                config=[],
+                agent_path=None,
+            ) as conn:
+                original = adapter.CoalescingTransport
+                adapter.CoalescingTransport = _Counted  # type: ignore[misc]
+                try:
+                    assert adapter.coalesce(conn)
+                finally:
+                    adapter.CoalescingTransport = original  # type: ignore[misc]
+                counted = conn._transport  # type: ignore[attr-defined]
+                assert isinstance(counted, _Counted)
+                payload = "x" * 100_000
+                result = await conn.run("echo", input=payload, check=True)
+                assert result.stdout == payload
+                # Every byte of the upload (and more: headers, MACs) went through it.
+                assert counted.written > len(payload)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())

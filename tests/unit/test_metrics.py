@@ -60,8 +60,8 @@ def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def test_names_labels_and_types(contexts: list[RelayContext]) -> None:
     ctx = contexts[0]
-    ctx.counters[("auth", "failure")] += 3
-    ctx.recording_failures["refused"] += 1
+    ctx.audit.counters[("auth", "failure")] += 3
+    ctx.audit.recording_failures["refused"] += 1
     text = exposition(relay_registry(ctx)).decode()
     types = {
         line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE")
@@ -81,7 +81,7 @@ def test_names_labels_and_types(contexts: list[RelayContext]) -> None:
 
 def test_a_registry_per_context(contexts: list[RelayContext]) -> None:
     a, b = contexts
-    a.counters[("record.read", "success")] += 2
+    a.audit.counters[("record.read", "success")] += 2
     a.hub.open("s1", {"protocol": "ssh"}, 80, 24)
     ra, rb = relay_registry(a), relay_registry(b)
     sa, sb = _samples(exposition(ra).decode()), _samples(exposition(rb).decode())
