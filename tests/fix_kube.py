@@ -177,18 +177,34 @@ class Resource:
 
 _VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 RESOURCES = (
-    Resource("", "v1", "pods", "Pod", short=("po",), subresources=("log", "exec", "attach", "portforward", "status")),
+    Resource(
+        "",
+        "v1",
+        "pods",
+        "Pod",
+        short=("po",),
+        subresources=("log", "exec", "attach", "portforward", "status"),
+    ),
     Resource("", "v1", "secrets", "Secret"),
     Resource("", "v1", "configmaps", "ConfigMap", short=("cm",)),
     Resource("", "v1", "events", "Event", short=("ev",)),
     Resource("", "v1", "namespaces", "Namespace", namespaced=False, short=("ns",)),
-    Resource("apps", "v1", "deployments", "Deployment", short=("deploy",), subresources=("scale", "status")),
+    Resource(
+        "apps",
+        "v1",
+        "deployments",
+        "Deployment",
+        short=("deploy",),
+        subresources=("scale", "status"),
+    ),
     Resource("apps", "v1", "replicasets", "ReplicaSet", short=("rs",)),
 )
 _BY_PATH = {(r.group, r.version, r.name): r for r in RESOURCES}
 
 
-def _status(code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> web.Response:
+def _status(
+    code: int, reason: str, message: str, details: dict[str, Any] | None = None
+) -> web.Response:
     body: dict[str, Any] = {
         "kind": "Status",
         "apiVersion": "v1",
@@ -229,8 +245,11 @@ def _merge(target: Any, patch: Any, strategic: bool) -> Any:
             continue
         if value is None:
             out.pop(key, None)
-        elif strategic and isinstance(value, list) and isinstance(out.get(key), list) and all(
-            isinstance(v, dict) and "name" in v for v in value + out[key]
+        elif (
+            strategic
+            and isinstance(value, list)
+            and isinstance(out.get(key), list)
+            and all(isinstance(v, dict) and "name" in v for v in value + out[key])
         ):
             merged = {v["name"]: v for v in out[key]}
             for item in value:
@@ -356,7 +375,12 @@ class KubeApiServer:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         for ns in ("default", "kube-system"):
-            self._put(_BY_PATH[("", "v1", "namespaces")], "", ns, {"metadata": {"name": ns}, "status": {"phase": "Active"}})
+            self._put(
+                _BY_PATH[("", "v1", "namespaces")],
+                "",
+                ns,
+                {"metadata": {"name": ns}, "status": {"phase": "Active"}},
+            )
 
     # -- lifecycle
 
@@ -428,7 +452,9 @@ class KubeApiServer:
     def _key(self, res: Resource, ns: str, name: str) -> tuple[str, str, str, str]:
         return (res.group, res.name, ns if res.namespaced else "", name)
 
-    def _put(self, res: Resource, ns: str, name: str, obj: dict[str, Any], event: str | None = None) -> dict[str, Any]:
+    def _put(
+        self, res: Resource, ns: str, name: str, obj: dict[str, Any], event: str | None = None
+    ) -> dict[str, Any]:
         obj["kind"], obj["apiVersion"] = res.kind, res.api_version
         meta = obj.setdefault("metadata", {})
         meta["name"] = name
@@ -456,7 +482,9 @@ class KubeApiServer:
         if _labels_match(obj, w.labels) and _fields_match(obj, w.fields):
             w.queue.put_nowait({"type": event, "object": copy.deepcopy(obj)})
 
-    def _list(self, res: Resource, ns: str | None, labels: str | None, fields: str | None) -> list[dict[str, Any]]:
+    def _list(
+        self, res: Resource, ns: str | None, labels: str | None, fields: str | None
+    ) -> list[dict[str, Any]]:
         return [
             obj
             for (g, r, o_ns, _n), obj in sorted(self.objects.items())
@@ -476,12 +504,17 @@ class KubeApiServer:
             (
                 request.method,
                 request.path_qs,
-                {k: request.headers.get(k, "") for k in ("Accept", "Content-Type", "Upgrade", "Sec-WebSocket-Protocol")},
+                {
+                    k: request.headers.get(k, "")
+                    for k in ("Accept", "Content-Type", "Upgrade", "Sec-WebSocket-Protocol")
+                },
             )
         )
         if self.prefix:
             if not path.startswith(self.prefix + "/") and path != self.prefix:
-                return _status(404, "NotFound", f"the server could not find the requested resource ({path})")
+                return _status(
+                    404, "NotFound", f"the server could not find the requested resource ({path})"
+                )
             path = path[len(self.prefix) :] or "/"
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _status(401, "Unauthorized", "Unauthorized")
@@ -512,11 +545,22 @@ class KubeApiServer:
             return web.json_response(VERSION_INFO)
         if parts in (["api"], ["apis"]):
             for ctype, ver in ((DISCOVERY_V2, "v2"), (DISCOVERY_V2BETA1, "v2beta1")):
-                if self.aggregated_discovery and f"v={ver};as=APIGroupDiscoveryList" in accept.replace(" ", ""):
+                if (
+                    self.aggregated_discovery
+                    and f"v={ver};as=APIGroupDiscoveryList" in accept.replace(" ", "")
+                ):
                     body = self._aggregated(core=parts == ["api"], version=ver)
                     return web.Response(body=orjson.dumps(body), headers={"Content-Type": ctype})
             if parts == ["api"]:
-                return web.json_response({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}]})
+                return web.json_response(
+                    {
+                        "kind": "APIVersions",
+                        "versions": ["v1"],
+                        "serverAddressByClientCIDRs": [
+                            {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}
+                        ],
+                    }
+                )
             groups = sorted({r.group for r in RESOURCES if r.group})
             return web.json_response(
                 {
@@ -568,9 +612,22 @@ class KubeApiServer:
                 }
             )
             for sub in r.subresources:
-                items.append({"name": f"{r.name}/{sub}", "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "create"]})
+                items.append(
+                    {
+                        "name": f"{r.name}/{sub}",
+                        "singularName": "",
+                        "namespaced": r.namespaced,
+                        "kind": r.kind,
+                        "verbs": ["get", "create"],
+                    }
+                )
         return web.json_response(
-            {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": res[0].api_version, "resources": items}
+            {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": res[0].api_version,
+                "resources": items,
+            }
         )
 
     def _openapi_v3(self, gv: list[str]) -> web.Response:
@@ -583,7 +640,9 @@ class KubeApiServer:
             return web.json_response(
                 {
                     "paths": {
-                        _gv_path(g, v): {"serverRelativeURL": f"/openapi/v3/{_gv_path(g, v)}?hash=fixture{i}"}
+                        _gv_path(g, v): {
+                            "serverRelativeURL": f"/openapi/v3/{_gv_path(g, v)}?hash=fixture{i}"
+                        }
                         for i, (g, v) in enumerate(gvs)
                     }
                 }
@@ -597,11 +656,19 @@ class KubeApiServer:
                 "patch": {
                     "operationId": f"patch{r.kind}",
                     "x-kubernetes-action": "patch",
-                    "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
+                    "x-kubernetes-group-version-kind": {
+                        "group": r.group,
+                        "version": r.version,
+                        "kind": r.kind,
+                    },
                     "responses": {"200": {"description": "OK"}},
                     # On the operation, where kubectl's QueryParamVerifierV3 looks.
                     "parameters": [
-                        {"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": True}}
+                        {
+                            "name": name,
+                            "in": "query",
+                            "schema": {"type": "string", "uniqueItems": True},
+                        }
                         for name in ("dryRun", "fieldManager", "fieldValidation", "force", "pretty")
                     ],
                 },
@@ -609,7 +676,12 @@ class KubeApiServer:
         if not paths:
             return _status(404, "NotFound", "the server could not find the requested resource")
         return web.json_response(
-            {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": VERSION_INFO["gitVersion"]}, "paths": paths, "components": {"schemas": {}}}
+            {
+                "openapi": "3.0.0",
+                "info": {"title": "Kubernetes", "version": VERSION_INFO["gitVersion"]},
+                "paths": paths,
+                "components": {"schemas": {}},
+            }
         )
 
     def _aggregated(self, *, core: bool, version: str) -> dict[str, Any]:
@@ -629,7 +701,11 @@ class KubeApiServer:
                             "resources": [
                                 {
                                     "resource": r.name,
-                                    "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+                                    "responseKind": {
+                                        "group": r.group,
+                                        "version": r.version,
+                                        "kind": r.kind,
+                                    },
                                     "scope": "Namespaced" if r.namespaced else "Cluster",
                                     "singularResource": r.singular,
                                     "verbs": _VERBS,
@@ -637,7 +713,11 @@ class KubeApiServer:
                                     "subresources": [
                                         {
                                             "subresource": s,
-                                            "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+                                            "responseKind": {
+                                                "group": r.group,
+                                                "version": r.version,
+                                                "kind": r.kind,
+                                            },
                                             "verbs": ["get", "create"],
                                         }
                                         for s in r.subresources
@@ -686,7 +766,12 @@ class KubeApiServer:
         if method == "GET" and name is None:
             if watch:
                 return await self._watch(request, res, ns)
-            return self._respond(request, res, self._list(res, ns, q.get("labelSelector"), q.get("fieldSelector")), listing=True)
+            return self._respond(
+                request,
+                res,
+                self._list(res, ns, q.get("labelSelector"), q.get("fieldSelector")),
+                listing=True,
+            )
         if method == "GET":
             obj = self.objects.get(self._key(res, ns or "", name or ""))
             if obj is None:
@@ -699,9 +784,16 @@ class KubeApiServer:
             meta = body.setdefault("metadata", {})
             new_name = meta.get("name") or (meta.get("generateName", "") + uuid.uuid4().hex[:5])
             if not new_name:
-                return _status(422, "Invalid", f"{res.kind} \"\" is invalid: metadata.name: Required value")
+                return _status(
+                    422, "Invalid", f'{res.kind} "" is invalid: metadata.name: Required value'
+                )
             if self._key(res, ns or "", new_name) in self.objects:
-                return _status(409, "AlreadyExists", f'{res.name} "{new_name}" already exists', {"name": new_name, "kind": res.name})
+                return _status(
+                    409,
+                    "AlreadyExists",
+                    f'{res.name} "{new_name}" already exists',
+                    {"name": new_name, "kind": res.name},
+                )
             if q.get("dryRun"):
                 return web.json_response(body, status=201)
             obj = self._create(res, ns or "", new_name, body)
@@ -712,7 +804,14 @@ class KubeApiServer:
             gone = self._list(res, ns, q.get("labelSelector"), q.get("fieldSelector"))
             for obj in gone:
                 await self._delete(res, obj)
-            return web.json_response({"kind": f"{res.kind}List", "apiVersion": res.api_version, "metadata": {}, "items": gone})
+            return web.json_response(
+                {
+                    "kind": f"{res.kind}List",
+                    "apiVersion": res.api_version,
+                    "metadata": {},
+                    "items": gone,
+                }
+            )
         key = self._key(res, ns or "", name or "")
         if method == "DELETE":
             obj = self.objects.get(key)
@@ -729,7 +828,11 @@ class KubeApiServer:
                 return self._not_found(res, name or "")
             want_rv = body.get("metadata", {}).get("resourceVersion")
             if want_rv and want_rv != old["metadata"]["resourceVersion"]:
-                return _status(409, "Conflict", f'Operation cannot be fulfilled on {res.name} "{name}": the object has been modified')
+                return _status(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {res.name} "{name}": the object has been modified',
+                )
             body.setdefault("metadata", {})["uid"] = old["metadata"]["uid"]
             body["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"]
             return web.json_response(self._update(res, ns or "", name or "", body))
@@ -739,7 +842,12 @@ class KubeApiServer:
 
     def _not_found(self, res: Resource, name: str) -> web.Response:
         group = f".{res.group}" if res.group else ""
-        return _status(404, "NotFound", f'{res.name}{group} "{name}" not found', {"name": name, "group": res.group, "kind": res.name})
+        return _status(
+            404,
+            "NotFound",
+            f'{res.name}{group} "{name}" not found',
+            {"name": name, "group": res.group, "kind": res.name},
+        )
 
     async def _body(self, request: web.Request) -> dict[str, Any] | None:
         raw = await request.read()
@@ -787,13 +895,28 @@ class KubeApiServer:
                 "updatedReplicas": n,
                 "readyReplicas": n,
                 "availableReplicas": n,
-                "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "lastUpdateTime": _now(), "lastTransitionTime": _now()}],
+                "conditions": [
+                    {
+                        "type": "Available",
+                        "status": "True",
+                        "reason": "MinimumReplicasAvailable",
+                        "lastUpdateTime": _now(),
+                        "lastTransitionTime": _now(),
+                    }
+                ],
             }
             obj.setdefault("spec", {}).setdefault("replicas", n)
         elif res.name == "namespaces":
             obj["status"] = {"phase": "Active"}
 
-    async def _patch(self, request: web.Request, res: Resource, ns: str, name: str, key: tuple[str, str, str, str]) -> web.StreamResponse:
+    async def _patch(
+        self,
+        request: web.Request,
+        res: Resource,
+        ns: str,
+        name: str,
+        key: tuple[str, str, str, str],
+    ) -> web.StreamResponse:
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
         patch = await self._body(request)
         if patch is None:
@@ -814,7 +937,11 @@ class KubeApiServer:
         elif ctype == "application/strategic-merge-patch+json":
             merged = _merge(old, patch, strategic=True)
         else:
-            return _status(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml (got {ctype})")
+            return _status(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml (got {ctype})",
+            )
         return web.json_response(self._update(res, ns, name, merged))
 
     async def _delete(self, res: Resource, obj: dict[str, Any]) -> None:
@@ -831,9 +958,13 @@ class KubeApiServer:
 
     # -- responses (JSON or Table)
 
-    def _respond(self, request: web.Request, res: Resource, objs: list[dict[str, Any]], *, listing: bool) -> web.Response:
+    def _respond(
+        self, request: web.Request, res: Resource, objs: list[dict[str, Any]], *, listing: bool
+    ) -> web.Response:
         if TABLE_ACCEPT in request.headers.get("Accept", "").replace(" ", ""):
-            return web.json_response(self._table(res, objs, request.query.get("includeObject", "Metadata")))
+            return web.json_response(
+                self._table(res, objs, request.query.get("includeObject", "Metadata"))
+            )
         if not listing:
             return web.json_response(objs[0])
         items = []
@@ -841,7 +972,12 @@ class KubeApiServer:
             item = {k: v for k, v in o.items() if k not in ("kind", "apiVersion")}
             items.append(item)
         return web.json_response(
-            {"kind": f"{res.kind}List", "apiVersion": res.api_version, "metadata": {"resourceVersion": str(next(self.rv))}, "items": items}
+            {
+                "kind": f"{res.kind}List",
+                "apiVersion": res.api_version,
+                "metadata": {"resourceVersion": str(next(self.rv))},
+                "items": items,
+            }
         )
 
     def _table(self, res: Resource, objs: list[dict[str, Any]], include: str) -> dict[str, Any]:
@@ -852,21 +988,38 @@ class KubeApiServer:
             if include == "Object":
                 row["object"] = o
             elif include != "None":
-                row["object"] = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]}
+                row["object"] = {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": o["metadata"],
+                }
             rows.append(row)
         return {
             "kind": "Table",
             "apiVersion": "meta.k8s.io/v1",
             "metadata": {"resourceVersion": str(next(self.rv))},
-            "columnDefinitions": [{"name": c, "type": "string", "format": "name" if c == "Name" else "", "description": c, "priority": 0} for c in cols],
+            "columnDefinitions": [
+                {
+                    "name": c,
+                    "type": "string",
+                    "format": "name" if c == "Name" else "",
+                    "description": c,
+                    "priority": 0,
+                }
+                for c in cols
+            ],
             "rows": rows,
         }
 
-    async def _watch(self, request: web.Request, res: Resource, ns: str | None) -> web.StreamResponse:
+    async def _watch(
+        self, request: web.Request, res: Resource, ns: str | None
+    ) -> web.StreamResponse:
         q = request.query
         w = _Watcher(res, ns, q.get("labelSelector"), q.get("fieldSelector"), asyncio.Queue())
         table = TABLE_ACCEPT in request.headers.get("Accept", "").replace(" ", "")
-        resp = web.StreamResponse(headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+        )
         await resp.prepare(request)
         rv = q.get("resourceVersion") or ""
         if q.get("sendInitialEvents") == "true" or rv in ("", "0"):
@@ -886,7 +1039,12 @@ class KubeApiServer:
             async with asyncio.timeout(timeout):
                 while (event := await w.queue.get()) is not None:
                     if table:
-                        event = {"type": event["type"], "object": self._table(res, [event["object"]], q.get("includeObject", "Metadata"))}
+                        event = {
+                            "type": event["type"],
+                            "object": self._table(
+                                res, [event["object"]], q.get("includeObject", "Metadata")
+                            ),
+                        }
                     await resp.write(orjson.dumps(event) + b"\n")
         except (TimeoutError, ConnectionResetError):
             pass
@@ -901,7 +1059,10 @@ class KubeApiServer:
     async def start_pod(self, name: str, argv: list[str], ns: str = "default") -> None:
         """Create a pod running ``argv`` (what a test would otherwise apply)."""
         res = _BY_PATH[("", "v1", "pods")]
-        body: dict[str, Any] = {"metadata": {"name": name}, "spec": {"containers": [{"name": "main", "command": argv}]}}
+        body: dict[str, Any] = {
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "main", "command": argv}]},
+        }
         await self._start_pod(self._create(res, ns, name, body))
 
     async def _start_pod(self, pod: dict[str, Any]) -> None:
@@ -912,7 +1073,11 @@ class KubeApiServer:
         log = self.workdir / f"pod-{meta['namespace']}-{meta['name']}.log"
         cwd = self.workdir / f"pod-{meta['namespace']}-{meta['name']}"
         cwd.mkdir(parents=True, exist_ok=True)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cwd), "HOSTNAME": meta["name"]}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(cwd),
+            "HOSTNAME": meta["name"],
+        }
         for e in first.get("env") or []:
             env[e["name"]] = str(e.get("value", ""))
         proc = await asyncio.create_subprocess_exec(
@@ -936,7 +1101,15 @@ class KubeApiServer:
             "startTime": started,
             "conditions": [{"type": "Ready", "status": "True"}],
             "containerStatuses": [
-                {"name": name, "ready": True, "restartCount": 0, "image": first.get("image", "local"), "imageID": "", "started": True, "state": {"running": {"startedAt": started}}}
+                {
+                    "name": name,
+                    "ready": True,
+                    "restartCount": 0,
+                    "image": first.get("image", "local"),
+                    "imageID": "",
+                    "started": True,
+                    "state": {"running": {"startedAt": started}},
+                }
             ],
         }
         asyncio.get_running_loop().create_task(self._pump(pod, pp, name))
@@ -961,11 +1134,22 @@ class KubeApiServer:
         if self.objects.get(key) is pod:
             pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
             pod["status"]["containerStatuses"][0].update(
-                ready=False, state={"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "finishedAt": _now()}}
+                ready=False,
+                state={
+                    "terminated": {
+                        "exitCode": code,
+                        "reason": "Completed" if code == 0 else "Error",
+                        "finishedAt": _now(),
+                    }
+                },
             )
-            self._put(_BY_PATH[("", "v1", "pods")], meta["namespace"], meta["name"], pod, "MODIFIED")
+            self._put(
+                _BY_PATH[("", "v1", "pods")], meta["namespace"], meta["name"], pod, "MODIFIED"
+            )
 
-    async def _subresource(self, request: web.Request, res: Resource, ns: str, name: str, sub: str) -> web.StreamResponse:
+    async def _subresource(
+        self, request: web.Request, res: Resource, ns: str, name: str, sub: str
+    ) -> web.StreamResponse:
         obj = self.objects.get(self._key(res, ns, name))
         if obj is None:
             return self._not_found(res, name)
@@ -980,10 +1164,18 @@ class KubeApiServer:
             return _status(400, "BadRequest", f"pod {name} has no running container")
         if sub == "log":
             return await self._log(request, pp)
-        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        offered = [
+            p.strip()
+            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+            if p.strip()
+        ]
         proto = ch.negotiate(offered)
         if request.headers.get("Upgrade", "").lower() != "websocket" or proto is None:
-            return _status(400, "BadRequest", f"{sub} needs a WebSocket upgrade with subprotocol {ch.V5} or {ch.V4}")
+            return _status(
+                400,
+                "BadRequest",
+                f"{sub} needs a WebSocket upgrade with subprotocol {ch.V5} or {ch.V4}",
+            )
         if sub == "attach":
             return await self._attach(request, pp, proto)
         command = request.query.getall("command", [])
@@ -991,7 +1183,9 @@ class KubeApiServer:
             return _status(400, "BadRequest", "you must specify at least 1 command")
         return await self._exec(request, pp, proto, command)
 
-    async def _scale(self, request: web.Request, res: Resource, ns: str, name: str, obj: dict[str, Any]) -> web.StreamResponse:
+    async def _scale(
+        self, request: web.Request, res: Resource, ns: str, name: str, obj: dict[str, Any]
+    ) -> web.StreamResponse:
         if request.method in ("PATCH", "PUT"):
             body = await self._body(request) or {}
             replicas = (body.get("spec") or {}).get("replicas")
@@ -1000,7 +1194,17 @@ class KubeApiServer:
                 new["spec"]["replicas"] = replicas
                 obj = self._update(res, ns, name, new)
         return web.json_response(
-            {"kind": "Scale", "apiVersion": "autoscaling/v1", "metadata": {"name": name, "namespace": ns, "resourceVersion": obj["metadata"]["resourceVersion"]}, "spec": {"replicas": obj["spec"]["replicas"]}, "status": {"replicas": obj["spec"]["replicas"]}}
+            {
+                "kind": "Scale",
+                "apiVersion": "autoscaling/v1",
+                "metadata": {
+                    "name": name,
+                    "namespace": ns,
+                    "resourceVersion": obj["metadata"]["resourceVersion"],
+                },
+                "spec": {"replicas": obj["spec"]["replicas"]},
+                "status": {"replicas": obj["spec"]["replicas"]},
+            }
         )
 
     async def _log(self, request: web.Request, pp: PodProcess) -> web.StreamResponse:
@@ -1026,20 +1230,33 @@ class KubeApiServer:
             await resp.write_eof()
         return resp
 
-    async def _exec(self, request: web.Request, pp: PodProcess, proto: str, command: list[str]) -> web.StreamResponse:
+    async def _exec(
+        self, request: web.Request, pp: PodProcess, proto: str, command: list[str]
+    ) -> web.StreamResponse:
         q = request.query
         tty = q.get("tty") in ("true", "1")
         want_stdin = q.get("stdin") in ("true", "1")
         ws = web.WebSocketResponse(protocols=(proto,), max_msg_size=16 << 20)
         await ws.prepare(request)
         cwd = pp.log.with_suffix("")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cwd), "TERM": "xterm", "PS1": "$ "}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(cwd),
+            "TERM": "xterm",
+            "PS1": "$ ",
+        }
         master: int | None = None
         try:
             if tty:
                 master, slave = pty.openpty()
                 proc = await asyncio.create_subprocess_exec(
-                    *command, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, start_new_session=True,
+                    *command,
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
                     preexec_fn=_controlling_tty,
                 )
                 os.close(slave)
@@ -1054,7 +1271,19 @@ class KubeApiServer:
                     start_new_session=True,
                 )
         except OSError as exc:
-            await ws.send_bytes(ch.encode(ch.Channel.ERROR, orjson.dumps({"metadata": {}, "status": "Failure", "message": f"exec failed: {exc}", "reason": "InternalError"})))
+            await ws.send_bytes(
+                ch.encode(
+                    ch.Channel.ERROR,
+                    orjson.dumps(
+                        {
+                            "metadata": {},
+                            "status": "Failure",
+                            "message": f"exec failed: {exc}",
+                            "reason": "InternalError",
+                        }
+                    ),
+                )
+            )
             await ws.close()
             return ws
         session = _ExecSession(ws, proto, proc, master)
@@ -1088,7 +1317,9 @@ class KubeApiServer:
             pp.subscribers.remove(queue)
             out.cancel()
         if pp.done:
-            await ws.send_bytes(ch.encode(ch.Channel.ERROR, ch.status_json(pp.proc.returncode or 0)))
+            await ws.send_bytes(
+                ch.encode(ch.Channel.ERROR, ch.status_json(pp.proc.returncode or 0))
+            )
         await ws.close()
         return ws
 
@@ -1102,7 +1333,13 @@ def _controlling_tty() -> None:
 class _ExecSession:
     """One exec: the process's output to the channels, the channels to the process."""
 
-    def __init__(self, ws: web.WebSocketResponse, proto: str, proc: asyncio.subprocess.Process, master: int | None) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        proto: str,
+        proc: asyncio.subprocess.Process,
+        master: int | None,
+    ) -> None:
         self.ws, self.proto, self.proc, self.master = ws, proto, proc, master
 
     async def run(self) -> None:
@@ -1168,7 +1405,9 @@ class _ExecSession:
                 await self._stdin(frame.data)
             elif frame.channel is ch.Channel.RESIZE and self.master is not None:
                 width, height = ch.parse_resize(frame.data)
-                fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+                fcntl.ioctl(
+                    self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0)
+                )
             elif frame.channel is ch.Channel.CLOSE and frame.data == b"\x00":
                 self._close_stdin()
         # The client went away: the command does not outlive its session.
@@ -1211,15 +1450,30 @@ def _columns(res: Resource) -> tuple[list[str], Any]:
 
         def deploy(o: dict[str, Any]) -> list[Any]:
             st = o.get("status") or {}
-            return [name(o), f"{st.get('readyReplicas', 0)}/{(o.get('spec') or {}).get('replicas', 0)}", st.get("updatedReplicas", 0), st.get("availableReplicas", 0), age(o)]
+            return [
+                name(o),
+                f"{st.get('readyReplicas', 0)}/{(o.get('spec') or {}).get('replicas', 0)}",
+                st.get("updatedReplicas", 0),
+                st.get("availableReplicas", 0),
+                age(o),
+            ]
 
         return ["Name", "Ready", "Up-to-date", "Available", "Age"], deploy
     if res.name == "secrets":
-        return ["Name", "Type", "Data", "Age"], lambda o: [name(o), o.get("type", "Opaque"), len(o.get("data") or {}), age(o)]
+        return ["Name", "Type", "Data", "Age"], lambda o: [
+            name(o),
+            o.get("type", "Opaque"),
+            len(o.get("data") or {}),
+            age(o),
+        ]
     if res.name == "configmaps":
         return ["Name", "Data", "Age"], lambda o: [name(o), len(o.get("data") or {}), age(o)]
     if res.name == "namespaces":
-        return ["Name", "Status", "Age"], lambda o: [name(o), (o.get("status") or {}).get("phase", "Active"), age(o)]
+        return ["Name", "Status", "Age"], lambda o: [
+            name(o),
+            (o.get("status") or {}).get("phase", "Active"),
+            age(o),
+        ]
     return ["Name", "Age"], lambda o: [name(o), age(o)]
 
 
@@ -1232,9 +1486,22 @@ def kubeconfig_text(server: str, ca_pem: bytes, token: str, namespace: str = "de
         {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "fix", "cluster": {"server": server, "certificate-authority-data": base64.b64encode(ca_pem).decode()}}],
+            "clusters": [
+                {
+                    "name": "fix",
+                    "cluster": {
+                        "server": server,
+                        "certificate-authority-data": base64.b64encode(ca_pem).decode(),
+                    },
+                }
+            ],
             "users": [{"name": "fix", "user": {"token": token}}],
-            "contexts": [{"name": "fix", "context": {"cluster": "fix", "user": "fix", "namespace": namespace}}],
+            "contexts": [
+                {
+                    "name": "fix",
+                    "context": {"cluster": "fix", "user": "fix", "namespace": namespace},
+                }
+            ],
             "current-context": "fix",
         }
     ).decode()
@@ -1276,7 +1543,6 @@ def kube_api(tmp_path: Path, kube_pki: Pki) -> Iterator[KubeFixture]:
         yield fx
 
 
-
 def kubectl_binary() -> tuple[str, tuple[int, int]]:
     """The kubectl to test with and its client version: the newest versioned binary of a
     Cloud SDK install (its ``kubectl`` is a dispatcher that asks the server's version
@@ -1294,7 +1560,9 @@ def kubectl_binary() -> tuple[str, tuple[int, int]]:
     path = str(found[-1][1]) if found else shutil.which("kubectl")
     if path is None:
         pytest.skip("no kubectl (scripts/setup installs one)")
-    out = subprocess.run([path, "version", "--client", "-o", "json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [path, "version", "--client", "-o", "json"], capture_output=True, text=True, check=True
+    )
     info = orjson.loads(out.stdout)["clientVersion"]
     minor = int(re.match(r"\d+", info["minor"]).group())  # type: ignore[union-attr]
     return path, (int(info["major"]), minor)

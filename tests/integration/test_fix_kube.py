@@ -22,9 +22,9 @@ from kubernetes import config as kconfig
 from kubernetes import stream as kstream
 from kubernetes import watch as kwatch
 
+from castgate.kubeconfig import kubeconfig
 from recorder.config import parse_config
 from relay.k8s import tls
-from castgate.kubeconfig import kubeconfig
 from tests.fix_kube import KubeFixture, Pki, kubectl_binary, running_kube
 
 PAN = "4111111111111111"
@@ -58,17 +58,35 @@ class Kubectl:
         self.path, self.fx = path, fx
         self.env = {"PATH": os.environ["PATH"], "HOME": str(home), "KUBECONFIG": str(fx.kubeconfig)}
 
-    def __call__(self, *args: str, check: bool = True, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self,
+        *args: str,
+        check: bool = True,
+        stdin: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
-            [self.path, *args], env={**self.env, **(env or {})}, input=stdin, capture_output=True, text=True, timeout=120
+            [self.path, *args],
+            env={**self.env, **(env or {})},
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if check and res.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)}: rc={res.returncode}\n{res.stdout}\n{res.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)}: rc={res.returncode}\n{res.stdout}\n{res.stderr}"
+            )
         return res
 
     def popen(self, *args: str, stdin: int | None = None) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [self.path, *args], env=self.env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [self.path, *args],
+            env=self.env,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
 
@@ -94,7 +112,11 @@ def _pod(name: str, script: str, *, stdin: bool = False) -> dict[str, object]:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "labels": {"app": name}},
-        "spec": {"containers": [{"name": "main", "image": "local", "command": ["sh", "-c", script], "stdin": stdin}]},
+        "spec": {
+            "containers": [
+                {"name": "main", "image": "local", "command": ["sh", "-c", script], "stdin": stdin}
+            ]
+        },
     }
 
 
@@ -127,12 +149,22 @@ def test_discovery_get_and_version(k: Kubectl, kube_api: KubeFixture) -> None:
     assert "deployments" in api_resources and "deploy" in api_resources
 
 
-def test_legacy_discovery_fallback(kubectl: tuple[str, tuple[int, int]], tmp_path: Path, kube_pki: Pki) -> None:
+def test_legacy_discovery_fallback(
+    kubectl: tuple[str, tuple[int, int]], tmp_path: Path, kube_pki: Pki
+) -> None:
     with running_kube(tmp_path, kube_pki, aggregated_discovery=False) as fx:
         home = tmp_path / "home"
         home.mkdir()
         kk = Kubectl(kubectl[0], fx, home)
-        _apply(kk, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "1"}})
+        _apply(
+            kk,
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "c"},
+                "data": {"a": "1"},
+            },
+        )
         assert "c " in kk("get", "configmaps").stdout
         paths = [p for _m, p, _h in fx.server.requests]
         assert any(p.startswith("/api/v1?") for p in paths)  # fetched per group-version
@@ -170,7 +202,17 @@ def test_secrets_and_describe(k: Kubectl) -> None:
     # server without protobuf) refuses with a 415 Status; kubectl does not retry in JSON.
     made = k("create", "secret", "generic", "db", f"--from-literal=card={PAN}", check=False)
     assert made.returncode == 1 and "unknown format" in made.stderr
-    manifest = k("create", "secret", "generic", "db", f"--from-literal=card={PAN}", "--from-literal=password=hunter2", "--dry-run=client", "-o", "json").stdout
+    manifest = k(
+        "create",
+        "secret",
+        "generic",
+        "db",
+        f"--from-literal=card={PAN}",
+        "--from-literal=password=hunter2",
+        "--dry-run=client",
+        "-o",
+        "json",
+    ).stdout
     k("apply", "-f", "-", stdin=manifest)
     data = orjson.loads(k("get", "secret", "db", "-o", "json").stdout)["data"]
     assert base64.b64decode(data["card"]).decode() == PAN
@@ -178,7 +220,9 @@ def test_secrets_and_describe(k: Kubectl) -> None:
     assert k("get", "secrets", "--no-headers").stdout.split()[:3] == ["db", "Opaque", "2"]
 
 
-def test_logs_follow_streams_from_the_process(k: Kubectl, kube_api: KubeFixture, tmp_path: Path) -> None:
+def test_logs_follow_streams_from_the_process(
+    k: Kubectl, kube_api: KubeFixture, tmp_path: Path
+) -> None:
     _apply(k, _pod("api", f"echo first {PAN}; while [ ! -e go ]; do sleep 0.05; done; echo second"))
     with k.popen("logs", "-f", "api") as proc:
         assert _readline_with(proc, "first")[-1] == f"first {PAN}\n"
@@ -195,7 +239,9 @@ def test_watch(k: Kubectl, api: kclient.ApiClient) -> None:
         # Created until kubectl's watch sees one: its list may run before or after.
         n = 0
         assert proc.stdout is not None
-        core.create_namespaced_config_map("default", {"metadata": {"name": f"w{n}"}, "data": {"a": "b"}})
+        core.create_namespaced_config_map(
+            "default", {"metadata": {"name": f"w{n}"}, "data": {"a": "b"}}
+        )
         line = proc.stdout.readline()
         assert line.split()[0] == "w0"
         core.create_namespaced_config_map("default", {"metadata": {"name": "w1"}})
@@ -203,22 +249,32 @@ def test_watch(k: Kubectl, api: kclient.ApiClient) -> None:
         proc.kill()
 
 
-def test_exec_channels_and_exit_code(k: Kubectl, kubectl: tuple[str, tuple[int, int]], kube_api: KubeFixture) -> None:
+def test_exec_channels_and_exit_code(
+    k: Kubectl, kubectl: tuple[str, tuple[int, int]], kube_api: KubeFixture
+) -> None:
     if kubectl[1] < (1, 30):
         pytest.skip("kubectl < 1.30 uses SPDY for exec")
     _apply(k, _pod("box", "sleep 600"))
     res = k("exec", "box", "--", "sh", "-c", f"echo out {PAN}; echo err >&2; exit 3", check=False)
-    assert (res.returncode, res.stdout, res.stderr) == (3, f"out {PAN}\n", "err\ncommand terminated with exit code 3\n")
+    assert (res.returncode, res.stdout, res.stderr) == (
+        3,
+        f"out {PAN}\n",
+        "err\ncommand terminated with exit code 3\n",
+    )
     assert k("exec", "-i", "box", "--", "cat", stdin="via stdin\n").stdout == "via stdin\n"
     upgrades = [h for _m, p, h in kube_api.server.requests if "/exec?" in p]
     assert upgrades and all(h["Upgrade"].lower() == "websocket" for h in upgrades)
     assert all(h["Sec-WebSocket-Protocol"].startswith("v5.channel.k8s.io") for h in upgrades)
 
 
-def test_spdy_is_refused_with_a_clear_error(k: Kubectl, kubectl: tuple[str, tuple[int, int]]) -> None:
+def test_spdy_is_refused_with_a_clear_error(
+    k: Kubectl, kubectl: tuple[str, tuple[int, int]]
+) -> None:
     _apply(k, _pod("box", "sleep 600"))
     # kubectl falls back to SPDY only when told to (or when the WebSocket upgrade fails).
-    res = k("exec", "box", "--", "true", check=False, env={"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"})
+    res = k(
+        "exec", "box", "--", "true", check=False, env={"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"}
+    )
     assert res.returncode == 1 and "SPDY is not supported by this server" in res.stderr
 
 
@@ -228,12 +284,14 @@ def test_port_forward_is_refused(k: Kubectl) -> None:
     assert res.returncode == 1 and "error upgrading connection" in res.stderr
 
 
-def _pty_run(argv: list[str], env: dict[str, str], script: list[tuple[str, bytes]], size: tuple[int, int]) -> bytes:
+def _pty_run(
+    argv: list[str], env: dict[str, str], script: list[tuple[str, bytes]], size: tuple[int, int]
+) -> bytes:
     """Run ``argv`` on a PTY of ``size`` (rows, cols); for each (wait_for, send) step,
     read until ``wait_for`` has appeared, then type ``send``; return all output."""
     pid, fd = pty.fork()
     if pid == 0:  # child
-        os.execve(argv[0], argv, env)
+        os.execve(argv[0], argv, env)  # noqa: S606 - kubectl itself, no shell wanted
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
     out = b""
     try:
@@ -293,9 +351,24 @@ def test_python_client(api: kclient.ApiClient, kube_api: KubeFixture) -> None:
     core.create_namespaced_secret("default", {"metadata": {"name": "s"}, "stringData": {"k": "v"}})
     assert core.read_namespaced_secret("s", "default").metadata.name == "s"
     assert [s.metadata.name for s in core.list_namespaced_secret("default").items] == ["s"]
-    apps.create_namespaced_deployment("default", orjson.loads(orjson.dumps(
-        {"metadata": {"name": "d"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
-    )))
+    apps.create_namespaced_deployment(
+        "default",
+        orjson.loads(
+            orjson.dumps(
+                {
+                    "metadata": {"name": "d"},
+                    "spec": {
+                        "replicas": 1,
+                        "selector": {"matchLabels": {"a": "b"}},
+                        "template": {
+                            "metadata": {"labels": {"a": "b"}},
+                            "spec": {"containers": [{"name": "c", "image": "i"}]},
+                        },
+                    },
+                }
+            )
+        ),
+    )
     apps.patch_namespaced_deployment("d", "default", {"spec": {"replicas": 4}})
     assert apps.read_namespaced_deployment("d", "default").spec.replicas == 4
     w = kwatch.Watch()
@@ -316,8 +389,14 @@ def test_python_client(api: kclient.ApiClient, kube_api: KubeFixture) -> None:
     # exec through the client's own WebSocket code (it offers v5, then v4).
     core.create_namespaced_pod("default", _pod("box", "sleep 600"))
     out = kstream.stream(
-        core.connect_get_namespaced_pod_exec, "box", "default",
-        command=["sh", "-c", "echo out; echo err >&2"], stderr=True, stdin=False, stdout=True, tty=False,
+        core.connect_get_namespaced_pod_exec,
+        "box",
+        "default",
+        command=["sh", "-c", "echo out; echo err >&2"],
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
         _preload_content=False,
     )
     try:
@@ -335,29 +414,32 @@ def test_python_client(api: kclient.ApiClient, kube_api: KubeFixture) -> None:
 def test_exec_v4_channel_protocol(kube_api: KubeFixture, kube_pki: Pki, tmp_path: Path) -> None:
     """A client that offers only v4 (kubectl before 1.30's WebSocket code, older client
     libraries) gets v4: no close channel, the exit status on channel 3."""
-    import asyncio
-    import ssl
-
-    import aiohttp
+    import websocket
 
     from relay.k8s import channel as ch
 
     kube_api.server.call(kube_api.server.start_pod("box", ["sleep", "600"]))
-
-    async def run() -> tuple[str | None, list[ch.Frame]]:
-        ctx = ssl.create_default_context(cadata=kube_pki.ca_pem.decode())
-        frames: list[ch.Frame] = []
-        async with aiohttp.ClientSession() as session:
-            url = f"{kube_api.url}/api/v1/namespaces/default/pods/box/exec?command=sh&command=-c&command=echo+v4%3B+exit+2&stdout=true&stderr=true"
-            async with session.ws_connect(
-                url, protocols=(ch.V4,), ssl=ctx, headers={"Authorization": f"Bearer {kube_api.token}"}
-            ) as ws:
-                async for msg in ws:
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        frames.append(ch.decode(msg.data, ch.V4))
-                return ws.protocol, frames
-
-    proto, frames = asyncio.run(run())
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(kube_pki.ca_pem)
+    url = kube_api.url.replace("https://", "wss://") + (
+        "/api/v1/namespaces/default/pods/box/exec?command=sh&command=-c&command=echo+v4%3B+exit+2&stdout=true&stderr=true"
+    )
+    ws = websocket.create_connection(
+        url,
+        subprotocols=[ch.V4],
+        sslopt={"ca_certs": str(ca)},
+        header=[f"Authorization: Bearer {kube_api.token}"],
+    )
+    frames: list[ch.Frame] = []
+    try:
+        proto = ws.getsubprotocol()
+        while True:
+            opcode, data = ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                break
+            frames.append(ch.decode(data, ch.V4))
+    finally:
+        ws.shutdown()
     assert proto == ch.V4
     assert b"".join(f.data for f in frames if f.channel is ch.Channel.STDOUT) == b"v4\n"
     status = [f for f in frames if f.channel is ch.Channel.ERROR]
@@ -377,14 +459,25 @@ def test_castgate_kubeconfig_reaches_a_server_with_the_relay_certificate(
         "token_env = 'X'\ngroups = ['agents']\n"
     )
     cfg = parse_config(path.read_text(), path)
-    with running_kube(tmp_path, kube_pki, prefix="/k8s/prod-k8s", ssl_context=tls.server_context(cfg)) as fx:
+    with running_kube(
+        tmp_path, kube_pki, prefix="/k8s/prod-k8s", ssl_context=tls.server_context(cfg)
+    ) as fx:
         server = fx.url.removesuffix("/k8s/prod-k8s")
         kc = tmp_path / "relay.kubeconfig"
         kc.write_text(kubeconfig(cfg, "prod-k8s", server=server))
-        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "KUBECONFIG": str(kc), "CASTGATE_TOKEN": fx.token}
-        res = subprocess.run([kubectl[0], "get", "pods"], env=env, capture_output=True, text=True, timeout=120)
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(tmp_path),
+            "KUBECONFIG": str(kc),
+            "CASTGATE_TOKEN": fx.token,
+        }
+        res = subprocess.run(
+            [kubectl[0], "get", "pods"], env=env, capture_output=True, text=True, timeout=120
+        )
         assert res.returncode == 0, res.stderr
         assert all(p.startswith("/k8s/prod-k8s/") for _m, p, _h in fx.server.requests)
         env["CASTGATE_TOKEN"] = "wrong"
-        res = subprocess.run([kubectl[0], "get", "pods"], env=env, capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [kubectl[0], "get", "pods"], env=env, capture_output=True, text=True, timeout=120
+        )
         assert res.returncode == 1 and "You must be logged in to the server" in res.stderr
