@@ -168,6 +168,24 @@ def _cmd_console(args: argparse.Namespace) -> int:
     return run(api.url, api.token)
 
 
+def _cmd_kubeconfig(args: argparse.Namespace) -> int:
+    from castgate.kubeconfig import kubeconfig
+    from recorder.config import load_config
+
+    cfg = load_config(args.config or "castgate.toml")
+    print(
+        kubeconfig(
+            cfg,
+            args.target,
+            server=args.server,
+            token_env=args.token_env,
+            namespace=args.namespace,
+        ),
+        end="",
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from castgate.demo import run_demo
 
@@ -252,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = client("console", "the operator console (Textual): sessions, live watch, approvals")
     s.add_argument("--api", help="control API URL, e.g. http://127.0.0.1:8420 (or CASTGATE_API)")
     s.set_defaults(func=_cmd_console)
+
+    s = sub.add_parser("kubeconfig", help="print a kubeconfig for a kubernetes target")
+    s.add_argument("-c", "--config", help="castgate.toml of the relay (default: ./castgate.toml)")
+    s.add_argument("--target", required=True, help="the kubernetes target")
+    s.add_argument("--server", help="https://HOST:PORT agents reach the relay at")
+    s.add_argument("--token-env", default="CASTGATE_TOKEN", help="variable with the token")
+    s.add_argument("--namespace", "-n", help="default namespace of the context")
+    s.set_defaults(func=_cmd_kubeconfig)
 
     s = sub.add_parser("demo", help="run the embedded default end to end")
     s.add_argument("--dir", help="working directory (default: a new temporary one)")

@@ -65,6 +65,19 @@ class ListenConfig(_Section):
     postgres_require_tls: bool | None = None
     """Refuse passwords (tokens) sent without TLS; default: required unless the
     PostgreSQL listener is on a loopback address."""
+    kubernetes: str | None = None
+    """host:port of the Kubernetes API listener (always TLS); unset: no listener."""
+    kubernetes_tls_cert: str | None = None
+    """PEM certificate for the Kubernetes listener (default: generated in keys/); its
+    SANs must name the address kubeconfigs use."""
+    kubernetes_tls_key: str | None = None
+    """PEM private key for ``kubernetes_tls_cert``."""
+
+    @model_validator(mode="after")
+    def _kubernetes_tls_pair(self) -> ListenConfig:
+        if (self.kubernetes_tls_cert is None) != (self.kubernetes_tls_key is None):
+            raise ValueError("kubernetes_tls_cert and kubernetes_tls_key go together")
+        return self
 
 
 class SecurityConfig(_Section):
@@ -385,10 +398,10 @@ class IdentityConfig(_Section):
 class TargetConfig(_Section):
     name: str = Field(min_length=1)
     """Target name: the SSH user name or the PostgreSQL database name agents connect with."""
-    kind: Literal["ssh", "postgres"]
+    kind: Literal["ssh", "postgres", "kubernetes"]
     """Protocol of the target."""
     address: str
-    """host:port of the target."""
+    """host:port of the target (``https://host:port`` for Kubernetes)."""
     user: str | None = None
     """Account the relay logs in as on the target."""
     key_file: str | None = None
@@ -430,6 +443,103 @@ class TargetConfig(_Section):
     allow_function_call: bool = False
     """PostgreSQL: let the FunctionCall protocol message through (policed as a call of
     that function, logged, recorded, result masked). Off: refused with an error."""
+    ca_file: str | None = None
+    """Kubernetes: PEM CA bundle the API server's certificate is verified against
+    (default: the system's)."""
+    token_env: str | None = None
+    """Kubernetes: environment variable holding the relay's bearer token for the
+    cluster; it never reaches the agent."""
+    client_cert: str | None = None
+    """Kubernetes: PEM client certificate the relay authenticates with (instead of
+    ``token_env``)."""
+    client_key: str | None = None
+    """Kubernetes: PEM private key of ``client_cert``."""
+    secrets: Literal["redact", "mask"] = "redact"
+    """Kubernetes: what the agent sees of Secret ``data``/``stringData`` values:
+    ``redact`` replaces each with a marker; ``mask`` keeps them with card numbers and
+    custom patterns masked (a value that is not text is redacted)."""
+    allow_port_forward: bool = False
+    """Kubernetes: let ``kubectl port-forward`` through (a raw TCP tunnel the relay
+    cannot inspect). Off: refused."""
+    allow_proxy: bool = False
+    """Kubernetes: let the API server's ``proxy`` subresource through (HTTP to pods,
+    services and nodes, uninspected). Off: refused."""
+
+    @model_validator(mode="after")
+    def _kubernetes_fields(self) -> TargetConfig:
+        k8s_only = {
+            "ca_file": self.ca_file,
+            "token_env": self.token_env,
+            "client_cert": self.client_cert,
+            "client_key": self.client_key,
+        }
+        if self.kind != "kubernetes":
+            given = [k for k, v in k8s_only.items() if v is not None]
+            if given:
+                raise ValueError(f"{given[0]} is for kind = 'kubernetes' targets only")
+            return self
+        if not re.fullmatch(r"https://[^/\s?#]+/?", self.address):
+            raise ValueError(
+                "a kubernetes address is the API server's https URL (https://host:port)"
+            )
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        if (self.token_env is None) == (self.client_cert is None):
+            raise ValueError(
+                "a kubernetes target needs exactly one credential: token_env, or "
+                "client_cert with client_key"
+            )
+        return self
+
+
+K8S_VERBS = frozenset(
+    {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "patch",
+        "delete",
+        "deletecollection",
+        "exec",
+        "attach",
+        "portforward",
+        "proxy",
+        "log",
+    }
+)
+"""Verbs a Kubernetes request is classified as (RBAC's, with exec, attach, portforward,
+proxy and log standing for those subresources)."""
+
+K8S_PATTERN = re.compile(
+    r"(?P<verbs>[a-z*?,]+)"
+    r":(?P<resources>[a-z0-9*?,.-]+)"
+    r"(?:/(?P<subresource>[a-z*?,-]+))?"
+    r"(?:@(?P<namespaces>[a-z0-9*?,-]+))?"
+    r"(?:#(?P<names>[A-Za-z0-9*?,.:_-]+))?"
+)
+"""Shape of one ``k8s`` rule pattern (parsed by relay/k8s/rules.py)."""
+
+
+def k8s_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a valid ``k8s`` rule pattern, or None when it is."""
+    m = K8S_PATTERN.fullmatch(pattern)
+    if m is None:
+        return "expected verb:resource[.group][/subresource][@namespace][#name]"
+    for item in m.group("resources").split(","):
+        if item.startswith(".") or item.endswith("."):
+            return f"malformed resource {item!r} (resource or resource.group)"
+    for verb in m.group("verbs").split(","):
+        if not verb:
+            return "empty verb"
+        if "*" not in verb and "?" not in verb and verb not in K8S_VERBS:
+            return f"unknown verb {verb!r} (one of {', '.join(sorted(K8S_VERBS))})"
+    for part in ("resources", "subresource", "namespaces", "names"):
+        value = m.group(part)
+        if value is not None and "" in value.split(","):
+            return f"empty item in {part}"
+    return None
 
 
 class RuleConfig(_Section):
@@ -445,6 +555,11 @@ class RuleConfig(_Section):
     include every further element (option clusters normalised: ``-rf`` = ``-r -f``)."""
     sql: list[str] = []
     """pglast node names (``DropdbStmt``, ``DeleteStmt:no-where``) found anywhere in a statement."""
+    k8s: list[str] = []
+    """Kubernetes requests, each ``verb:resource[.group][/subresource][@namespace][#name]``
+    with ``*`` globs and ``,`` alternatives (``delete:deployments@prod``,
+    ``get,list,watch:pods,deployments.apps``, ``exec:*@payments``); see relay/k8s/rules.py. A rule with
+    ``k8s`` applies to Kubernetes targets only."""
     targets: list[str] = []
     """Limit the rule to these targets (empty: all)."""
     groups: list[str] = []
@@ -462,6 +577,23 @@ class RuleConfig(_Section):
     @classmethod
     def _duration(cls, v: Any) -> float:
         return parse_duration(v)
+
+    @field_validator("k8s")
+    @classmethod
+    def _k8s_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            problem = k8s_pattern_problem(pattern)
+            if problem is not None:
+                raise ValueError(f"k8s pattern {pattern!r}: {problem}")
+        return v
+
+    @model_validator(mode="after")
+    def _k8s_alone(self) -> RuleConfig:
+        # A rule is about Kubernetes requests or about commands and statements: mixed,
+        # whether the k8s patterns or the command must match would be a guess.
+        if self.k8s and (self.command is not None or self.argv or self.sql):
+            raise ValueError("k8s patterns do not combine with command, argv or sql in one rule")
+        return self
 
     @field_validator("command")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import shlex
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -13,6 +14,8 @@ from functools import lru_cache
 import regex
 
 from recorder.config import Config, RuleConfig, TargetConfig
+from relay.k8s.request import K8sRequest
+from relay.k8s.rules import matches_any
 from relay.shell_parse import SimpleCommand, analyze
 
 
@@ -35,6 +38,8 @@ ALLOW = Decision("allow")
 
 DEFAULT = "castgate:default"
 OPAQUE = "castgate:opaque"
+REFUSED = "castgate:refused"
+"""A Kubernetes request the target's settings refuse (port-forward, proxy)."""
 _BUILTINS = frozenset({DEFAULT, OPAQUE})
 
 
@@ -308,7 +313,12 @@ class Policy:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._targets = {t.name: t for t in cfg.targets}
-        self._rules = [(r, re.compile(r.command) if r.command else None) for r in cfg.rules]
+        # A k8s rule is about Kubernetes requests only: to the SSH and SQL paths, a rule
+        # without command, argv or sql would otherwise be a catch-all.
+        self._rules = [
+            (r, re.compile(r.command) if r.command else None) for r in cfg.rules if not r.k8s
+        ]
+        self._all_rules = [(r, re.compile(r.command) if r.command else None) for r in cfg.rules]
 
     def target(self, name: str) -> TargetConfig | None:
         """The target called ``name``, if any."""
@@ -351,4 +361,87 @@ class Policy:
 
     def rule(self, name: str) -> RuleConfig | None:
         """A rule by name."""
-        return next((r for r, _ in self._rules if r.name == name), None)
+        return next((r for r, _ in self._all_rules if r.name == name), None)
+
+    def scoped_k8s(self, target: str, groups: Sequence[str]) -> K8sScopedPolicy:
+        """The rules that can apply to ``groups`` on the Kubernetes ``target``, in order
+        (k8s rules, catch-alls, and command rules for exec commands)."""
+        gset = set(groups)
+        return K8sScopedPolicy(
+            [
+                (rule, rx)
+                for rule, rx in self._all_rules
+                if (not rule.targets or target in rule.targets)
+                and (not rule.groups or gset & set(rule.groups))
+            ],
+            self._targets.get(target),
+        )
+
+    def decide_k8s(self, *, target: str, groups: Sequence[str], request: K8sRequest) -> Decision:
+        """Decide a classified Kubernetes request for ``groups`` on ``target``."""
+        return self.scoped_k8s(target, groups).decide(request)
+
+
+class K8sScopedPolicy:
+    """The rules of one identity on one Kubernetes target (see ``Policy.scoped_k8s``).
+
+    A request is decided by the first rule whose ``k8s`` patterns name it, or that names
+    nothing but its targets and groups (a catch-all); none: the target's ``default``. An
+    exec's command is also decided by the ``command``/``argv`` rules through the shell
+    parser, as an SSH exec would be, and the more severe decision wins; only what such a
+    rule (or an opaque command) says counts there, so that ``allow exec:pods@dev`` in
+    allowlist mode is not undone by the default."""
+
+    def __init__(
+        self,
+        rules: Sequence[tuple[RuleConfig, re.Pattern[str] | None]],
+        target: TargetConfig | None,
+    ) -> None:
+        self._target = target
+        self._base = ScopedPolicy(rules, target)
+        self._request_rules = [
+            (rule, Decision(rule.action, rule))
+            for rule, _rx in rules
+            if rule.k8s or not (rule.command or rule.argv or rule.sql)
+        ]
+        # The command check counts only what a command rule (or an opaque command)
+        # says: with the default set aside, an unmatched command is a plain allow.
+        lenient = (
+            target.model_copy(update={"default": "allow", "opaque": self._base._opaque_action})
+            if target is not None
+            else None
+        )
+        self._commands = ScopedPolicy(
+            [(rule, rx) for rule, rx in rules if rule.command or rule.argv], lenient
+        )
+
+    def decide(self, request: K8sRequest) -> Decision:
+        """Decide one classified request."""
+        if request.kind == "discovery":
+            return ALLOW  # kubectl's negotiation before every command, no cluster data
+        if request.kind == "opaque":
+            return self._base.opaque(f"unclassified request: {request.reason}")
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        decision = self._base.default
+        for rule, rule_decision in self._request_rules:
+            if not rule.k8s or matches_any(
+                tuple(rule.k8s), request, restricts=rule.action != "allow"
+            ):
+                decision = rule_decision
+                break
+        if request.verb == "exec" and request.command:
+            by_command = self._commands.decide_shell(shlex.join(request.command))
+            decision = _worst([decision, by_command])
+        return decision
+
+    def _refused(self, request: K8sRequest) -> Decision | None:
+        target = self._target
+        if request.verb == "portforward" and not (target and target.allow_port_forward):
+            why = "port-forward is off for this target (allow_port_forward)"
+        elif request.verb == "proxy" and not (target and target.allow_proxy):
+            why = "the proxy subresource is off for this target (allow_proxy)"
+        else:
+            return None
+        return Decision("block", _builtin(REFUSED, "block"), why)

@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.fix_s3",
     "tests.fix_cluster",
     "tests.fix_oidc",
+    "tests.fix_kube",
 ]
 
 # CI runs the property tests on fixed examples, so a run's verdict is the code's and
