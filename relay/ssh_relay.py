@@ -36,6 +36,7 @@ from relay.operator import OPERATOR_ROLES, OPERATOR_USER, OperatorSession
 from relay.policy import Decision
 from relay.shell_line import Key, KeyReader, ScriptUnit, ShellLine, StdinScript, TypedLine
 from relay.shell_parse import analyze
+from relay.ssh_limits import request_ok
 from replay.castfile import MAX_SIZE as MAX_TERMINAL
 
 log = logging.getLogger("castgate.ssh")
@@ -480,9 +481,11 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     def shell_requested(self) -> bool:
         self.kind = "shell"
-        return True
+        return request_ok(self)
 
     def exec_requested(self, command: str) -> bool:
+        if not request_ok(self, command=command):
+            return False
         if "\x00" in command:
             # No shell command holds a NUL, and OpenSSH drops the whole (shared)
             # upstream connection on one: refuse the request instead.
@@ -502,6 +505,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
+        if not request_ok(self, subsystem=subsystem):
+            return False
         if subsystem == "sftp" and self.target.allow_sftp:
             self.kind = "subsystem"
             self.subsystem = subsystem

@@ -488,7 +488,7 @@ class PgSession:
         self.columns: _Columns | None = None
         self._pipe: _UpstreamPipe | None = None
         self._cpipe: _ClientPipe | None = None
-        self._cdec = p.MessageDecoder()
+        self._cdec = p.client_decoder(ctx.cfg.limits.pg_max_message)
         self._slow: asyncio.Future[None] | None = None
         self._sdec = p.MessageDecoder()
         # RowDescriptions repeat (the same statements run again and again): parsed and
@@ -596,14 +596,14 @@ class PgSession:
             await self._fatal(exc.sqlstate, exc.message)
         except p.ProtocolError as exc:
             self.status = "protocol error"
-            await self._fatal("08P01", f"castgate: {exc}")
+            await self._fatal(exc.sqlstate, f"castgate: {exc}")
             self.ctx.emit(
-                "pg.protocol",
+                exc.kind,
                 self.ident.name if self.ident else None,
                 "failure",
                 self.peer,
                 "postgres",
-                {"error": str(exc)},
+                exc.detail,
             )
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             if self.status != "recording failed":  # the relay closed it on purpose
@@ -649,7 +649,7 @@ class PgSession:
                 return pkt
 
     async def _startup(self) -> bool:
-        dec = p.StartupDecoder()
+        dec = p.StartupDecoder(self.ctx.cfg.limits.pg_max_startup)
         while True:
             try:
                 pkt = await self._read_startup(dec)
