@@ -8,8 +8,9 @@ asyncssh has no server-side hook for ``env`` requests (its ``accept_env`` counte
 exists only on the client): each one lands in the channel's environment as it comes.
 The public ``SSHServerChannel.get_environment_bytes()`` reads them at the next
 ``shell``/``exec``/``subsystem`` request, which the client sends after its ``env``
-requests (RFC 4254 6.4), and that request is refused past a limit: the channel stays
-open for the client to close, the connection and its other channels go on.
+requests (RFC 4254 6.4), and that request is refused past a limit: the client is told
+on stderr, the channel ends with exit status 255, the connection and its other
+channels go on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from recorder.config import LimitsConfig
 class _Channel(Protocol):
     def get_environment_bytes(self) -> Any: ...
     def write_stderr(self, data: Any) -> None: ...
+    def exit(self, status: int) -> None: ...
 
 
 class _Server(Protocol):
@@ -117,9 +119,12 @@ def request_ok(
     if broken is None:
         return True
     key, size, limit = broken
-    # Sent before the refusal: OpenSSH's client prints the channel's stderr, then
-    # "exec request failed", and exits 255.
+    # The refusal alone would not be read: OpenSSH's client exits on a refused exec of
+    # its main session (fatal "exec request failed") before it writes the stderr that
+    # came with it. Closing the channel with exit status 255 first, as OpenSSH does
+    # when it cannot run a command, gets the line to the user, mux clients included.
     session.chan.write_stderr(describe(key, size, limit).encode() + b"\r\n")
+    session.chan.exit(255)
     request = "exec" if command is not None else "subsystem" if subsystem is not None else "shell"
     session.ctx.emit(
         "limit.exceeded",

@@ -64,7 +64,7 @@ class TooLarge(ProtocolError):
         return {
             "error": str(self),
             "limit": self.setting,
-            "message": self.what,
+            "request": self.what,
             "size": self.size,
             "max": self.limit,
         }
@@ -266,16 +266,16 @@ class MessageDecoder:
 
 # Frontend message names, for the error that refuses one too large.
 _NAMES = {
-    b"Q": "Query",
-    b"P": "Parse",
-    b"B": "Bind",
-    b"d": "CopyData",
-    b"F": "FunctionCall",
+    b"Q": "Query message",
+    b"P": "Parse message",
+    b"B": "Bind message",
+    b"d": "CopyData message",
+    b"F": "FunctionCall message",
     b"p": "password message",
-    b"D": "Describe",
-    b"E": "Execute",
-    b"C": "Close",
-    b"f": "CopyFail",
+    b"D": "Describe message",
+    b"E": "Execute message",
+    b"C": "Close message",
+    b"f": "CopyFail message",
 }
 
 
