@@ -55,7 +55,7 @@ class AcceptErrorLog:
         self._clock = clock
         self.total: Counter[str] = Counter()
         """Errors so far, by ``errno-name`` (the metric an operator would graph)."""
-        self._unlogged: Counter[tuple[str, str]] = Counter()
+        self._unlogged: Counter[tuple[str, str, str]] = Counter()
         self._last = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
 
@@ -69,7 +69,8 @@ class AcceptErrorLog:
             return
         code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         self.total[code] += 1
-        self._unlogged[(code, _listener(context))] += 1
+        what = str(context.get("message", ""))[:200]
+        self._unlogged[(code, _listener(context), what)] += 1
         wait = self._last + self.interval - self._clock()
         if wait <= 0:
             self.flush()
@@ -89,14 +90,17 @@ class AcceptErrorLog:
         batch, self._unlogged = self._unlogged, Counter()
         errors: Counter[str] = Counter()
         listeners: set[str] = set()
-        for (code, where), n in batch.items():
+        reports: set[str] = set()
+        for (code, where, what), n in batch.items():
             errors[code] += n
             listeners.add(where)
+            reports.add(what)
         log.warning(
             "relay.accept_failed",
             extra={
                 "errors": dict(errors),
                 "listeners": sorted(listeners),
+                "reports": sorted(reports),
                 "interval": self.interval,
             },
         )

@@ -123,7 +123,7 @@ async def serve(
     await cluster.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    install_accept_log(loop, cfg.limits.report_interval)
+    accept_log = install_accept_log(loop, cfg.limits.report_interval)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     listening: dict[str, str] = {}
@@ -217,6 +217,7 @@ async def serve(
         if api_runner is not None:
             await api_runner.cleanup()
         ctx.connections.flush_report(force=True)
+        accept_log.flush()
         for session in list(ctx.live.values()):
             with contextlib.suppress(Exception):
                 await session.close("relay shutdown")
