@@ -248,11 +248,9 @@ class MessageDecoder:
                 buf += memoryview(src)[pos:]
 
     def _bad_length(self, typ: bytes, length: int) -> ProtocolError:
-        if length < 4:
+        if length < 4 or self._setting is None:
+            # Malformed, or past a cap no peer should reach (not a configured limit).
             return ProtocolError(f"invalid length {length} for message type {typ!r}")
-        if self._setting is None:  # not a configured limit: a length no peer should send
-            text = f"invalid length {length} for message type {typ!r}"
-            return MessageTooLarge(f"message type {typ!r}", 1 + length, 1 + self._max, None, text)
         # A client's: named as the client would know it, with the setting that allows more.
         name = _NAMES.get(typ, f"message type {typ!r}")
         return MessageTooLarge(name, 1 + length, 1 + self._max, self._setting)
