@@ -28,6 +28,22 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, None: 1}
+
+
+def parse_size(value: str | int) -> int:
+    """Turn ``"64KiB"``, ``"1MiB"`` or a number of bytes into bytes."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"not a size: {value!r} (use e.g. 65536, '64KiB', '1MiB')")
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. 65536, '64KiB', '1MiB')")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
 class ConfigError(CastgateError):
     """A configuration problem, phrased as one line that names the file and the key."""
 
@@ -106,12 +122,45 @@ class LimitsConfig(_Section):
     """Seconds an API connection may take to send a whole request (also the idle time
     allowed between two requests on one connection)."""
     report_interval: float = Field(default=10.0, gt=0, le=3600)
-    """Refused connections are logged and audited at most once in this many seconds."""
+    """Refused connections, and failed accepts, are logged and audited at most once in
+    this many seconds."""
+    ssh_max_command: int = Field(default=131_071, ge=256, le=262_144)
+    """Bytes of one SSH exec command (UTF-8). The default is the longest a Linux target
+    runs at all: sshd hands the command to ``sh -c`` as one argument, and the kernel
+    caps one argument at 128 KiB with its NUL (MAX_ARG_STRLEN)."""
+    ssh_max_env_vars: int = Field(default=128, ge=0, le=10_000)
+    """Environment variables (``env`` requests, ``SendEnv``/``SetEnv``) one SSH channel
+    may send; OpenSSH's sshd takes no more than 128 either."""
+    ssh_max_env_bytes: int = Field(default=65_536, ge=0, le=16 << 20)
+    """Bytes of names and values of all environment variables of one SSH channel."""
+    ssh_max_subsystem: int = Field(default=256, ge=4, le=65_536)
+    """Bytes of an SSH subsystem name (``sftp`` is four)."""
+    pg_max_startup: int = Field(default=10_000, ge=256, le=10_000)
+    """Bytes of a PostgreSQL startup packet; PostgreSQL itself refuses longer ones
+    (MAX_STARTUP_PACKET_LENGTH)."""
+    pg_max_message: int = Field(default=(1 << 30) - 1, ge=65_536, le=(1 << 30) - 1)
+    """Bytes of one PostgreSQL client message (Query, Parse, Bind, CopyData,
+    FunctionCall...), refused from its length field before it is buffered. The default
+    is PostgreSQL's own limit (1 GiB less a byte): a Bind is as large as the values it
+    carries (a bytea up to 1 GB), while COPY tools send small chunks (pg_restore 4 KiB,
+    psql 8 KiB); lower it to bound what one connection may make the relay hold."""
 
     @field_validator("api_idle_timeout", "report_interval", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float:
         return parse_duration(v)
+
+    @field_validator(
+        "ssh_max_command",
+        "ssh_max_env_bytes",
+        "ssh_max_subsystem",
+        "pg_max_startup",
+        "pg_max_message",
+        mode="before",
+    )
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
 
 
 class StoreConfig(_Section):

@@ -19,6 +19,7 @@ from recorder.config import Config, ConfigError
 from recorder.recovery import recover_crashed
 from recorder.signing import SigningKey
 from recorder.store import Store
+from relay.accept_log import install as install_accept_log
 from relay.api import build_app
 from relay.api_listener import start_api_server
 from relay.approvals import interrupt_stale
@@ -122,6 +123,7 @@ async def serve(
     await cluster.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    accept_log = install_accept_log(loop, cfg.limits.report_interval)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     listening: dict[str, str] = {}
@@ -215,6 +217,7 @@ async def serve(
         if api_runner is not None:
             await api_runner.cleanup()
         ctx.connections.flush_report(force=True)
+        accept_log.flush()
         for session in list(ctx.live.values()):
             with contextlib.suppress(Exception):
                 await session.close("relay shutdown")

@@ -36,6 +36,7 @@ from relay.session_core import SessionCore
 from relay.session_recording import CastSpec
 from relay.shell_line import ScriptUnit, StdinScript
 from relay.shell_parse import analyze
+from relay.ssh_limits import request_ok
 from relay.ssh_pty import PtyShell
 from relay.tokens import expiry_text, identity_detail, token_deadline
 from replay.castfile import MAX_SIZE as MAX_TERMINAL
@@ -468,9 +469,11 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
 
     def shell_requested(self) -> bool:
         self.kind = "shell"
-        return True
+        return request_ok(self)
 
     def exec_requested(self, command: str) -> bool:
+        if not request_ok(self, command=command):
+            return False
         if "\x00" in command:
             # No shell command holds a NUL, and OpenSSH drops the whole (shared)
             # upstream connection on one: refuse the request instead.
@@ -483,6 +486,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
+        if not request_ok(self, subsystem=subsystem):
+            return False
         if subsystem == "sftp" and self.target.allow_sftp:
             self.kind = "subsystem"
             self.subsystem = subsystem

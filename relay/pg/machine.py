@@ -138,7 +138,14 @@ class PgMachine:
         stmt_limit: ``recording.max_statement_bytes``.
     """
 
-    def __init__(self, masker: Masker, decide: Callable[[str], Decision], stmt_limit: int) -> None:
+    def __init__(
+        self,
+        masker: Masker,
+        decide: Callable[[str], Decision],
+        stmt_limit: int,
+        *,
+        max_message: int = p.MAX_MESSAGE + 1,
+    ) -> None:
         self.masker = masker
         self.decide = decide
         self.stmt_limit = stmt_limit
@@ -159,7 +166,9 @@ class PgMachine:
         self.target_fatal: str | None = None
         self.statements = 0
         self.txn_status = b"I"
-        self._cdec = p.MessageDecoder()
+        # The client's messages are refused from their length field past
+        # ``limits.pg_max_message`` (relay/pg/protocol.py).
+        self._cdec = p.client_decoder(max_message)
         self._sdec = p.MessageDecoder()
         self._cstep = ClientStep()
         self._sstep = ServerStep([])

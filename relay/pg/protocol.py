@@ -18,8 +18,10 @@ SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
 
-# Size caps: a startup packet is small; a message may carry a large COPY row or query
-# but never more than the server itself accepts (1 GB) and, here, far less.
+# Size caps: a startup packet is small (PostgreSQL's own MAX_STARTUP_PACKET_LENGTH); a
+# message may carry a large COPY row or query but never more than the server itself
+# accepts (1 GB) and, by default, here less. Clients' messages have their own cap
+# (``limits.pg_max_message``, ``client_decoder``).
 MAX_STARTUP = 10_000
 MAX_MESSAGE = 256 * 1024 * 1024
 
@@ -30,6 +32,55 @@ _I16 = struct.Struct("!h")
 
 class ProtocolError(Exception):
     """The peer broke the protocol; the message is fit to send back in an ErrorResponse."""
+
+    sqlstate = "08P01"
+    """What the ErrorResponse that ends the session says: protocol_violation."""
+    kind = "pg.protocol"
+    """The audit event kind the session's end is written as."""
+
+    @property
+    def detail(self) -> dict[str, object]:
+        """The audit event's detail."""
+        return {"error": str(self)}
+
+
+class TooLarge(ProtocolError):
+    """A packet or message whose length field says more than the relay takes: refused
+    before it is buffered. Its size, not its content, goes to the audit log."""
+
+    kind = "limit.exceeded"
+
+    def __init__(
+        self, what: str, size: int, limit: int, setting: str | None, text: str | None = None
+    ) -> None:
+        where = f" (limits.{setting})" if setting else ""
+        super().__init__(
+            text or f"{what} of {size} bytes exceeds the limit of {limit} bytes{where}"
+        )
+        self.what, self.size, self.limit, self.setting = what, size, limit, setting
+
+    @property
+    def detail(self) -> dict[str, object]:
+        return {
+            "error": str(self),
+            "limit": self.setting,
+            "request": self.what,
+            "size": self.size,
+            "max": self.limit,
+        }
+
+
+class MessageTooLarge(TooLarge):
+    """A typed message past the limit: program_limit_exceeded, as PostgreSQL answers a
+    statement too large to handle."""
+
+    sqlstate = "54000"
+
+
+class StartupTooLarge(TooLarge):
+    """A startup packet past the limit: protocol_violation, as PostgreSQL itself says
+    (it logs "invalid length of startup packet" and closes the connection unanswered;
+    the relay answers, so the client can show why)."""
 
 
 # What reading past the end of a body, or a missing NUL, raises inside the parsers below:
@@ -86,16 +137,30 @@ class Startup:
 class StartupDecoder:
     """Reads the untyped packets a client sends before its StartupMessage is accepted."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_startup: int = MAX_STARTUP) -> None:
         self._buf = bytearray()
+        self._max = max_startup
 
     def feed(self, data: bytes) -> Startup | None:
         """Add bytes; returns a complete packet (the rest stays buffered) or None."""
         self._buf += data
+        if len(self._buf) < 4:
+            return None
+        # The length comes first: a packet too long is refused before it is read.
+        (length,) = _I32.unpack_from(self._buf, 0)
+        if length > self._max:
+            # In PostgreSQL's words ("invalid length of startup packet"), and the limit.
+            raise StartupTooLarge(
+                "startup packet",
+                length,
+                self._max,
+                "pg_max_startup",
+                f"invalid startup packet length {length}: over the limit of {self._max}"
+                " bytes (limits.pg_max_startup)",
+            )
         if len(self._buf) < 8:
             return None
-        (length,) = _I32.unpack_from(self._buf, 0)
-        if length < 8 or length > MAX_STARTUP:
+        if length < 8:
             raise ProtocolError(f"invalid startup packet length {length}")
         if len(self._buf) < length:
             return None
@@ -114,9 +179,10 @@ class StartupDecoder:
 class MessageDecoder:
     """Splits a byte stream into typed messages; one instance per direction."""
 
-    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE, setting: str | None = None) -> None:
         self._buf = bytearray()
         self._max = max_message
+        self._setting = setting  # the config key of ``max_message``, for the error
 
     def buffered(self) -> int:
         """Bytes of an incomplete message held from earlier reads."""
@@ -156,7 +222,7 @@ class MessageDecoder:
                     while n - pos >= 5 and src[pos] == 0x44:
                         (length,) = _I32.unpack_from(src, pos + 1)
                         if length < 4 or length > cap:
-                            raise ProtocolError(f"invalid length {length} for message type b'D'")
+                            raise self._bad_length(b"D", length)
                         end = pos + 1 + length
                         if end > n:
                             break
@@ -168,7 +234,7 @@ class MessageDecoder:
                     continue
                 typ, length = _HDR.unpack_from(src, pos)
                 if length < 4 or length > cap:
-                    raise ProtocolError(f"invalid length {length} for message type {typ!r}")
+                    raise self._bad_length(typ, length)
                 end = pos + 1 + length
                 if end > n:
                     break
@@ -181,11 +247,40 @@ class MessageDecoder:
             if pos < n:
                 buf += memoryview(src)[pos:]
 
+    def _bad_length(self, typ: bytes, length: int) -> ProtocolError:
+        if length < 4 or self._setting is None:
+            # Malformed, or past a cap no peer should reach (not a configured limit).
+            return ProtocolError(f"invalid length {length} for message type {typ!r}")
+        # A client's: named as the client would know it, with the setting that allows more.
+        name = _NAMES.get(typ, f"message type {typ!r}")
+        return MessageTooLarge(name, 1 + length, 1 + self._max, self._setting)
+
     def take_rest(self) -> bytes:
         """Hand over the bytes of an incomplete message (to another decoder)."""
         data = bytes(self._buf)
         self._buf.clear()
         return data
+
+
+# Frontend message names, for the error that refuses one too large.
+_NAMES = {
+    b"Q": "Query message",
+    b"P": "Parse message",
+    b"B": "Bind message",
+    b"d": "CopyData message",
+    b"F": "FunctionCall message",
+    b"p": "password message",
+    b"D": "Describe message",
+    b"E": "Execute message",
+    b"C": "Close message",
+    b"f": "CopyFail message",
+}
+
+
+def client_decoder(max_message: int) -> MessageDecoder:
+    """The decoder of a client's messages in the relayed phase, capped at
+    ``limits.pg_max_message`` (the whole message, type byte and length included)."""
+    return MessageDecoder(max_message - 1, setting="pg_max_message")
 
 
 # -- reading bodies -------------------------------------------------------------------

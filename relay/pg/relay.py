@@ -195,7 +195,12 @@ class PgSession:
         self._core: SessionCore | None = None
         self.audit: BoundAudit = ctx.audit.bind(origin=self.peer, resource="postgres")
         self.transcript: Transcript | None = None
-        self.machine = PgMachine(ctx.masker, self._decide, ctx.cfg.recording.max_statement_bytes)
+        self.machine = PgMachine(
+            ctx.masker,
+            self._decide,
+            ctx.cfg.recording.max_statement_bytes,
+            max_message=ctx.cfg.limits.pg_max_message,
+        )
         self._upipe: Pipe | None = None  # the target's side, once relayed
         # While a statement is on the slow path: its task, and the reads that came.
         self._slow: asyncio.Future[None] | None = None
@@ -265,10 +270,8 @@ class PgSession:
             await self._fatal(exc.sqlstate, exc.message)
         except p.ProtocolError as exc:
             self.status = "protocol error"
-            await self._fatal("08P01", f"castgate: {exc}")
-            self.audit.bind(resource="postgres", session_id=None).failure(
-                "pg.protocol", error=str(exc)
-            )
+            await self._fatal(exc.sqlstate, f"castgate: {exc}")
+            self.audit.bind(resource="postgres", session_id=None).failure(exc.kind, **exc.detail)
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             if self.status != "recording failed":  # the relay closed it on purpose
                 self.status = "disconnected"
@@ -299,7 +302,9 @@ class PgSession:
     async def _negotiate(self) -> p.Startup | None:
         """SSL and GSS requests answered, TLS started: the StartupMessage, or None when
         the connection was a CancelRequest."""
-        neg = steps.Negotiation(self.listener.tls is not None)
+        neg = steps.Negotiation(
+            self.listener.tls is not None, max_startup=self.ctx.cfg.limits.pg_max_startup
+        )
         data = b""
         while True:
             step = neg.feed(data)

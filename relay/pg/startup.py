@@ -82,10 +82,10 @@ class Negotiation:
     """The packets before the StartupMessage. ``feed`` returns what to answer, the
     Cancel or the StartupMessage, or None for more bytes."""
 
-    def __init__(self, tls: bool) -> None:
+    def __init__(self, tls: bool, *, max_startup: int = p.MAX_STARTUP) -> None:
         self.tls_offered = tls
         self.tls = False  # TLS was started
-        self._dec = p.StartupDecoder()
+        self._dec = p.StartupDecoder(max_startup)
 
     def feed(self, data: bytes) -> Answer | Cancel | p.Startup | None:
         pkt = self._dec.feed(data)

@@ -5,12 +5,15 @@ so in a bounded number of lines."""
 
 from __future__ import annotations
 
+import itertools
+import resource
 import socket
 import struct
 import subprocess
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,53 @@ def test_ssh_and_postgres_cap_what_one_address_holds(limited: Relay) -> None:
         # Another address is served.
         _serving(limited)
     wait_for(lambda: any(e.get("msg") == "relay.connections_refused" for e in limited.logs), 30)
+
+
+# Accepts that fail: the relay sized its connection limit for 256 descriptors, and the
+# limit is then lowered under it (as an operator's prlimit would), so the listeners run
+# out of descriptors before the connection limit refuses anyone.
+ACCEPT_LIMITS = """
+[limits]
+connections_per_source = 1000
+fd_reserve = 8
+report_interval = "1s"
+"""
+
+
+@pytest.fixture
+def starved(sshd_target: SshTarget, tmp_path: Path) -> Iterator[Relay]:
+    relay = start_relay(tmp_path / "relay", sshd_target, extra=ACCEPT_LIMITS, nofile=NOFILE)
+    try:
+        yield relay
+    finally:
+        resource.prlimit(relay.proc.pid, resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+        relay.stop()
+
+
+def test_failed_accepts_are_logged_once_per_interval_with_a_count(starved: Relay) -> None:
+    relay = starved
+    resource.prlimit(relay.proc.pid, resource.RLIMIT_NOFILE, (40, NOFILE))
+    with ExitStack() as stack:
+        # More than 40 descriptors' worth: the rest wait in the listen backlog while
+        # asyncio's accept keeps failing (EMFILE), once a second.
+        for _ in range(60):
+            stack.enter_context(_half_open(relay, "127.0.0.3"))
+
+        def failed() -> list[dict[str, object]]:
+            return [e for e in relay.logs if e.get("msg") == "relay.accept_failed"]
+
+        wait_for(lambda: len(failed()) >= 3, 60)
+        resource.prlimit(relay.proc.pid, resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+    _serving(relay)
+    lines = failed()
+    for line in lines:
+        errors = line["errors"]
+        assert isinstance(errors, dict) and set(errors) == {"EMFILE"}, line
+        assert line["listeners"] == [f"127.0.0.1:{relay.api_port}"], line
+    # At most one line an interval, whatever the number of failures behind it.
+    times = [datetime.fromisoformat(str(e["time"])) for e in lines]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    assert all(gap >= 0.999 for gap in gaps), gaps
+    # Nothing of asyncio's own report (a traceback for each failure) reached the log.
+    raw = [e for e in relay.logs if "raw" in e]
+    assert not [e for e in raw if "out of system resource" in str(e) or "Traceback" in str(e)]
