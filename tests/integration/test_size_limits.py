@@ -80,7 +80,7 @@ def _exceeded_metric(relay: Relay) -> int:
         text = resp.read().decode()
     for line in text.splitlines():
         if line.startswith('castgate_events_total{kind="limit.exceeded",outcome="failure"}'):
-            return int(line.rsplit(" ", 1)[1])
+            return int(float(line.rsplit(" ", 1)[1]))
     return 0
 
 
