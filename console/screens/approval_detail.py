@@ -16,9 +16,9 @@ from textual.widgets import Footer, Header, Label, Static
 from console.messages import ApprovalsChanged
 from console.request_text import clean, describe_decision, render_request, time_left
 from console.screens.base import ConsoleScreen
+from console.screens.live import feed_event
 from console.screens.reason import ReasonScreen
 from console.widgets.terminal_view import TerminalView
-from replay.castfile import parse_size
 from replay.terminal import new_terminal
 
 
@@ -84,19 +84,7 @@ class ApprovalDetailScreen(ConsoleScreen):
         """The session's screen as a late watcher sees it, kept current."""
         view = self.query_one("#term", TerminalView)
         async for event in self.api.live(str(self.row["session_id"])):
-            kind = event.get("type")
-            data = str(event.get("data", ""))
-            if kind == "screen":
-                term = new_terminal(int(event.get("width", 80)), int(event.get("height", 24)))
-                term.feed(data)
-                view.terminal = term
-            elif kind == "o" and view.terminal is not None:
-                view.terminal.feed(data)
-            elif kind == "r" and view.terminal is not None:
-                size = parse_size(data)
-                if size is not None:
-                    view.terminal.resize(*size)
-                    view.refresh(layout=True)
+            feed_event(view, event)
             view.sync()
 
     def on_approvals_changed(self, message: ApprovalsChanged) -> None:

@@ -18,9 +18,31 @@ from console.widgets.terminal_view import TerminalView
 from replay.castfile import parse_size
 from replay.terminal import new_terminal
 
-__all__ = ["LiveScreen", "clean"]
+__all__ = ["LiveScreen", "clean", "feed_event"]
 
 FRAME_INTERVAL = 1 / 30
+
+
+def feed_event(view: TerminalView, event: dict[str, Any]) -> bool:
+    """Apply a live event that draws (``screen``, ``o``, ``r``) to ``view``'s terminal;
+    False for the others (markers, the end), left to the caller."""
+    kind = event.get("type")
+    data = str(event.get("data", ""))
+    if kind == "screen":
+        term = new_terminal(int(event.get("width", 80)), int(event.get("height", 24)))
+        term.feed(data)
+        view.terminal = term
+        return True
+    if kind == "o" and view.terminal is not None:
+        view.terminal.feed(data)
+        return True
+    if kind == "r" and view.terminal is not None:
+        size = parse_size(data)
+        if size is not None:
+            view.terminal.resize(*size)
+            view.refresh(layout=True)
+        return True
+    return False
 
 
 class LiveScreen(ConsoleScreen):
@@ -80,18 +102,8 @@ class LiveScreen(ConsoleScreen):
             kind = event.get("type")
             data = str(event.get("data", ""))
             self.events += 1
-            if kind == "screen":
-                term = new_terminal(int(event.get("width", 80)), int(event.get("height", 24)))
-                term.feed(data)
-                view.terminal = term
-            elif kind == "o" and view.terminal is not None:
-                view.terminal.feed(data)
-                self._dirty = True
-            elif kind == "r" and view.terminal is not None:
-                size = parse_size(data)
-                if size is not None:
-                    view.terminal.resize(*size)
-                    view.refresh(layout=True)
+            if feed_event(view, event):
+                if kind != "screen":  # a new screen is drawn as it is set
                     self._dirty = True
             elif kind == "m":
                 self.add_marker(float(event.get("t", 0.0)), data, log)
