@@ -353,8 +353,10 @@ def test_request_bodies_are_bounded(relay: Relay, size: int) -> None:
 
 def test_websocket_messages_from_a_watcher_are_bounded(relay: Relay) -> None:
     agent = subprocess.Popen(
-        ["ssh", *relay.ssh_args(), "web@127.0.0.1", "echo wsbound-start; exec sleep 600"],
-        stdin=subprocess.DEVNULL,
+        # ``cat`` ends with the channel (its stdin closes); a ``sleep`` on the target
+        # outlived the test.
+        ["ssh", *relay.ssh_args(), "web@127.0.0.1", "echo wsbound-start; exec cat"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -386,3 +388,5 @@ def test_websocket_messages_from_a_watcher_are_bounded(relay: Relay) -> None:
     finally:
         agent.kill()
         agent.wait(30)
+        assert agent.stdin is not None
+        agent.stdin.close()
