@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from castgate.localpg import installed_bindir
-from relay.pg import tls as relay_tls
+from relay.selfsigned import generate as self_signed
 
 __all__ = ["PostgresServer", "find_postgres_bindir", "pg_url", "postgres_server"]
 
@@ -250,7 +250,7 @@ def postgres_server() -> Iterator[PostgresServer]:
         # TLS on, with a throwaway self-signed certificate: clients and the relay's
         # target connections (tls = "prefer" / "require") then run over TLS as they
         # would against a production server.
-        relay_tls._generate(datadir / "server.crt", datadir / "server.key")
+        self_signed(datadir / "server.crt", datadir / "server.key", "castgate test server", [])
         if account is not None:
             for name in ("server.crt", "server.key"):
                 os.chown(datadir / name, account.pw_uid, account.pw_gid)
